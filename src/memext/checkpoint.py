@@ -1,0 +1,122 @@
+"""Run directories: config, weights (safetensors) and training state, written atomically.
+
+A run directory holds ``config.json``, ``model.safetensors``, ``train_state.pt`` (optimizer and
+RNG state, loaded with ``weights_only=True``), ``metrics.jsonl`` and, when the tokenizer is not
+the byte tokenizer, ``tokenizer.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_model
+
+from memext.config import Config
+from memext.errors import MemextError
+from memext.io import atomic_write
+from memext.model import build_model
+from memext.nn.transformer import LongLM
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+TRAIN_STATE = "train_state.pt"
+METRICS = "metrics.jsonl"
+TOKENIZER = "tokenizer.json"
+
+
+def is_run(path: Path) -> bool:
+    return (path / CONFIG).is_file() or (path / WEIGHTS).is_file()
+
+
+def load_config(run_dir: str | Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MemextError(f"run directory {str(run_dir)!r} does not exist")
+    if not (run_dir / CONFIG).is_file():
+        raise MemextError(f"{str(run_dir)!r} is not a memext run: it has no {CONFIG}")
+    try:
+        return Config.load(run_dir / CONFIG)
+    except ValueError as e:
+        raise MemextError(f"cannot read the run's config: {e}") from None
+
+
+def save_weights(model: LongLM, path: Path, metadata: dict[str, str]) -> None:
+    atomic_write(path, lambda tmp: save_model(_unwrap(model), tmp, metadata=metadata))
+
+
+def weights_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def load_weights(model: LongLM, path: Path) -> None:
+    """Load weights into ``model``; any mismatch or corruption is a MemextError saying which."""
+    if not path.is_file():
+        raise MemextError(f"{str(path)!r} does not exist: the run has no weights yet")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MemextError(f"{str(path)!r} is corrupt or not a safetensors file ({e})") from None
+    expected = {k: v for k, v in model.state_dict().items()}
+    # Tied weights are stored once; save_model keeps one of the names.
+    for name in list(expected):
+        if name not in tensors and name == "head.weight" and model.head.weight is model.embed.weight:
+            expected.pop(name)
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected) - {"head.weight"})
+    wrong = sorted(
+        f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
+    )
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}")
+        if extra:
+            parts.append(f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}")
+        if wrong:
+            parts.append(f"shape {wrong[:3]}")
+        raise MemextError(
+            f"{str(path)!r} holds weights of another architecture than its config.json describes: "
+            + "; ".join(parts)
+        )
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            if name in tensors:
+                p.copy_(tensors[name])
+
+
+def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LongLM, Config]:
+    """Load a run's model (in eval mode) and its config."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    model = build_model(cfg.model, seed=None)
+    load_weights(model, run_dir / WEIGHTS)
+    return model.to(device).eval(), cfg
+
+
+def run_tokenizer(run_dir: str | Path):
+    """The tokenizer a run was trained with (its own copy of a BPE tokenizer.json, if any)."""
+    from memext.tokenizer import ByteTokenizer, load_tokenizer
+
+    local = Path(run_dir) / TOKENIZER
+    if local.is_file():
+        return load_tokenizer(str(local))
+    cfg = load_config(run_dir)
+    return ByteTokenizer() if cfg.data.tokenizer == "byte" else load_tokenizer(cfg.data.tokenizer)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module

@@ -1,0 +1,390 @@
+"""Typed configuration: the single source of truth for models, data, training and evaluation.
+
+Every field carries its own documentation (``doc(...)``); the CLI's help, ``memext config`` and
+the docs are generated from it, so a default or a description lives in exactly one place.
+Validation happens in ``__post_init__`` and raises ``ValueError`` naming the field, the bad value
+and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+SCHEMA_VERSION = 1
+FORMAT = "memext-config"
+
+
+def doc(default: Any, help: str) -> Any:
+    """A dataclass field with a default and the documentation shown by ``--help``."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use a tuple for sequence defaults (configs are immutable)")
+    return field(default=default, metadata={"help": help})
+
+
+def _fail(section: str, name: str, value: Any, accepted: str) -> None:
+    raise ValueError(f"{section}.{name}={value!r} is invalid: expected {accepted}")
+
+
+def _check_positive(section: str, obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            _fail(section, name, value, "a number > 0")
+
+
+def _check_choice(section: str, obj: Any, name: str) -> None:
+    hint = typing.get_type_hints(type(obj))[name]
+    choices = get_args(hint)
+    if getattr(obj, name) not in choices:
+        _fail(section, name, getattr(obj, name), "one of " + ", ".join(map(repr, choices)))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture of a ``LongLM``: a decoder-only Transformer."""
+
+    vocab_size: int = doc(264, "Vocabulary size; 264 = 256 byte values + 8 reserved special ids.")
+    d_model: int = doc(128, "Width of the residual stream.")
+    n_layers: int = doc(4, "Number of Transformer blocks.")
+    n_heads: int = doc(4, "Attention heads; d_model must be divisible by n_heads.")
+    d_ff: int = doc(
+        0, "Hidden width of the SwiGLU feed-forward; 0 = 8/3 * d_model rounded up to 64."
+    )
+    max_seq_len: int = doc(
+        8192, "Longest sequence (prompt + cache) one forward pass accepts; longer input is refused."
+    )
+    attention: str = doc("full", "Attention kernel, by registered name (see `memext info`).")
+    rope_base: float = doc(10000.0, "Base of the rotary position embedding's frequencies.")
+    tie_embeddings: bool = doc(True, "Share the input embedding and output projection weights.")
+    norm_eps: float = doc(1e-5, "Epsilon of RMSNorm.")
+    init_std: float = doc(0.02, "Std of the normal init; residual outputs get / sqrt(2 n_layers).")
+    dropout: float = doc(0.0, "Dropout on attention and feed-forward outputs during training.")
+
+    def __post_init__(self) -> None:
+        _check_positive("model", self, "vocab_size", "d_model", "n_layers", "n_heads")
+        _check_positive("model", self, "max_seq_len", "rope_base", "norm_eps", "init_std")
+        if self.d_model % self.n_heads:
+            _fail("model", "d_model", self.d_model, f"a multiple of n_heads={self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            _fail("model", "n_heads", self.n_heads, "a value giving an even head_dim (rotary)")
+        if self.d_ff < 0:
+            _fail("model", "d_ff", self.d_ff, "0 (auto) or a positive width")
+        if not 0.0 <= self.dropout < 1.0:
+            _fail("model", "dropout", self.dropout, "a probability in [0, 1)")
+        from memext.nn.attention import ATTENTION  # local: nn never imports config
+
+        if self.attention not in ATTENTION:
+            _fail("model", "attention", self.attention, "one of " + ", ".join(sorted(ATTENTION)))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        return -(-(8 * self.d_model // 3) // 64) * 64
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it becomes tokens."""
+
+    corpus: str = doc(
+        "stdlib",
+        "Text source: 'stdlib' (the running Python's standard-library sources), a file, a "
+        "directory, a glob, or a .gz file.",
+    )
+    tokenizer: str = doc(
+        "byte", "'byte' (lossless byte-level) or the path of a tokenizer.json from `memext tokenizer train`."
+    )
+    val_percent: float = doc(
+        5.0,
+        "Share of files held out for validation (chosen by a hash of each file's path); a "
+        "single-file corpus holds out its last val_percent of bytes instead.",
+    )
+    raw_bytes: bool = doc(
+        False, "Read files that are not valid UTF-8 as raw bytes instead of skipping them."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.corpus:
+            _fail("data", "corpus", self.corpus, "'stdlib' or a path")
+        if not 0.0 < self.val_percent < 100.0:
+            _fail("data", "val_percent", self.val_percent, "a percentage in (0, 100)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation: AdamW with warmup + cosine decay."""
+
+    seq_len: int = doc(256, "Tokens per training sequence.")
+    batch_size: int = doc(16, "Sequences per micro-batch.")
+    grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
+    steps: int = doc(600, "Optimizer steps.")
+    lr: float = doc(3e-3, "Peak learning rate.")
+    min_lr_ratio: float = doc(0.1, "Final learning rate as a fraction of lr.")
+    warmup_steps: int = doc(30, "Linear warmup steps.")
+    weight_decay: float = doc(0.1, "AdamW weight decay (matrices only; not norms or embeddings).")
+    beta1: float = doc(0.9, "AdamW beta1.")
+    beta2: float = doc(0.95, "AdamW beta2.")
+    grad_clip: float = doc(1.0, "Clip the global gradient norm to this; 0 disables.")
+    seed: int = doc(0, "Seed of the initialisation and of the batch order.")
+    precision: Literal["auto", "fp32", "bf16"] = doc(
+        "auto", "'auto' = bf16 autocast on GPU, fp32 on CPU."
+    )
+    compile: bool = doc(False, "torch.compile the model.")
+    activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
+    eval_every: int = doc(200, "Validate every this many steps (and at the end); 0 = only at the end.")
+    eval_tokens: int = doc(16384, "Validation tokens scored at each periodic validation.")
+    save_every: int = doc(200, "Checkpoint every this many steps (and at the end).")
+    log_every: int = doc(10, "Append a line to metrics.jsonl every this many steps.")
+
+    def __post_init__(self) -> None:
+        _check_positive("train", self, "seq_len", "batch_size", "grad_accum", "steps", "lr")
+        _check_positive("train", self, "save_every", "log_every", "eval_tokens")
+        for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
+            if getattr(self, name) < 0:
+                _fail("train", name, getattr(self, name), "a number >= 0")
+        for name in ("beta1", "beta2", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                _fail("train", name, getattr(self, name), "a number in [0, 1]")
+        _check_choice("train", self, "precision")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Bits-per-byte against context length (see docs/evaluation.md for the definition)."""
+
+    lengths: tuple[int, ...] = doc(
+        (128, 256, 512, 1024), "Context lengths L; each is read in windows of L, stride L/2."
+    )
+    max_tokens: int = doc(16384, "Scored tokens per length (from the start of the validation split).")
+    batch_size: int = doc(8, "Windows per forward pass.")
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(
+            not isinstance(n, int) or n < 2 or n % 2 for n in self.lengths
+        ):
+            _fail("eval", "lengths", self.lengths, "a non-empty list of even integers >= 2")
+        _check_positive("eval", self, "max_tokens", "batch_size")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run: model, data, training and evaluation."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail("train", "seq_len", self.train.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
+        if too_long:
+            _fail("eval", "lengths", self.eval.lengths, f"lengths <= model.max_seq_len={self.model.max_seq_len}")
+
+    # --- construction -------------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> Config:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}: expected one of {', '.join(PRESETS)}")
+        return from_dict(PRESETS[name])
+
+    def replace(self, **changes: Any) -> Config:
+        """``cfg.replace(**{"model.n_layers": 2})`` or ``cfg.replace(model=ModelConfig(...))``."""
+        flat = {k: v for k, v in changes.items() if "." in k}
+        cfg = dataclasses.replace(self, **{k: v for k, v in changes.items() if "." not in k})
+        return cfg.override(flat) if flat else cfg
+
+    def override(self, assignments: dict[str, Any]) -> Config:
+        """Apply dotted overrides (``{"model.n_layers": "4"}``); strings are parsed by field type."""
+        data = to_dict(self)
+        for key, raw in assignments.items():
+            section, _, name = key.partition(".")
+            cls = _SECTIONS.get(section)
+            if cls is None or not name:
+                raise ValueError(
+                    f"unknown setting {key!r}: expected SECTION.FIELD with SECTION one of "
+                    + ", ".join(_SECTIONS)
+                )
+            hints = typing.get_type_hints(cls)
+            if name not in hints:
+                close = difflib.get_close_matches(name, hints, n=3)
+                hint = f" (did you mean {', '.join(section + '.' + c for c in close)}?)" if close else ""
+                raise ValueError(f"unknown setting {key!r}{hint}; see `memext config` for all fields")
+            data[section][name] = parse_value(key, hints[name], raw)
+        return from_dict(data)
+
+    # --- files --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        from memext.io import atomic_write_text
+
+        path = Path(path)
+        payload = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **to_dict(self)}
+        if path.suffix in (".yaml", ".yml"):
+            atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False))
+        else:
+            atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} does not hold a mapping")
+        return from_dict(data, source=str(path))
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return {
+        name: {f.name: _plain(getattr(getattr(cfg, name), f.name)) for f in dataclasses.fields(cls)}
+        for name, cls in _SECTIONS.items()
+    }
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a Config from a (possibly partial) mapping; missing fields take their defaults."""
+    data = dict(data)
+    fmt = data.pop("format", FORMAT)
+    version = data.pop("schema_version", SCHEMA_VERSION)
+    if fmt != FORMAT:
+        raise ValueError(f"{source} is not a memext config (format={fmt!r})")
+    if version != SCHEMA_VERSION:
+        raise ValueError(
+            f"{source} has schema_version={version!r}; this memext reads version {SCHEMA_VERSION}"
+        )
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; expected {list(_SECTIONS)}")
+    sections = {}
+    for name, cls in _SECTIONS.items():
+        values = data.get(name) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: section {name!r} must be a mapping")
+        hints = typing.get_type_hints(cls)
+        bad = set(values) - set(hints)
+        if bad:
+            raise ValueError(f"{source}: unknown field(s) {', '.join(f'{name}.{b}' for b in sorted(bad))}")
+        kwargs = {k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()}
+        sections[name] = cls(**kwargs)
+    return Config(**sections)
+
+
+def _coerce(key: str, hint: Any, value: Any) -> Any:
+    """Check a value loaded from JSON/YAML against the field's type (ints may stand for floats)."""
+    if isinstance(value, str) and hint is not str and get_origin(hint) is not Literal:
+        return parse_value(key, hint, value)
+    origin = get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}={value!r} is invalid: expected a list")
+        (item,) = {a for a in get_args(hint) if a is not Ellipsis}
+        return tuple(_coerce(key, item, v) for v in value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = str if origin is Literal else hint
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ValueError(f"{key}={value!r} is invalid: expected {_type_name(hint)}")
+    return value
+
+
+def _type_name(hint: Any) -> str:
+    if get_origin(hint) is Literal:
+        return "one of " + ", ".join(map(repr, get_args(hint)))
+    if get_origin(hint) is tuple:
+        return f"a comma-separated list of {_type_name(get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        hint, str(hint)
+    )
+
+
+def parse_value(key: str, hint: Any, raw: Any) -> Any:
+    """Parse a command-line string into the field's type, or raise a ValueError that says why."""
+    if not isinstance(raw, str):
+        return _coerce(key, hint, raw)
+    text = raw.strip()
+    try:
+        if get_origin(hint) is tuple:
+            item = get_args(hint)[0]
+            parts = [p for p in text.strip("()[]").split(",") if p.strip()]
+            return tuple(parse_value(key, item, p) for p in parts)
+        if hint is bool:
+            low = text.lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if hint is int:
+            return int(text)
+        if hint is float:
+            return float(text)
+        if hint is str or get_origin(hint) is Literal:
+            return text
+    except ValueError:
+        pass
+    raise ValueError(f"{key}={raw!r} is invalid: expected {_type_name(hint)}")
+
+
+def describe_fields() -> list[tuple[str, str, Any, str]]:
+    """(dotted name, type, default, help) for every field: the source of `--help` and the docs."""
+    rows = []
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            typ = hints[f.name]
+            type_str = (
+                "|".join(get_args(typ)) if get_origin(typ) is Literal else
+                "list[int]" if get_origin(typ) is tuple else getattr(typ, "__name__", str(typ))
+            )
+            rows.append((f"{section}.{f.name}", type_str, _plain(f.default), f.metadata["help"]))
+    return rows
+
+
+# Presets differ from the field defaults only where they must; `tiny` is the main job.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    "small": {
+        "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "max_seq_len": 16384},
+        "train": {"seq_len": 1024, "batch_size": 16, "steps": 5000, "lr": 1.5e-3,
+                  "warmup_steps": 200, "eval_every": 500, "save_every": 500},
+        "eval": {"lengths": [256, 512, 1024, 2048, 4096], "max_tokens": 65536},
+    },
+    "base": {
+        "model": {"d_model": 768, "n_layers": 12, "n_heads": 12, "max_seq_len": 32768},
+        "train": {"seq_len": 2048, "batch_size": 32, "steps": 20000, "lr": 6e-4,
+                  "warmup_steps": 500, "eval_every": 1000, "save_every": 1000},
+        "eval": {"lengths": [512, 1024, 2048, 4096, 8192], "max_tokens": 262144},
+    },
+}
+

@@ -1,0 +1,8 @@
+"""Text sources, token stores and samplers."""
+
+from memext.data.corpus import Corpus, read_corpus
+from memext.data.prepare import prepare_data
+from memext.data.sampling import sample_batch
+from memext.data.store import TokenStore, build_store
+
+__all__ = ["Corpus", "TokenStore", "build_store", "prepare_data", "read_corpus", "sample_batch"]

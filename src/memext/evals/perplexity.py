@@ -1,0 +1,113 @@
+"""Bits-per-byte and perplexity against context length.
+
+Definition (docs/evaluation.md): for a context length L the validation stream is read in windows
+of L tokens with stride L/2, and only the positions in the second half of each window are scored,
+so every scored token is predicted from between L/2 + 1 and L tokens of context. The model
+attends over the whole window (no cache tricks). The *same* token positions are scored at every
+L of one evaluation — positions ``P0 … P0 + N - 1`` with ``P0 = max(L) / 2`` — so differences
+between lengths come from context alone. bits-per-byte = total nats / ln 2 / the UTF-8 bytes of
+the scored target tokens (special tokens score their loss but count no bytes).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memext.errors import MemextError
+
+DEFINITION = (
+    "windows of L tokens with stride L/2; only the second half of each window is scored, so each "
+    "scored token sees L/2+1..L tokens of context; the same positions [max(L)/2, max(L)/2+N) are "
+    "scored at every L; bits/byte = nats / ln 2 / UTF-8 bytes of the scored targets"
+)
+
+
+def _windows(length: int, first: int, n_scored: int) -> list[tuple[int, int]]:
+    """(start, end) input spans whose second halves tile positions [first, first + n_scored)."""
+    half = length // 2
+    spans, start = [], first - half
+    while start + half < first + n_scored:
+        spans.append((start, min(start + length, first + n_scored)))
+        start += half
+    return spans
+
+
+@torch.no_grad()
+def score_length(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    length: int,
+    first: int,
+    n_scored: int,
+    byte_lengths: np.ndarray,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score positions [first, first + n_scored) of ``tokens`` with windows of ``length``."""
+    half = length // 2
+    if first < half:
+        raise ValueError(f"first={first} must be >= length/2={half}")
+    spans = _windows(length, first, n_scored)
+    nats, n_tok, n_bytes = 0.0, 0, 0
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for s, e in spans:
+        groups.setdefault(e - s, []).append((s, e))  # the tail window may be shorter
+    bar = tqdm(total=len(spans), desc=f"eval L={length}", disable=not progress, leave=False)
+    for size, group in groups.items():
+        for i in range(0, len(group), batch_size):
+            batch = group[i : i + batch_size]
+            idx = np.array([s for s, _ in batch])[:, None] + np.arange(size + 1)[None, :]
+            seg = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
+            logits, _ = model(seg[:, :-1])
+            logits, targets = logits[:, half:].float(), seg[:, half + 1 :]
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            nats += float(nll)
+            n_tok += targets.numel()
+            n_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+            bar.update(len(batch))
+    bar.close()
+    return {
+        "length": length,
+        "scored_tokens": n_tok,
+        "scored_bytes": n_bytes,
+        "nats": nats,
+        "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
+        "bits_per_token": nats / math.log(2) / max(n_tok, 1),
+        "perplexity": math.exp(nats / max(n_tok, 1)),
+    }
+
+
+def evaluate_lengths(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    lengths: tuple[int, ...],
+    max_tokens: int,
+    byte_lengths: np.ndarray,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Bits-per-byte at each context length, on the same scored positions for every length."""
+    first = max(lengths) // 2
+    n_scored = min(max_tokens, tokens.size - 1 - first)
+    if n_scored <= 0:
+        raise MemextError(
+            f"the validation split has {tokens.size} tokens: too few for context length "
+            f"{max(lengths)} (needs more than {first + 1})"
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        return [
+            score_length(model, tokens, n, first, n_scored, byte_lengths, batch_size, device, progress)
+            for n in sorted(lengths)
+        ]
+    finally:
+        model.train(was_training)

@@ -1,0 +1,88 @@
+"""Sampling with a KV cache: prefill the prompt once, then one token per forward pass."""
+
+from __future__ import annotations
+
+import codecs
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from memext.infer.cache import FullCache
+from memext.nn.transformer import LongLM, State
+
+
+def new_state(model: LongLM, batch: int, max_len: int) -> State:
+    """A fresh State with a full KV cache of ``max_len`` positions."""
+    attn = model.blocks[0].attn
+    p = next(model.parameters())
+    cache = FullCache(len(model.blocks), batch, attn.n_heads, attn.head_dim, max_len, p.dtype, p.device)
+    return State(cache=cache)
+
+
+def sample_next(
+    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already hold top_p of the mass.
+        drop = probs.cumsum(dim=-1) - probs > top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: LongLM, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
+    top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` ids continuing ``prompt``."""
+    if not prompt:
+        raise ValueError("the prompt is empty: give at least one token")
+    total = len(prompt) + max_new_tokens
+    if total > model.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"the model's limit max_seq_len={model.max_seq_len}"
+        )
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    state = new_state(model, 1, total)
+    logits, state = model(torch.tensor([list(prompt)], device=device), state)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        yield int(nxt)
+        logits, state = model(nxt[:, None], state)
+
+
+def generate_text(
+    model: LongLM, tok, prompt: str, max_new_tokens: int, *, stop: Sequence[str] = (),
+    **sampling,
+) -> Iterator[str]:
+    """Yield decoded text pieces; stops at (and leaves out) the first stop string or <eod>."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    eod = tok.special_id("<eod>")
+    hold = max((len(s) for s in stop), default=1) - 1  # text that might begin a stop string
+    text, emitted = "", 0
+    for i in generate_ids(model, tok.encode(prompt), max_new_tokens, **sampling):
+        if i == eod:
+            break
+        text += decoder.decode(tok.decode_bytes([i]))
+        hits = [text.find(s) for s in stop if s in text]
+        if hits:
+            yield text[emitted : min(hits)]
+            return
+        if len(text) - hold > emitted:
+            yield text[emitted : len(text) - hold]
+            emitted = len(text) - hold
+    text += decoder.decode(b"", final=True)
+    yield text[emitted:]

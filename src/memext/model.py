@@ -1,0 +1,53 @@
+"""The builder: a ``ModelConfig`` becomes a ``LongLM``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from memext.config import ModelConfig
+from memext.nn.attention import build_attention
+from memext.nn.block import Block, SelfAttention
+from memext.nn.feedforward import SwiGLU
+from memext.nn.rotary import Rotary
+from memext.nn.transformer import LongLM
+
+
+def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
+    """Build and initialise a model; ``seed`` makes the initial weights reproducible."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    blocks = [
+        Block(
+            SelfAttention(cfg.d_model, cfg.n_heads, build_attention(cfg.attention), cfg.dropout),
+            SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout),
+            cfg.d_model,
+            cfg.norm_eps,
+        )
+        for _ in range(cfg.n_layers)
+    ]
+    model = LongLM(
+        embed=nn.Embedding(cfg.vocab_size, cfg.d_model),
+        blocks=blocks,
+        norm=nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps),
+        head=nn.Linear(cfg.d_model, cfg.vocab_size, bias=False),
+        rotary=Rotary(cfg.head_dim, cfg.rope_base),
+        max_seq_len=cfg.max_seq_len,
+    )
+    _init(model, cfg, gen)
+    if cfg.tie_embeddings:
+        model.head.weight = model.embed.weight
+    return model
+
+
+@torch.no_grad()
+def _init(model: LongLM, cfg: ModelConfig, gen: torch.Generator | None) -> None:
+    # GPT-2 style: N(0, std) everywhere; projections that write into the residual stream are
+    # scaled by 1/sqrt(2 * n_layers) so the stream's variance does not grow with depth.
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in model.named_parameters():
+        if p.dim() < 2:
+            continue  # norm gains stay at 1
+        std = residual_std if name.endswith(("attn.out.weight", "ffn.down.weight")) else cfg.init_std
+        p.normal_(0.0, std, generator=gen)

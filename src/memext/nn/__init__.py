@@ -1,0 +1,1 @@
+"""Model-agnostic blocks: they take tensors and modules, never a config."""

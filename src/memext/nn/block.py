@@ -1,0 +1,53 @@
+"""A pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from memext.nn.attention import AttentionKernel
+from memext.nn.rotary import apply_rotary
+
+
+class SelfAttention(nn.Module):
+    """Projections + rotary + a pluggable kernel; the kernel decides which keys each query sees."""
+
+    def __init__(self, d_model: int, n_heads: int, kernel: AttentionKernel, dropout: float = 0.0):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.kernel = kernel
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
+    ) -> Tensor:
+        b, t, _ = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.kernel.shared_qk:
+            k = q
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, H, T_cache + T, D)
+        y = self.kernel(q, k, v, causal=True)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(b, t, -1)
+        return self.dropout(self.out(y))
+
+
+class Block(nn.Module):
+    def __init__(self, attn: SelfAttention, ffn: nn.Module, d_model: int, norm_eps: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.attn = attn
+        self.ffn_norm = nn.RMSNorm(d_model, eps=norm_eps)
+        self.ffn = ffn
+
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return x + self.ffn(self.ffn_norm(x))

@@ -1,0 +1,58 @@
+"""Devices, precision and the provenance recorded with every run and result."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+from typing import Any
+
+import torch
+
+from memext.errors import MemextError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise MemextError(f"--device {name!r} is invalid: expected one of {', '.join(DEVICES)}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise MemextError("--device cuda was asked for, but PyTorch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise MemextError("--device mps was asked for, but PyTorch sees no MPS device")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast where asked (or 'auto' on a GPU); otherwise plain fp32."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def provenance(device: torch.device | None = None) -> dict[str, Any]:
+    import numpy
+
+    import memext
+
+    info: dict[str, Any] = {
+        "memext": memext.__version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+    if device is not None:
+        info["device"] = str(device)
+        if device.type == "cuda":
+            info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,280 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, checkpoints that resume exactly.
+
+Resumption is exact because everything that decides the next step is saved or derived: the
+weights and optimizer state are saved; the learning rate is a function of the step; each batch is
+a function of (seed, step); the RNG state (used by dropout) is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memext import checkpoint as ckpt
+from memext.config import Config
+from memext.data import prepare_data, sample_batch
+from memext.errors import MemextError
+from memext.evals.perplexity import evaluate_lengths
+from memext.io import atomic_write, atomic_write_text
+from memext.model import build_model
+from memext.runtime import autocast, provenance
+from memext.tokenizer import load_tokenizer
+from memext.train.schedule import lr_at
+
+RUN_INFO = "run.json"
+
+
+class TrainingDiverged(MemextError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    status: str  # "completed" or "interrupted"
+    step: int
+    last_val: dict[str, Any] | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+@dataclass
+class _Loop:
+    """Mutable training state handed to callbacks (tests use it to interrupt or corrupt a run)."""
+
+    step: int
+    model: torch.nn.Module
+    stop_requested: bool = False
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise MemextError("--resume and --overwrite contradict each other; choose one")
+    if resume:
+        if not (out / ckpt.CONFIG).is_file():
+            raise MemextError(f"cannot resume: {str(out)!r} is not a memext run (no {ckpt.CONFIG})")
+        return
+    if out.exists() and not out.is_dir():
+        raise MemextError(f"output path {str(out)!r} exists and is not a directory")
+    if out.is_dir() and ckpt.is_run(out):
+        if not overwrite:
+            raise MemextError(
+                f"{str(out)!r} already holds a run; pass --resume to continue it or "
+                "--overwrite to replace it"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    t = cfg.train
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), fused=False,
+    )
+
+
+def _save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    # Ignore Ctrl-C while the pair of files is replaced, so they always agree on the step.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+    try:
+        atomic_write(run_dir / ckpt.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
+        ckpt.save_weights(model, run_dir / ckpt.WEIGHTS, {"step": str(step)})
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    ckpt.load_weights(model, run_dir / ckpt.WEIGHTS)
+    path = run_dir / ckpt.TRAIN_STATE
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        opt.load_state_dict(state["optimizer"])
+    except FileNotFoundError:
+        raise MemextError(f"cannot resume: {str(path)!r} is missing") from None
+    except Exception as e:
+        raise MemextError(f"cannot resume: {str(path)!r} is corrupt or foreign ({e})") from None
+    step = int(state["step"])
+    saved = ckpt.weights_metadata(run_dir / ckpt.WEIGHTS).get("step")
+    if saved != str(step):
+        raise MemextError(
+            f"cannot resume: weights (step {saved}) and training state (step {step}) disagree"
+        )
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return step
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _append_metrics(run_dir: Path, rows: list[dict]) -> None:
+    with open(run_dir / ckpt.METRICS, "a", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint being resumed, so the log reads as one run."""
+    rows = [r for r in ckpt.read_metrics(run_dir) if r.get("step", 0) <= step]
+    atomic_write_text(run_dir / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def train(
+    cfg: Config,
+    out: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    callback: Callable[[_Loop], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train ``cfg`` into the run directory ``out`` (or continue it with ``resume=True``).
+
+    Ctrl-C finishes the current step, saves a checkpoint and returns with status "interrupted".
+    A NaN/inf loss raises ``TrainingDiverged`` and leaves the last good checkpoint in place.
+    """
+    run_dir = Path(out)
+    device = torch.device(device)
+    prepare_run_dir(run_dir, resume, overwrite)
+    t = cfg.train
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise MemextError(
+            f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}; "
+            f"set model.vocab_size={tok.vocab_size}"
+        )
+    store, skipped = prepare_data(cfg.data, tok, log)
+    byte_lengths = tok.byte_lengths()
+
+    info = {"corpus_hash": store.corpus_hash, "token_store": store.key,
+            "train_tokens": int(store.train.size), "validation_tokens": int(store.validation.size),
+            "skipped_files": list(skipped), **provenance(device)}
+    if resume:
+        old = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
+        if old.get("corpus_hash") not in (None, store.corpus_hash):
+            raise MemextError(
+                "cannot resume: the corpus changed since the run started "
+                f"(hash {old['corpus_hash'][:12]} -> {store.corpus_hash[:12]})"
+            )
+        if old.get("threads") not in (None, info["threads"]):
+            log(f"note: this run used {old['threads']} threads and now uses {info['threads']}: "
+                "losses may differ in the last bits")
+    cfg.save(run_dir / ckpt.CONFIG)
+    if tok.name == "bpe":
+        shutil.copyfile(tok.path, run_dir / ckpt.TOKENIZER)
+    atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
+
+    torch.manual_seed(t.seed)
+    model = build_model(cfg.model, seed=t.seed).to(device)
+    model.activation_checkpointing = t.activation_checkpointing
+    opt = _optimizer(model, cfg)
+    step = 0
+    if resume and (run_dir / ckpt.WEIGHTS).is_file():
+        step = _restore(run_dir, model, opt)
+        _truncate_metrics(run_dir, step)
+        log(f"resuming {run_dir} from step {step}")
+    elif (run_dir / ckpt.METRICS).exists():
+        (run_dir / ckpt.METRICS).unlink()
+    fwd = torch.compile(model) if t.compile else model
+    n_params = model.num_params()
+    log(f"model: {n_params / 1e6:.2f}M parameters (without embeddings), device {device}; "
+        f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens")
+
+    loop = _Loop(step=step, model=model)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if loop.stop_requested:
+            raise KeyboardInterrupt
+        loop.stop_requested = True
+        log("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    result = TrainResult(run_dir, "completed", step)
+    start_step = step
+    bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=not progress,
+               dynamic_ncols=True, mininterval=1.0)
+    pending: list[dict] = []
+    last_val = None
+    tic = time.perf_counter()
+    model.train()
+    try:
+        while loop.step < t.steps and not loop.stop_requested:
+            lr = lr_at(loop.step, t)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for micro in range(t.grad_accum):
+                x, y = sample_batch(store.train, t.batch_size, t.seq_len, t.seed,
+                                    loop.step * t.grad_accum + micro)
+                x, y = x.to(device), y.to(device)
+                with autocast(device, t.precision):
+                    logits, _ = fwd(x)
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+                (loss / t.grad_accum).backward()
+                total += float(loss.detach()) / t.grad_accum
+            if not math.isfinite(total):
+                raise TrainingDiverged(
+                    f"the loss became {total} at step {loop.step + 1}; stopped. The last good "
+                    f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
+                )
+            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loop.step += 1
+            result.losses.append(total)
+            bar.update(1)
+            if loop.step % t.log_every == 0 or loop.step == t.steps:
+                tps = tokens_per_step * (loop.step - start_step) / (time.perf_counter() - tic)
+                pending.append({"step": loop.step, "loss": total, "lr": lr, "grad_norm": gnorm,
+                                "tokens_per_s": round(tps, 1)})
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
+            if callback is not None:
+                callback(loop)
+            at_end = loop.step == t.steps
+            if (t.eval_every and loop.step % t.eval_every == 0) or at_end:
+                (last_val,) = evaluate_lengths(model, store.validation, (t.seq_len,), t.eval_tokens,
+                                               byte_lengths, t.batch_size, device)
+                pending.append({"step": loop.step, "val_bits_per_byte": last_val["bits_per_byte"],
+                                "val_loss": last_val["nats"] / last_val["scored_tokens"]})
+                bar.write(f"step {loop.step}: val bits/byte {last_val['bits_per_byte']:.3f}")
+            if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
+                _append_metrics(run_dir, pending)
+                pending.clear()
+                _save(run_dir, model, opt, loop.step)
+    finally:
+        bar.close()
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if loop.stop_requested:
+        result.status = "interrupted"
+        log(f"saved a checkpoint at step {loop.step}; continue with: memext train --resume {run_dir}")
+    result.step = loop.step
+    result.last_val = last_val
+    return result
+
