@@ -8,6 +8,14 @@ from memext.model import build_model
 from memext.nn.transformer import LongLM, State
 
 __all__ = [
-    "Config", "DataConfig", "EvalConfig", "LongLM", "ModelConfig", "State", "TrainConfig",
-    "__version__", "build_model", "load",
+    "Config",
+    "DataConfig",
+    "EvalConfig",
+    "LongLM",
+    "ModelConfig",
+    "State",
+    "TrainConfig",
+    "__version__",
+    "build_model",
+    "load",
 ]

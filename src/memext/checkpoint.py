@@ -65,13 +65,18 @@ def load_weights(model: LongLM, path: Path) -> None:
     expected = {k: v for k, v in model.state_dict().items()}
     # Tied weights are stored once; save_model keeps one of the names.
     for name in list(expected):
-        if name not in tensors and name == "head.weight" and model.head.weight is model.embed.weight:
+        if (
+            name not in tensors
+            and name == "head.weight"
+            and model.head.weight is model.embed.weight
+        ):
             expected.pop(name)
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected) - {"head.weight"})
     wrong = sorted(
         f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
     )
     if missing or extra or wrong:
         parts = []

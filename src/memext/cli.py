@@ -70,14 +70,21 @@ def _print_eval(rows: list[dict[str, Any]], title: str) -> None:
     for col in ("context L", "bits/byte", "perplexity", "scored tokens"):
         table.add_column(col, justify="right")
     for r in rows:
-        table.add_row(str(r["length"]), f"{r['bits_per_byte']:.4f}", f"{r['perplexity']:.3f}",
-                      f"{r['scored_tokens']:,}")
+        table.add_row(
+            str(r["length"]),
+            f"{r['bits_per_byte']:.4f}",
+            f"{r['perplexity']:.3f}",
+            f"{r['scored_tokens']:,}",
+        )
     out.print(table)
 
 
 PresetOpt = Annotated[str, typer.Option(help=f"Preset: {', '.join(PRESETS)}.")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A config file (JSON or YAML).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: SECTION.FIELD=VALUE (repeatable).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting: SECTION.FIELD=VALUE (repeatable)."),
+]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
 
 
@@ -87,11 +94,18 @@ def train(
     preset: PresetOpt = "tiny",
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-TIMESTAMP).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-TIMESTAMP).")
+    ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     device: DeviceOpt = "auto",
-    evaluate: Annotated[bool, typer.Option("--eval/--no-eval", help="Evaluate bits-per-byte by context length at the end.")] = True,
+    evaluate: Annotated[
+        bool,
+        typer.Option(
+            "--eval/--no-eval", help="Evaluate bits-per-byte by context length at the end."
+        ),
+    ] = True,
 ) -> None:
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
@@ -108,16 +122,26 @@ def train(
         cfg = _config(preset, config, set_ or [])
         run_dir = out_dir or Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     t0 = time.perf_counter()
-    result = run_training(cfg, run_dir, device=dev, resume=resume is not None, overwrite=overwrite,
-                          log=lambda m: err.print(m, highlight=False))
-    out.print(f"{result.status} at step {result.step} in {time.perf_counter() - t0:.0f}s: {run_dir}")
+    result = run_training(
+        cfg,
+        run_dir,
+        device=dev,
+        resume=resume is not None,
+        overwrite=overwrite,
+        log=lambda m: err.print(m, highlight=False),
+    )
+    out.print(
+        f"{result.status} at step {result.step} in {time.perf_counter() - t0:.0f}s: {run_dir}"
+    )
     if result.status != "completed":
         raise typer.Exit(130)
     if evaluate:
         _evaluate(run_dir, None, None, dev, None)
 
 
-def _evaluate(run_dir: Path, lengths: list[int] | None, max_tokens: int | None, dev, out_file: Path | None) -> None:
+def _evaluate(
+    run_dir: Path, lengths: list[int] | None, max_tokens: int | None, dev, out_file: Path | None
+) -> None:
     from memext.evals.runner import evaluate_run
 
     rows, path = evaluate_run(run_dir, lengths, max_tokens, dev, out_file)
@@ -129,10 +153,15 @@ def _evaluate(run_dir: Path, lengths: list[int] | None, max_tokens: int | None, 
 @user_errors
 def eval_(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
-    lengths: Annotated[str | None, typer.Option(help="Comma-separated context lengths (default: the run's eval.lengths).")] = None,
+    lengths: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated context lengths (default: the run's eval.lengths)."),
+    ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Scored tokens per length.")] = None,
     device: DeviceOpt = "auto",
-    output: Annotated[Path | None, typer.Option("--out", help="Results JSON (default: RUN_DIR/eval.json).")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--out", help="Results JSON (default: RUN_DIR/eval.json).")
+    ] = None,
 ) -> None:
     """Bits-per-byte and perplexity on the validation split at several context lengths."""
     from memext.config import parse_value
@@ -147,12 +176,16 @@ def eval_(
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     prompt: Annotated[str | None, typer.Option(help="The prompt text.")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="Read the prompt from this file.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from this file.")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")] = 0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
-    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop at this string (repeatable).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
     device: DeviceOpt = "auto",
 ) -> None:
@@ -172,8 +205,17 @@ def generate(
             raise MemextError(f"prompt file {str(prompt_file)!r} is not valid UTF-8") from None
     model, _ = load(run_dir, resolve_device(device))
     tok = run_tokenizer(run_dir)
-    for piece in generate_text(model, tok, prompt, max_new_tokens, stop=stop or (),
-                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
+    for piece in generate_text(
+        model,
+        tok,
+        prompt,
+        max_new_tokens,
+        stop=stop or (),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+    ):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -181,7 +223,11 @@ def generate(
 
 @app.command()
 @user_errors
-def info(run_dir: Annotated[Path | None, typer.Argument(help="A run directory; none = what this memext offers.")] = None) -> None:
+def info(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A run directory; none = what this memext offers.")
+    ] = None,
+) -> None:
     """Describe a run (config, size, progress, results), or list presets and registered variants."""
     from memext.nn.attention import ATTENTION
 
@@ -197,8 +243,10 @@ def info(run_dir: Annotated[Path | None, typer.Argument(help="A run directory; n
     model = build_model(cfg.model, seed=None)
     m = cfg.model
     out.print(f"[bold]{run_dir}[/]")
-    out.print(f"model: {m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, attention "
-              f"{m.attention}, {model.num_params() / 1e6:.2f}M parameters (without embeddings)")
+    out.print(
+        f"model: {m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, attention "
+        f"{m.attention}, {model.num_params() / 1e6:.2f}M parameters (without embeddings)"
+    )
     out.print(f"data: corpus {cfg.data.corpus!r}, tokenizer {cfg.data.tokenizer!r}")
     metrics = read_metrics(run_dir)
     steps = [r for r in metrics if "loss" in r]
@@ -207,9 +255,13 @@ def info(run_dir: Annotated[Path | None, typer.Argument(help="A run directory; n
     state = f"step {steps[-1]['step']} of {cfg.train.steps}" if steps else "not started"
     out.print(f"training: {state}; checkpoint {'present' if weights.is_file() else 'missing'}")
     if steps:
-        out.print(f"last loss {steps[-1]['loss']:.4f}, {steps[-1].get('tokens_per_s', 0):,.0f} tokens/s")
+        out.print(
+            f"last loss {steps[-1]['loss']:.4f}, {steps[-1].get('tokens_per_s', 0):,.0f} tokens/s"
+        )
     if vals:
-        out.print(f"last validation bits/byte {vals[-1]['val_bits_per_byte']:.4f} (step {vals[-1]['step']})")
+        out.print(
+            f"last validation bits/byte {vals[-1]['val_bits_per_byte']:.4f} (step {vals[-1]['step']})"
+        )
     eval_path = Path(run_dir) / "eval.json"
     if eval_path.is_file():
         _print_eval(json.loads(eval_path.read_text())["results"], "evaluation")
@@ -221,7 +273,9 @@ def config_(
     preset: PresetOpt = "tiny",
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    save: Annotated[Path | None, typer.Option(help="Write the resulting config here (JSON or YAML).")] = None,
+    save: Annotated[
+        Path | None, typer.Option(help="Write the resulting config here (JSON or YAML).")
+    ] = None,
 ) -> None:
     """Show every setting with its value and documentation (or save it to a file)."""
     cfg = _config(preset, config, set_ or [])
@@ -242,8 +296,12 @@ def config_(
 @user_errors
 def tokenizer_train(
     output: Annotated[Path, typer.Option("--out", help="Where to write tokenizer.json.")],
-    corpus: Annotated[str, typer.Option(help="'stdlib', a file, a directory or a glob.")] = "stdlib",
-    vocab_size: Annotated[int, typer.Option(help="Vocabulary size, special tokens included.")] = 4096,
+    corpus: Annotated[
+        str, typer.Option(help="'stdlib', a file, a directory or a glob.")
+    ] = "stdlib",
+    vocab_size: Annotated[
+        int, typer.Option(help="Vocabulary size, special tokens included.")
+    ] = 4096,
 ) -> None:
     """Train a byte-level BPE tokenizer locally (then use it with --set data.tokenizer=PATH)."""
     from memext.data import read_corpus
@@ -251,8 +309,10 @@ def tokenizer_train(
 
     c = read_corpus(corpus)
     tok = train_bpe((d.data.decode("utf-8") for d in c.train), vocab_size, output)
-    out.print(f"wrote {output} ({tok.vocab_size} tokens); train with "
-              f"--set data.tokenizer={output} --set model.vocab_size={tok.vocab_size}")
+    out.print(
+        f"wrote {output} ({tok.vocab_size} tokens); train with "
+        f"--set data.tokenizer={output} --set model.vocab_size={tok.vocab_size}"
+    )
 
 
 def version_callback(value: bool) -> None:
@@ -263,7 +323,12 @@ def version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=version_callback, is_eager=True, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     pass
 

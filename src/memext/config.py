@@ -105,7 +105,8 @@ class DataConfig:
         "directory, a glob, or a .gz file.",
     )
     tokenizer: str = doc(
-        "byte", "'byte' (lossless byte-level) or the path of a tokenizer.json from `memext tokenizer train`."
+        "byte",
+        "'byte' (lossless byte-level) or the path of a tokenizer.json from `memext tokenizer train`.",
     )
     val_percent: float = doc(
         5.0,
@@ -144,7 +145,9 @@ class TrainConfig:
     )
     compile: bool = doc(False, "torch.compile the model.")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
-    eval_every: int = doc(200, "Validate every this many steps (and at the end); 0 = only at the end.")
+    eval_every: int = doc(
+        200, "Validate every this many steps (and at the end); 0 = only at the end."
+    )
     eval_tokens: int = doc(16384, "Validation tokens scored at each periodic validation.")
     save_every: int = doc(200, "Checkpoint every this many steps (and at the end).")
     log_every: int = doc(10, "Append a line to metrics.jsonl every this many steps.")
@@ -168,13 +171,13 @@ class EvalConfig:
     lengths: tuple[int, ...] = doc(
         (128, 256, 512, 1024), "Context lengths L; each is read in windows of L, stride L/2."
     )
-    max_tokens: int = doc(16384, "Scored tokens per length (from the start of the validation split).")
+    max_tokens: int = doc(
+        16384, "Scored tokens per length (from the start of the validation split)."
+    )
     batch_size: int = doc(8, "Windows per forward pass.")
 
     def __post_init__(self) -> None:
-        if not self.lengths or any(
-            not isinstance(n, int) or n < 2 or n % 2 for n in self.lengths
-        ):
+        if not self.lengths or any(not isinstance(n, int) or n < 2 or n % 2 for n in self.lengths):
             _fail("eval", "lengths", self.lengths, "a non-empty list of even integers >= 2")
         _check_positive("eval", self, "max_tokens", "batch_size")
 
@@ -190,10 +193,20 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.train.seq_len > self.model.max_seq_len:
-            _fail("train", "seq_len", self.train.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+            _fail(
+                "train",
+                "seq_len",
+                self.train.seq_len,
+                f"<= model.max_seq_len={self.model.max_seq_len}",
+            )
         too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
         if too_long:
-            _fail("eval", "lengths", self.eval.lengths, f"lengths <= model.max_seq_len={self.model.max_seq_len}")
+            _fail(
+                "eval",
+                "lengths",
+                self.eval.lengths,
+                f"lengths <= model.max_seq_len={self.model.max_seq_len}",
+            )
 
     # --- construction -------------------------------------------------------------------------
     @staticmethod
@@ -222,8 +235,14 @@ class Config:
             hints = typing.get_type_hints(cls)
             if name not in hints:
                 close = difflib.get_close_matches(name, hints, n=3)
-                hint = f" (did you mean {', '.join(section + '.' + c for c in close)}?)" if close else ""
-                raise ValueError(f"unknown setting {key!r}{hint}; see `memext config` for all fields")
+                hint = (
+                    f" (did you mean {', '.join(section + '.' + c for c in close)}?)"
+                    if close
+                    else ""
+                )
+                raise ValueError(
+                    f"unknown setting {key!r}{hint}; see `memext config` for all fields"
+                )
             data[section][name] = parse_value(key, hints[name], raw)
         return from_dict(data)
 
@@ -247,7 +266,9 @@ class Config:
             text = path.read_text(encoding="utf-8")
             data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}") from None
+            raise ValueError(
+                f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}"
+            ) from None
         if not isinstance(data, dict):
             raise ValueError(f"config file {str(path)!r} does not hold a mapping")
         return from_dict(data, source=str(path))
@@ -285,7 +306,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         )
     unknown = set(data) - set(_SECTIONS)
     if unknown:
-        raise ValueError(f"{source}: unknown section(s) {sorted(unknown)}; expected {list(_SECTIONS)}")
+        raise ValueError(
+            f"{source}: unknown section(s) {sorted(unknown)}; expected {list(_SECTIONS)}"
+        )
     sections = {}
     for name, cls in _SECTIONS.items():
         values = data.get(name) or {}
@@ -294,7 +317,9 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         hints = typing.get_type_hints(cls)
         bad = set(values) - set(hints)
         if bad:
-            raise ValueError(f"{source}: unknown field(s) {', '.join(f'{name}.{b}' for b in sorted(bad))}")
+            raise ValueError(
+                f"{source}: unknown field(s) {', '.join(f'{name}.{b}' for b in sorted(bad))}"
+            )
         kwargs = {k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()}
         sections[name] = cls(**kwargs)
     return Config(**sections)
@@ -364,8 +389,11 @@ def describe_fields() -> list[tuple[str, str, Any, str]]:
         for f in dataclasses.fields(cls):
             typ = hints[f.name]
             type_str = (
-                "|".join(get_args(typ)) if get_origin(typ) is Literal else
-                "list[int]" if get_origin(typ) is tuple else getattr(typ, "__name__", str(typ))
+                "|".join(get_args(typ))
+                if get_origin(typ) is Literal
+                else "list[int]"
+                if get_origin(typ) is tuple
+                else getattr(typ, "__name__", str(typ))
             )
             rows.append((f"{section}.{f.name}", type_str, _plain(f.default), f.metadata["help"]))
     return rows
@@ -376,15 +404,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
     "small": {
         "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "max_seq_len": 16384},
-        "train": {"seq_len": 1024, "batch_size": 16, "steps": 5000, "lr": 1.5e-3,
-                  "warmup_steps": 200, "eval_every": 500, "save_every": 500},
+        "train": {
+            "seq_len": 1024,
+            "batch_size": 16,
+            "steps": 5000,
+            "lr": 1.5e-3,
+            "warmup_steps": 200,
+            "eval_every": 500,
+            "save_every": 500,
+        },
         "eval": {"lengths": [256, 512, 1024, 2048, 4096], "max_tokens": 65536},
     },
     "base": {
         "model": {"d_model": 768, "n_layers": 12, "n_heads": 12, "max_seq_len": 32768},
-        "train": {"seq_len": 2048, "batch_size": 32, "steps": 20000, "lr": 6e-4,
-                  "warmup_steps": 500, "eval_every": 1000, "save_every": 1000},
+        "train": {
+            "seq_len": 2048,
+            "batch_size": 32,
+            "steps": 20000,
+            "lr": 6e-4,
+            "warmup_steps": 500,
+            "eval_every": 1000,
+            "save_every": 1000,
+        },
         "eval": {"lengths": [512, 1024, 2048, 4096, 8192], "max_tokens": 262144},
     },
 }
-

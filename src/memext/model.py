@@ -49,5 +49,7 @@ def _init(model: LongLM, cfg: ModelConfig, gen: torch.Generator | None) -> None:
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue  # norm gains stay at 1
-        std = residual_std if name.endswith(("attn.out.weight", "ffn.down.weight")) else cfg.init_std
+        std = (
+            residual_std if name.endswith(("attn.out.weight", "ffn.down.weight")) else cfg.init_std
+        )
         p.normal_(0.0, std, generator=gen)

@@ -104,7 +104,9 @@ class BPETokenizer:
             try:
                 data = data.decode("utf-8")
             except UnicodeDecodeError:
-                raise MemextError("the BPE tokenizer reads UTF-8 text only; use the byte tokenizer for raw bytes") from None
+                raise MemextError(
+                    "the BPE tokenizer reads UTF-8 text only; use the byte tokenizer for raw bytes"
+                ) from None
         return self._tok.encode(data, add_special_tokens=False).ids
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -131,7 +133,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out: str | Path) -> BPEToke
     from memext.io import atomic_write_text
 
     if vocab_size <= 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size={vocab_size} is invalid: expected > {256 + len(SPECIAL_TOKENS)}")
+        raise ValueError(
+            f"vocab_size={vocab_size} is invalid: expected > {256 + len(SPECIAL_TOKENS)}"
+        )
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

@@ -23,10 +23,23 @@ from pathlib import Path
 
 from memext.errors import MemextError
 
-STDLIB_EXCLUDED = frozenset({
-    "test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__",
-    "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip", "venv",
-})
+STDLIB_EXCLUDED = frozenset(
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "tkinter",
+        "turtledemo",
+        "lib2to3",
+        "distutils",
+        "ensurepip",
+        "venv",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +68,8 @@ class Corpus:
 def stdlib_files() -> tuple[Path, list[Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if p.is_file() and not STDLIB_EXCLUDED.intersection(p.relative_to(root).parts[:-1])
     ]
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
@@ -75,7 +89,9 @@ def _resolve(source: str) -> tuple[Path, list[Path]]:
         if files:
             return Path("."), files
         raise MemextError(f"corpus glob {source!r} matches no files")
-    raise MemextError(f"corpus path {source!r} does not exist (use 'stdlib', a file, a directory or a glob)")
+    raise MemextError(
+        f"corpus path {source!r} does not exist (use 'stdlib', a file, a directory or a glob)"
+    )
 
 
 def _read(path: Path) -> bytes:
@@ -111,14 +127,18 @@ def read_corpus(source: str, val_percent: float = 5.0, raw_bytes: bool = False) 
         if data:
             docs.append(Document(name, data))
     if skipped:
-        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        shown = ", ".join(skipped[:5]) + (
+            f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        )
         warnings.warn(
             f"skipped {len(skipped)} file(s) that are not valid UTF-8: {shown} "
             "(set data.raw_bytes=true to read them as bytes)",
             stacklevel=2,
         )
     if not docs:
-        why = f"all {len(skipped)} file(s) are not valid UTF-8" if skipped else "every file is empty"
+        why = (
+            f"all {len(skipped)} file(s) are not valid UTF-8" if skipped else "every file is empty"
+        )
         raise MemextError(f"corpus {source!r} has no text: {why}")
     if len(docs) == 1:
         (doc,) = docs

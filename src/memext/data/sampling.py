@@ -15,10 +15,11 @@ def sample_batch(
     uninterrupted one would, without saving sampler state.
     """
     if tokens.size < seq_len + 1:
-        raise ValueError(f"the token stream ({tokens.size} tokens) is shorter than seq_len+1={seq_len + 1}")
+        raise ValueError(
+            f"the token stream ({tokens.size} tokens) is shorter than seq_len+1={seq_len + 1}"
+        )
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, tokens.size - seq_len, size=batch_size)
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     seg = torch.from_numpy(tokens[idx].astype(np.int64))
     return seg[:, :-1], seg[:, 1:]
-

@@ -48,10 +48,17 @@ def build_store(corpus: Corpus, tok: Tokenizer, root: Path | None = None) -> Tok
             atomic_write(folder / f"{split}.bin", ids.tofile)
             sizes[split] = int(ids.size)
         # meta.json is written last: its presence marks a complete store.
-        atomic_write_text(meta_path, json.dumps(
-            {"corpus_hash": corpus_hash, "tokenizer": tok.fingerprint(),
-             "dtype": np.dtype(dtype).name, "sizes": sizes}
-        ))
+        atomic_write_text(
+            meta_path,
+            json.dumps(
+                {
+                    "corpus_hash": corpus_hash,
+                    "tokenizer": tok.fingerprint(),
+                    "dtype": np.dtype(dtype).name,
+                    "sizes": sizes,
+                }
+            ),
+        )
     meta = json.loads(meta_path.read_text())
     arrays = {
         split: np.memmap(folder / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(n,))

@@ -67,7 +67,9 @@ def score_length(
             seg = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
             logits, _ = model(seg[:, :-1])
             logits, targets = logits[:, half:].float(), seg[:, half + 1 :]
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            nll = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
             nats += float(nll)
             n_tok += targets.numel()
             n_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
@@ -106,7 +108,9 @@ def evaluate_lengths(
     model.eval()
     try:
         return [
-            score_length(model, tokens, n, first, n_scored, byte_lengths, batch_size, device, progress)
+            score_length(
+                model, tokens, n, first, n_scored, byte_lengths, batch_size, device, progress
+            )
             for n in sorted(lengths)
         ]
     finally:

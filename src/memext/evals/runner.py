@@ -41,8 +41,16 @@ def evaluate_run(
     tok = run_tokenizer(run_dir)
     store, _ = prepare_data(cfg.data, tok, log=lambda m: None)
     t0 = time.perf_counter()
-    rows = evaluate_lengths(model, store.validation, tuple(lengths), max_tokens or cfg.eval.max_tokens,
-                            tok.byte_lengths(), cfg.eval.batch_size, device, progress)
+    rows = evaluate_lengths(
+        model,
+        store.validation,
+        tuple(lengths),
+        max_tokens or cfg.eval.max_tokens,
+        tok.byte_lengths(),
+        cfg.eval.batch_size,
+        device,
+        progress,
+    )
     run_info = run_dir / "run.json"
     trained_on = json.loads(run_info.read_text()).get("corpus_hash") if run_info.is_file() else None
     payload = {

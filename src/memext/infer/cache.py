@@ -15,8 +15,14 @@ class FullCache:
     """Keeps every key and value, preallocated to ``max_len`` positions."""
 
     def __init__(
-        self, n_layers: int, batch: int, n_heads: int, head_dim: int, max_len: int,
-        dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
     ):
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -28,8 +34,8 @@ class FullCache:
         end = self.seq_len + k.shape[-2]
         if end > self.max_len:
             raise ValueError(f"the KV cache holds {self.max_len} positions; {end} were asked for")
-        self.k[layer, :, :, self.seq_len:end] = k
-        self.v[layer, :, :, self.seq_len:end] = v
+        self.k[layer, :, :, self.seq_len : end] = k
+        self.v[layer, :, :, self.seq_len : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def advance(self, t: int) -> None:

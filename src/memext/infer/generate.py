@@ -16,12 +16,17 @@ def new_state(model: LongLM, batch: int, max_len: int) -> State:
     """A fresh State with a full KV cache of ``max_len`` positions."""
     attn = model.blocks[0].attn
     p = next(model.parameters())
-    cache = FullCache(len(model.blocks), batch, attn.n_heads, attn.head_dim, max_len, p.dtype, p.device)
+    cache = FullCache(
+        len(model.blocks), batch, attn.n_heads, attn.head_dim, max_len, p.dtype, p.device
+    )
     return State(cache=cache)
 
 
 def sample_next(
-    logits: Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """logits (B, V) -> next ids (B,). temperature 0 is greedy."""
@@ -42,8 +47,14 @@ def sample_next(
 
 @torch.no_grad()
 def generate_ids(
-    model: LongLM, prompt: Sequence[int], max_new_tokens: int, *, temperature: float = 1.0,
-    top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+    model: LongLM,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` ids continuing ``prompt``."""
     if not prompt:
@@ -65,7 +76,12 @@ def generate_ids(
 
 
 def generate_text(
-    model: LongLM, tok, prompt: str, max_new_tokens: int, *, stop: Sequence[str] = (),
+    model: LongLM,
+    tok,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
     **sampling,
 ) -> Iterator[str]:
     """Yield decoded text pieces; stops at (and leaves out) the first stop string or <eod>."""

@@ -82,8 +82,13 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
     t = cfg.train
     return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), fused=False,
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        fused=False,
     )
 
 
@@ -171,9 +176,14 @@ def train(
     store, skipped = prepare_data(cfg.data, tok, log)
     byte_lengths = tok.byte_lengths()
 
-    info = {"corpus_hash": store.corpus_hash, "token_store": store.key,
-            "train_tokens": int(store.train.size), "validation_tokens": int(store.validation.size),
-            "skipped_files": list(skipped), **provenance(device)}
+    info = {
+        "corpus_hash": store.corpus_hash,
+        "token_store": store.key,
+        "train_tokens": int(store.train.size),
+        "validation_tokens": int(store.validation.size),
+        "skipped_files": list(skipped),
+        **provenance(device),
+    }
     if resume:
         old = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
         if old.get("corpus_hash") not in (None, store.corpus_hash):
@@ -182,8 +192,10 @@ def train(
                 f"(hash {old['corpus_hash'][:12]} -> {store.corpus_hash[:12]})"
             )
         if old.get("threads") not in (None, info["threads"]):
-            log(f"note: this run used {old['threads']} threads and now uses {info['threads']}: "
-                "losses may differ in the last bits")
+            log(
+                f"note: this run used {old['threads']} threads and now uses {info['threads']}: "
+                "losses may differ in the last bits"
+            )
     cfg.save(run_dir / ckpt.CONFIG)
     if tok.name == "bpe":
         shutil.copyfile(tok.path, run_dir / ckpt.TOKENIZER)
@@ -202,8 +214,10 @@ def train(
         (run_dir / ckpt.METRICS).unlink()
     fwd = torch.compile(model) if t.compile else model
     n_params = model.num_params()
-    log(f"model: {n_params / 1e6:.2f}M parameters (without embeddings), device {device}; "
-        f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens")
+    log(
+        f"model: {n_params / 1e6:.2f}M parameters (without embeddings), device {device}; "
+        f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens"
+    )
 
     loop = _Loop(step=step, model=model)
 
@@ -217,8 +231,15 @@ def train(
     tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     result = TrainResult(run_dir, "completed", step)
     start_step = step
-    bar = tqdm(total=t.steps, initial=step, desc="train", unit="step", disable=not progress,
-               dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm(
+        total=t.steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
     pending: list[dict] = []
     last_val = None
     tic = time.perf_counter()
@@ -230,8 +251,9 @@ def train(
                 group["lr"] = lr
             total = 0.0
             for micro in range(t.grad_accum):
-                x, y = sample_batch(store.train, t.batch_size, t.seq_len, t.seed,
-                                    loop.step * t.grad_accum + micro)
+                x, y = sample_batch(
+                    store.train, t.batch_size, t.seq_len, t.seed, loop.step * t.grad_accum + micro
+                )
                 x, y = x.to(device), y.to(device)
                 with autocast(device, t.precision):
                     logits, _ = fwd(x)
@@ -243,7 +265,9 @@ def train(
                     f"the loss became {total} at step {loop.step + 1}; stopped. The last good "
                     f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
                 )
-            gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
+            gnorm = float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
+            )
             opt.step()
             opt.zero_grad(set_to_none=True)
             loop.step += 1
@@ -251,17 +275,36 @@ def train(
             bar.update(1)
             if loop.step % t.log_every == 0 or loop.step == t.steps:
                 tps = tokens_per_step * (loop.step - start_step) / (time.perf_counter() - tic)
-                pending.append({"step": loop.step, "loss": total, "lr": lr, "grad_norm": gnorm,
-                                "tokens_per_s": round(tps, 1)})
+                pending.append(
+                    {
+                        "step": loop.step,
+                        "loss": total,
+                        "lr": lr,
+                        "grad_norm": gnorm,
+                        "tokens_per_s": round(tps, 1),
+                    }
+                )
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
             if callback is not None:
                 callback(loop)
             at_end = loop.step == t.steps
             if (t.eval_every and loop.step % t.eval_every == 0) or at_end:
-                (last_val,) = evaluate_lengths(model, store.validation, (t.seq_len,), t.eval_tokens,
-                                               byte_lengths, t.batch_size, device)
-                pending.append({"step": loop.step, "val_bits_per_byte": last_val["bits_per_byte"],
-                                "val_loss": last_val["nats"] / last_val["scored_tokens"]})
+                (last_val,) = evaluate_lengths(
+                    model,
+                    store.validation,
+                    (t.seq_len,),
+                    t.eval_tokens,
+                    byte_lengths,
+                    t.batch_size,
+                    device,
+                )
+                pending.append(
+                    {
+                        "step": loop.step,
+                        "val_bits_per_byte": last_val["bits_per_byte"],
+                        "val_loss": last_val["nats"] / last_val["scored_tokens"],
+                    }
+                )
                 bar.write(f"step {loop.step}: val bits/byte {last_val['bits_per_byte']:.3f}")
             if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
                 _append_metrics(run_dir, pending)
@@ -273,8 +316,9 @@ def train(
             signal.signal(signal.SIGINT, previous)
     if loop.stop_requested:
         result.status = "interrupted"
-        log(f"saved a checkpoint at step {loop.step}; continue with: memext train --resume {run_dir}")
+        log(
+            f"saved a checkpoint at step {loop.step}; continue with: memext train --resume {run_dir}"
+        )
     result.step = loop.step
     result.last_val = last_val
     return result
-

@@ -40,7 +40,9 @@ def register_attention(name: str) -> Callable[[type[AttentionKernel]], type[Atte
 
 def build_attention(name: str, **kwargs) -> AttentionKernel:
     if name not in ATTENTION:
-        raise ValueError(f"unknown attention {name!r}: expected one of {', '.join(sorted(ATTENTION))}")
+        raise ValueError(
+            f"unknown attention {name!r}: expected one of {', '.join(sorted(ATTENTION))}"
+        )
     return ATTENTION[name](**kwargs)
 
 
