@@ -44,7 +44,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (MemextError, ValueError) as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False)
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -276,8 +276,16 @@ def config_(
     save: Annotated[
         Path | None, typer.Option(help="Write the resulting config here (JSON or YAML).")
     ] = None,
+    markdown: Annotated[
+        bool, typer.Option(help="Print the settings reference as Markdown (docs/configuration.md).")
+    ] = False,
 ) -> None:
     """Show every setting with its value and documentation (or save it to a file)."""
+    if markdown:
+        from memext.config import fields_markdown
+
+        print(fields_markdown(), end="")
+        return
     cfg = _config(preset, config, set_ or [])
     if save is not None:
         cfg.save(save)

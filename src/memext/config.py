@@ -172,7 +172,7 @@ class EvalConfig:
         (128, 256, 512, 1024), "Context lengths L; each is read in windows of L, stride L/2."
     )
     max_tokens: int = doc(
-        16384, "Scored tokens per length (from the start of the validation split)."
+        16384, "Scored tokens per length: the same positions at every length."
     )
     batch_size: int = doc(8, "Windows per forward pass.")
 
@@ -397,6 +397,18 @@ def describe_fields() -> list[tuple[str, str, Any, str]]:
             )
             rows.append((f"{section}.{f.name}", type_str, _plain(f.default), f.metadata["help"]))
     return rows
+
+
+def fields_markdown() -> str:
+    """docs/configuration.md's table, generated from the field docs (a test keeps the file current)."""
+    lines = ["| setting | type | default | meaning |", "|---|---|---|---|"]
+    for name, typ, default, help_ in describe_fields():
+        lines.append(f"| `{name}` | {typ} | `{default!r}` | {help_} |")
+    presets = "\n".join(
+        f"- `{name}`: " + (", ".join(f"`{s}.{k}={v!r}`" for s, vals in p.items() for k, v in vals.items()) or "the defaults above")
+        for name, p in PRESETS.items()
+    )
+    return "\n".join(lines) + "\n\n## Presets\n\n" + presets + "\n"
 
 
 # Presets differ from the field defaults only where they must; `tiny` is the main job.

@@ -91,6 +91,9 @@ class BPETokenizer:
             self._tok = HFTokenizer.from_file(str(self.path))
         except Exception as e:  # tokenizers raises a bare Exception on bad files
             raise MemextError(f"{str(self.path)!r} is not a tokenizer.json: {e}") from None
+        # Text that happens to spell a special token ("<eod>" in a source file) is ordinary
+        # text: encode it as bytes, or it would silently become a special id and vanish on decode.
+        self._tok.encode_special_tokens = True
         self.vocab_size = self._tok.get_vocab_size()
         alphabet = _byte_alphabet()
         vocab = self._tok.get_vocab()

@@ -1,0 +1,3 @@
+from memext.cli import main
+
+main()

@@ -1,0 +1,28 @@
+"""Shared fixtures: an isolated token-store cache and a tiny, fast model config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from memext.config import ModelConfig
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Point MEMEXT_CACHE at a temporary folder so no test writes to ~/.cache/memext."""
+    old = os.environ.get("MEMEXT_CACHE")
+    os.environ["MEMEXT_CACHE"] = str(tmp_path_factory.mktemp("memext-cache"))
+    yield
+    if old is None:
+        os.environ.pop("MEMEXT_CACHE", None)
+    else:
+        os.environ["MEMEXT_CACHE"] = old
+
+
+@pytest.fixture
+def tiny_model_cfg() -> ModelConfig:
+    """A model small enough that a forward pass takes milliseconds on one CPU core."""
+    return ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, max_seq_len=512)

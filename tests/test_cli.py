@@ -1,0 +1,156 @@
+"""The command line end to end, and every bad input getting one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from memext.cli import app
+
+runner = CliRunner()
+SMALL = [
+    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=256",
+    "train.seq_len=32", "train.batch_size=4", "train.steps=30", "train.eval_every=0",
+    "train.eval_tokens=128", "eval.lengths=16,32,64", "eval.max_tokens=256",
+]
+
+
+def _sets(*extra: str) -> list[str]:
+    return [f"--set={s}" for s in (*SMALL, *extra)]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(5):
+        (root / f"d{i}.txt").write_text(f"def f{i}(x):\n    return x + {i}\n" * 60)
+    return root
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, corpus: Path) -> Path:
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--out", str(out), "--device", "cpu",
+                                 *_sets(f"data.corpus={corpus}")])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _fails(args: list[str], message: str) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert message in result.output, result.output
+    return result.output
+
+
+def test_train_eval_generate_info_end_to_end(run_dir: Path):
+    assert {p.name for p in run_dir.iterdir()} >= {
+        "config.json", "model.safetensors", "train_state.pt", "metrics.jsonl", "run.json", "eval.json"
+    }
+    results = json.loads((run_dir / "eval.json").read_text())
+    assert [r["length"] for r in results["results"]] == [16, 32, 64]
+    assert len(results["corpus_hash"]) == 64 and results["trained_on_same_corpus"] is True
+
+    ev = runner.invoke(app, ["eval", str(run_dir), "--lengths", "32,64", "--out",
+                             str(run_dir / "e2.json"), "--device", "cpu"])
+    assert ev.exit_code == 0, ev.output
+    assert "bits/byte" in ev.output
+    assert [r["length"] for r in json.loads((run_dir / "e2.json").read_text())["results"]] == [32, 64]
+
+    gen = runner.invoke(app, ["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens",
+                              "20", "--temperature", "0", "--device", "cpu"])
+    assert gen.exit_code == 0, gen.output
+    text = gen.output.removesuffix("\n")
+    assert 0 < len(text.encode()) <= 20  # byte tokenizer: at most one byte per new token
+
+    info = runner.invoke(app, ["info", str(run_dir)])
+    assert info.exit_code == 0 and "step 30 of 30" in info.output
+
+
+def test_version_and_help_list_every_setting():
+    assert runner.invoke(app, ["--version"]).output.startswith("memext ")
+    helptext = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    for name in ("model.n_layers", "train.lr", "eval.lengths", "data.corpus"):
+        assert name in helptext
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    _fails(["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'empty'}")],
+           "has no text")
+
+
+def test_missing_corpus_path(tmp_path):
+    _fails(["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'nope'}")],
+           "does not exist")
+
+
+def test_corpus_of_only_invalid_utf8(tmp_path):
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "a.dat").write_bytes(b"\xff\xfe\x00\x80" * 100)
+    (tmp_path / "bin" / "b.dat").write_bytes(b"\xc3\x28" * 100)
+    _fails(["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'bin'}")],
+           "not valid UTF-8")
+    assert not (tmp_path / "r" / "model.safetensors").exists()
+
+
+def test_unknown_override_suggests_the_field(tmp_path):
+    out = _fails(["train", "--out", str(tmp_path / "r"), "--set", "model.n_layer=4"], "unknown setting")
+    assert "model.n_layers" in out
+
+
+def test_ill_typed_override(tmp_path):
+    _fails(["train", "--out", str(tmp_path / "r"), "--set", "model.n_layers=four"], "expected an integer")
+    _fails(["train", "--out", str(tmp_path / "r"), "--set", "train.lr=-1"], "train.lr")
+
+
+def test_corrupt_checkpoint(run_dir: Path):
+    (run_dir / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    _fails(["eval", str(run_dir)], "corrupt")
+    _fails(["generate", str(run_dir), "--prompt", "x"], "corrupt")
+
+
+def test_checkpoint_of_another_architecture(run_dir: Path):
+    cfg = json.loads((run_dir / "config.json").read_text())
+    cfg["model"]["n_layers"] = 3
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    _fails(["eval", str(run_dir)], "another architecture")
+
+
+def test_output_directory_holding_a_run_is_refused(run_dir: Path, corpus: Path):
+    before = (run_dir / "model.safetensors").read_bytes()
+    _fails(["train", "--out", str(run_dir), *_sets(f"data.corpus={corpus}")], "already holds a run")
+    assert (run_dir / "model.safetensors").read_bytes() == before
+
+
+def test_eval_length_over_the_model_limit(run_dir: Path):
+    _fails(["eval", str(run_dir), "--lengths", "512"], "exceeds the model's limit")
+
+
+def test_generate_prompt_over_the_limit(run_dir: Path, tmp_path: Path):
+    prompt = tmp_path / "long.txt"
+    prompt.write_text("x" * 300)
+    _fails(["generate", str(run_dir), "--prompt-file", str(prompt)], "exceeds the model's limit")
+    prompt.write_bytes(b"\xff\xfe")
+    _fails(["generate", str(run_dir), "--prompt-file", str(prompt)], "not valid UTF-8")
+
+
+def test_not_a_run_directory(tmp_path):
+    _fails(["eval", str(tmp_path)], "not a memext run")
+    _fails(["info", str(tmp_path / "missing")], "does not exist")
+
+
+def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "memext", "train", "--set", "model.d_model=0"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "model.d_model=0 is invalid" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout

@@ -1,0 +1,157 @@
+"""The trainer: exact resumption, Ctrl-C, divergence, and never overwriting a run by accident."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from memext import Config, load
+from memext.checkpoint import read_metrics
+from memext.errors import MemextError
+from memext.train import TrainingDiverged, train
+
+# A small architecture keeps these tests fast; the presets themselves are exercised elsewhere.
+SMALL = {
+    "model.d_model": "32", "model.n_layers": "2", "model.n_heads": "2", "model.max_seq_len": "256",
+    "train.seq_len": "32", "train.batch_size": "4", "train.log_every": "1",
+    "train.eval_tokens": "256", "train.warmup_steps": "2", "eval.lengths": "32,64",
+    "eval.max_tokens": "256",
+}
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for i in range(6):
+        (root / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox jumps. " * 80)
+    return root
+
+
+def _cfg(corpus: Path, **extra: str) -> Config:
+    return Config.preset("tiny").override({**SMALL, "data.corpus": str(corpus), **extra})
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "8", "train.save_every": "100", "train.eval_every": "4"})
+    full = train(cfg, tmp_path / "full", progress=False, log=lambda m: None)
+    assert full.status == "completed" and full.step == 8
+
+    def stop_at_3(loop):
+        if loop.step == 3:
+            loop.stop_requested = True
+
+    part = train(cfg, tmp_path / "part", progress=False, callback=stop_at_3, log=lambda m: None)
+    assert part.status == "interrupted" and part.step == 3
+    assert [s for s, _ in _losses(tmp_path / "part")] == [1, 2, 3]
+    resumed = train(cfg, tmp_path / "part", resume=True, progress=False, log=lambda m: None)
+    assert resumed.status == "completed" and resumed.step == 8
+    # Bit-identical on CPU with the same thread count: compare the floats exactly.
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    a, _ = load(tmp_path / "full")
+    b, _ = load(tmp_path / "part")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_real_ctrl_c_saves_and_resume_matches(tmp_path, corpus):
+    """SIGINT to the CLI mid-run: exit 130 with a checkpoint; resuming reproduces every loss."""
+    sets = [f"--set={k}={v}" for k, v in SMALL.items()] + [
+        f"--set=data.corpus={corpus}", "--set=train.steps=1500", "--set=train.save_every=100000",
+        "--set=train.eval_every=0",
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "memext", "train", "--no-eval", "--device", "cpu", *sets]
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "a")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "a" / "config.json").exists():
+        time.sleep(0.2)
+    time.sleep(2.0)  # some steps in
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt arrived (machine too fast)")
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    stopped = max(s for s, _ in _losses(tmp_path / "a"))
+    assert 0 < stopped < 1500
+    done = subprocess.run([*cmd[:4], "--no-eval", "--resume", str(tmp_path / "a")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    straight = subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "10", "train.save_every": "2", "train.eval_every": "0"})
+
+    def poison(loop):
+        if loop.step == 3:
+            with torch.no_grad():
+                loop.model.embed.weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 4"):
+        train(cfg, tmp_path / "run", progress=False, callback=poison, log=lambda m: None)
+    model, _ = load(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert max(s for s, _ in _losses(tmp_path / "run")) == 2
+    assert all(math.isfinite(v) for _, v in _losses(tmp_path / "run"))
+
+
+def test_existing_run_is_refused_and_left_untouched(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "2", "train.eval_every": "0"})
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, log=lambda m: None)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(MemextError, match="already holds a run"):
+        train(cfg, run, progress=False, log=lambda m: None)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    with pytest.raises(MemextError, match="contradict"):
+        train(cfg, run, resume=True, overwrite=True, progress=False, log=lambda m: None)
+    again = train(cfg.override({"train.steps": "3"}), run, overwrite=True, progress=False,
+                  log=lambda m: None)
+    assert again.step == 3
+
+
+def test_resume_refuses_corrupt_training_state(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "2", "train.eval_every": "0"})
+    run = tmp_path / "run"
+    train(cfg, run, progress=False, log=lambda m: None)
+    (run / "train_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MemextError, match="corrupt or foreign"):
+        train(cfg.override({"train.steps": "4"}), run, resume=True, progress=False, log=lambda m: None)
+
+
+def test_resume_refuses_changed_corpus(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "2", "train.eval_every": "0"})
+    train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    (corpus / "doc0.txt").write_text("changed text " * 200)
+    with pytest.raises(MemextError, match="corpus changed"):
+        train(cfg.override({"train.steps": "4"}), tmp_path / "run", resume=True, progress=False,
+              log=lambda m: None)
+
+
+def test_metrics_and_run_info_record_provenance(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "4", "train.eval_every": "2"})
+    train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(info["corpus_hash"]) == 64 and info["threads"] == torch.get_num_threads()
+    vals = [r for r in read_metrics(tmp_path / "run") if "val_bits_per_byte" in r]
+    assert [r["step"] for r in vals] == [2, 4]
+    assert all(0 < r["val_bits_per_byte"] < 12 for r in vals)
