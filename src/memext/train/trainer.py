@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memext import checkpoint as ckpt
-from memext.config import Config
+from memext.config import Config, TrainConfig
 from memext.data import prepare_data, sample_batch
 from memext.errors import MemextError
 from memext.evals.perplexity import evaluate_lengths
@@ -90,6 +90,39 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
         betas=(t.beta1, t.beta2),
         fused=False,
     )
+
+
+def train_step(
+    fwd: torch.nn.Module,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    t: TrainConfig,
+    device: torch.device,
+) -> tuple[float, float]:
+    """One optimizer step over ``batches`` (micro-batches accumulated); returns (loss, grad norm).
+
+    ``fwd`` is the module to call (``model`` itself, or its torch.compile wrapper). The step is
+    skipped when the loss is not finite, so the weights stay those of the last good step.
+    """
+    for group in opt.param_groups:
+        group["lr"] = lr
+    total = 0.0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast(device, t.precision):
+            logits, _ = fwd(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        (loss / len(batches)).backward()
+        total += float(loss.detach()) / len(batches)
+    if not math.isfinite(total):
+        opt.zero_grad(set_to_none=True)
+        return total, math.nan
+    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, gnorm
 
 
 def _save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
@@ -247,29 +280,16 @@ def train(
     try:
         while loop.step < t.steps and not loop.stop_requested:
             lr = lr_at(loop.step, t)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for micro in range(t.grad_accum):
-                x, y = sample_batch(
-                    store.train, t.batch_size, t.seq_len, t.seed, loop.step * t.grad_accum + micro
-                )
-                x, y = x.to(device), y.to(device)
-                with autocast(device, t.precision):
-                    logits, _ = fwd(x)
-                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-                (loss / t.grad_accum).backward()
-                total += float(loss.detach()) / t.grad_accum
+            batches = [
+                sample_batch(store.train, t.batch_size, t.seq_len, t.seed, loop.step * t.grad_accum + m)
+                for m in range(t.grad_accum)
+            ]
+            total, gnorm = train_step(fwd, model, opt, batches, lr, t, device)
             if not math.isfinite(total):
                 raise TrainingDiverged(
                     f"the loss became {total} at step {loop.step + 1}; stopped. The last good "
                     f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
                 )
-            gnorm = float(
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf)
-            )
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             loop.step += 1
             result.losses.append(total)
             bar.update(1)
