@@ -14,9 +14,17 @@ from memext.cli import app
 
 runner = CliRunner()
 SMALL = [
-    "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.max_seq_len=256",
-    "train.seq_len=32", "train.batch_size=4", "train.steps=30", "train.eval_every=0",
-    "train.eval_tokens=128", "eval.lengths=16,32,64", "eval.max_tokens=256",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.max_seq_len=256",
+    "train.seq_len=32",
+    "train.batch_size=4",
+    "train.steps=30",
+    "train.eval_every=0",
+    "train.eval_tokens=128",
+    "eval.lengths=16,32,64",
+    "eval.max_tokens=256",
 ]
 
 
@@ -36,8 +44,9 @@ def corpus(tmp_path: Path) -> Path:
 @pytest.fixture
 def run_dir(tmp_path: Path, corpus: Path) -> Path:
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train", "--out", str(out), "--device", "cpu",
-                                 *_sets(f"data.corpus={corpus}")])
+    result = runner.invoke(
+        app, ["train", "--out", str(out), "--device", "cpu", *_sets(f"data.corpus={corpus}")]
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -52,20 +61,52 @@ def _fails(args: list[str], message: str) -> str:
 
 def test_train_eval_generate_info_end_to_end(run_dir: Path):
     assert {p.name for p in run_dir.iterdir()} >= {
-        "config.json", "model.safetensors", "train_state.pt", "metrics.jsonl", "run.json", "eval.json"
+        "config.json",
+        "model.safetensors",
+        "train_state.pt",
+        "metrics.jsonl",
+        "run.json",
+        "eval.json",
     }
     results = json.loads((run_dir / "eval.json").read_text())
     assert [r["length"] for r in results["results"]] == [16, 32, 64]
     assert len(results["corpus_hash"]) == 64 and results["trained_on_same_corpus"] is True
 
-    ev = runner.invoke(app, ["eval", str(run_dir), "--lengths", "32,64", "--out",
-                             str(run_dir / "e2.json"), "--device", "cpu"])
+    ev = runner.invoke(
+        app,
+        [
+            "eval",
+            str(run_dir),
+            "--lengths",
+            "32,64",
+            "--out",
+            str(run_dir / "e2.json"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert ev.exit_code == 0, ev.output
     assert "bits/byte" in ev.output
-    assert [r["length"] for r in json.loads((run_dir / "e2.json").read_text())["results"]] == [32, 64]
+    assert [r["length"] for r in json.loads((run_dir / "e2.json").read_text())["results"]] == [
+        32,
+        64,
+    ]
 
-    gen = runner.invoke(app, ["generate", str(run_dir), "--prompt", "def f", "--max-new-tokens",
-                              "20", "--temperature", "0", "--device", "cpu"])
+    gen = runner.invoke(
+        app,
+        [
+            "generate",
+            str(run_dir),
+            "--prompt",
+            "def f",
+            "--max-new-tokens",
+            "20",
+            "--temperature",
+            "0",
+            "--device",
+            "cpu",
+        ],
+    )
     assert gen.exit_code == 0, gen.output
     text = gen.output.removesuffix("\n")
     assert 0 < len(text.encode()) <= 20  # byte tokenizer: at most one byte per new token
@@ -84,31 +125,42 @@ def test_version_and_help_list_every_setting():
 def test_empty_corpus(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    _fails(["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'empty'}")],
-           "has no text")
+    _fails(
+        ["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'empty'}")],
+        "has no text",
+    )
 
 
 def test_missing_corpus_path(tmp_path):
-    _fails(["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'nope'}")],
-           "does not exist")
+    _fails(
+        ["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'nope'}")],
+        "does not exist",
+    )
 
 
 def test_corpus_of_only_invalid_utf8(tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "a.dat").write_bytes(b"\xff\xfe\x00\x80" * 100)
     (tmp_path / "bin" / "b.dat").write_bytes(b"\xc3\x28" * 100)
-    _fails(["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'bin'}")],
-           "not valid UTF-8")
+    _fails(
+        ["train", "--out", str(tmp_path / "r"), *_sets(f"data.corpus={tmp_path / 'bin'}")],
+        "not valid UTF-8",
+    )
     assert not (tmp_path / "r" / "model.safetensors").exists()
 
 
 def test_unknown_override_suggests_the_field(tmp_path):
-    out = _fails(["train", "--out", str(tmp_path / "r"), "--set", "model.n_layer=4"], "unknown setting")
+    out = _fails(
+        ["train", "--out", str(tmp_path / "r"), "--set", "model.n_layer=4"], "unknown setting"
+    )
     assert "model.n_layers" in out
 
 
 def test_ill_typed_override(tmp_path):
-    _fails(["train", "--out", str(tmp_path / "r"), "--set", "model.n_layers=four"], "expected an integer")
+    _fails(
+        ["train", "--out", str(tmp_path / "r"), "--set", "model.n_layers=four"],
+        "expected an integer",
+    )
     _fails(["train", "--out", str(tmp_path / "r"), "--set", "train.lr=-1"], "train.lr")
 
 
@@ -149,8 +201,13 @@ def test_not_a_run_directory(tmp_path):
 
 
 def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "memext", "train", "--set", "model.d_model=0"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "memext", "train", "--set", "model.d_model=0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "model.d_model=0 is invalid" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -20,7 +20,6 @@ from memext.config import (
     to_dict,
 )
 
-
 # (constructor, its arguments, strings the message must contain: field=value, what is accepted)
 INVALID = {
     "d_model not divisible by n_heads": (
@@ -228,5 +227,7 @@ def test_every_preset_loads(name: str, tmp_path: Path) -> None:
 
 
 def test_unknown_preset() -> None:
-    with pytest.raises(ValueError, match=r"unknown preset 'huge': expected one of tiny, small, base"):
+    with pytest.raises(
+        ValueError, match=r"unknown preset 'huge': expected one of tiny, small, base"
+    ):
         Config.preset("huge")

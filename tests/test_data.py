@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import memext.data.store as store_mod
-from memext.data.corpus import STDLIB_EXCLUDED, read_corpus, stdlib_files
+from memext.data.corpus import STDLIB_EXCLUDED, _is_validation, read_corpus, stdlib_files
 from memext.data.sampling import sample_batch
 from memext.data.store import build_store, cache_dir
 from memext.errors import MemextError
@@ -130,6 +130,30 @@ def test_multi_file_split_is_by_path_hash_and_disjoint(tmp_path: Path) -> None:
     assert read_corpus(str(tmp_path), val_percent=10.0).fingerprint == corpus.fingerprint
 
 
+def test_hidden_files_and_folders_are_skipped(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "a.txt": b"alpha " * 40,
+            "sub/b.txt": b"beta " * 40,
+            ".hidden": b"secret",
+            ".git/config": b"[core]\n\tbare = false\n",
+            "sub/.venv/lib/x.py": b"x = 1\n",
+        },
+    )
+    assert _names(read_corpus(str(tmp_path))) == {"a.txt", "sub/b.txt"}
+
+
+def test_split_never_puts_every_file_in_validation(tmp_path: Path) -> None:
+    # Two names that both hash into a 50% validation share: one must still be trained on.
+    names = [n for n in (f"doc{i}.txt" for i in range(100)) if _is_validation(n, 50.0)][:2]
+    _write(tmp_path, {n: n.encode() * 20 for n in names})
+    corpus = read_corpus(str(tmp_path), val_percent=50.0)
+    train, val = {d.name for d in corpus.train}, {d.name for d in corpus.validation}
+    assert train and val and not train & val
+    assert train | val == set(names)
+
+
 def test_stdlib_selection() -> None:
     root, files = stdlib_files()
     root2, files2 = stdlib_files()
@@ -215,4 +239,3 @@ def test_sample_batch_reaches_the_last_token_and_checks_length() -> None:
     assert x.tolist() == [list(range(9))] and y.tolist() == [list(range(1, 10))]
     with pytest.raises(ValueError, match="shorter than seq_len"):
         sample_batch(tokens, 1, 10, seed=0, step=0)
-

@@ -9,4 +9,6 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def test_configuration_reference_is_current():
     text = (DOCS / "configuration.md").read_text()
-    assert fields_markdown() in text, "regenerate docs/configuration.md with `memext config --markdown`"
+    assert fields_markdown() in text, (
+        "regenerate docs/configuration.md with `memext config --markdown`"
+    )

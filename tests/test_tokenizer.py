@@ -142,6 +142,6 @@ def test_bpe_errors(tmp_path: Path) -> None:
         BPETokenizer(tmp_path / "missing.json")
     junk = tmp_path / "junk.json"
     junk.write_text("{}")
-    with pytest.raises(MemextError, match="is not a tokenizer.json"):
+    with pytest.raises(MemextError, match=r"is not a tokenizer\.json"):
         BPETokenizer(junk)
     assert isinstance(load_tokenizer("byte"), ByteTokenizer)

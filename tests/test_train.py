@@ -21,9 +21,16 @@ from memext.train import TrainingDiverged, train
 
 # A small architecture keeps these tests fast; the presets themselves are exercised elsewhere.
 SMALL = {
-    "model.d_model": "32", "model.n_layers": "2", "model.n_heads": "2", "model.max_seq_len": "256",
-    "train.seq_len": "32", "train.batch_size": "4", "train.log_every": "1",
-    "train.eval_tokens": "256", "train.warmup_steps": "2", "eval.lengths": "32,64",
+    "model.d_model": "32",
+    "model.n_layers": "2",
+    "model.n_heads": "2",
+    "model.max_seq_len": "256",
+    "train.seq_len": "32",
+    "train.batch_size": "4",
+    "train.log_every": "1",
+    "train.eval_tokens": "256",
+    "train.warmup_steps": "2",
+    "eval.lengths": "32,64",
     "eval.max_tokens": "256",
 }
 
@@ -70,13 +77,20 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, corpus):
 def test_real_ctrl_c_saves_and_resume_matches(tmp_path, corpus):
     """SIGINT to the CLI mid-run: exit 130 with a checkpoint; resuming reproduces every loss."""
     sets = [f"--set={k}={v}" for k, v in SMALL.items()] + [
-        f"--set=data.corpus={corpus}", "--set=train.steps=1500", "--set=train.save_every=100000",
+        f"--set=data.corpus={corpus}",
+        "--set=train.steps=1500",
+        "--set=train.save_every=100000",
         "--set=train.eval_every=0",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "memext", "train", "--no-eval", "--device", "cpu", *sets]
-    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "a")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(tmp_path / "a")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while time.time() < deadline and not (tmp_path / "a" / "config.json").exists():
         time.sleep(0.2)
@@ -89,11 +103,17 @@ def test_real_ctrl_c_saves_and_resume_matches(tmp_path, corpus):
     assert "Traceback" not in err
     stopped = max(s for s, _ in _losses(tmp_path / "a"))
     assert 0 < stopped < 1500
-    done = subprocess.run([*cmd[:4], "--no-eval", "--resume", str(tmp_path / "a")], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [*cmd[:4], "--no-eval", "--resume", str(tmp_path / "a")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
-    straight = subprocess.run([*cmd, "--out", str(tmp_path / "b")], env=env,
-                              capture_output=True, text=True, timeout=300)
+    straight = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=300
+    )
     assert straight.returncode == 0, straight.stderr
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
@@ -124,8 +144,9 @@ def test_existing_run_is_refused_and_left_untouched(tmp_path, corpus):
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     with pytest.raises(MemextError, match="contradict"):
         train(cfg, run, resume=True, overwrite=True, progress=False, log=lambda m: None)
-    again = train(cfg.override({"train.steps": "3"}), run, overwrite=True, progress=False,
-                  log=lambda m: None)
+    again = train(
+        cfg.override({"train.steps": "3"}), run, overwrite=True, progress=False, log=lambda m: None
+    )
     assert again.step == 3
 
 
@@ -135,7 +156,9 @@ def test_resume_refuses_corrupt_training_state(tmp_path, corpus):
     train(cfg, run, progress=False, log=lambda m: None)
     (run / "train_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MemextError, match="corrupt or foreign"):
-        train(cfg.override({"train.steps": "4"}), run, resume=True, progress=False, log=lambda m: None)
+        train(
+            cfg.override({"train.steps": "4"}), run, resume=True, progress=False, log=lambda m: None
+        )
 
 
 def test_resume_refuses_changed_corpus(tmp_path, corpus):
@@ -143,8 +166,13 @@ def test_resume_refuses_changed_corpus(tmp_path, corpus):
     train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
     (corpus / "doc0.txt").write_text("changed text " * 200)
     with pytest.raises(MemextError, match="corpus changed"):
-        train(cfg.override({"train.steps": "4"}), tmp_path / "run", resume=True, progress=False,
-              log=lambda m: None)
+        train(
+            cfg.override({"train.steps": "4"}),
+            tmp_path / "run",
+            resume=True,
+            progress=False,
+            log=lambda m: None,
+        )
 
 
 def test_metrics_and_run_info_record_provenance(tmp_path, corpus):

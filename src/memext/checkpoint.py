@@ -62,17 +62,11 @@ def load_weights(model: LongLM, path: Path) -> None:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise MemextError(f"{str(path)!r} is corrupt or not a safetensors file ({e})") from None
-    expected = {k: v for k, v in model.state_dict().items()}
-    # Tied weights are stored once; save_model keeps one of the names.
-    for name in list(expected):
-        if (
-            name not in tensors
-            and name == "head.weight"
-            and model.head.weight is model.embed.weight
-        ):
-            expected.pop(name)
+    # Tied weights are stored once, under the embedding's name.
+    tied = model.head.weight is model.embed.weight
+    expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "head.weight")}
     missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected) - {"head.weight"})
+    extra = sorted(set(tensors) - set(expected))
     wrong = sorted(
         f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
         for k, v in expected.items()
@@ -91,9 +85,8 @@ def load_weights(model: LongLM, path: Path) -> None:
             + "; ".join(parts)
         )
     with torch.no_grad():
-        for name, p in model.state_dict().items():
-            if name in tensors:
-                p.copy_(tensors[name])
+        for name, p in expected.items():
+            p.copy_(tensors[name])
 
 
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LongLM, Config]:

@@ -347,7 +347,8 @@ def _type_name(hint: Any) -> str:
     if get_origin(hint) is Literal:
         return "one of " + ", ".join(map(repr, get_args(hint)))
     if get_origin(hint) is tuple:
-        return f"a comma-separated list of {_type_name(get_args(hint)[0])}"
+        item = {int: "integers", float: "numbers"}.get(get_args(hint)[0], "values")
+        return f"a comma-separated list of {item}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
         hint, str(hint)
     )

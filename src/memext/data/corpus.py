@@ -82,7 +82,12 @@ def _resolve(source: str) -> tuple[Path, list[Path]]:
     if path.is_file():
         return path.parent, [path]
     if path.is_dir():
-        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        # Skip hidden files and everything under hidden folders (.git, .venv, ...).
+        files = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
         return path, sorted(files, key=lambda p: p.relative_to(path).as_posix())
     if any(c in source for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
@@ -149,5 +154,7 @@ def read_corpus(source: str, val_percent: float = 5.0, raw_bytes: bool = False) 
         val = (Document(doc.name + "#validation", doc.data[cut:]),)
     else:
         val = tuple(d for d in docs if _is_validation(d.name, val_percent)) or (docs[-1],)
-        train = tuple(d for d in docs if d not in val) or (docs[0],)
+        if len(val) == len(docs):  # every file hashed into validation: keep one to train on
+            val = val[1:]
+        train = tuple(d for d in docs if d not in val)
     return Corpus(train, val, tuple(skipped))

@@ -69,10 +69,11 @@ def generate_ids(
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     state = new_state(model, 1, total)
     logits, state = model(torch.tensor([list(prompt)], device=device), state)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
         yield int(nxt)
-        logits, state = model(nxt[:, None], state)
+        if i + 1 < max_new_tokens:  # the last token needs no forward pass
+            logits, state = model(nxt[:, None], state)
 
 
 def generate_text(
@@ -85,6 +86,7 @@ def generate_text(
     **sampling,
 ) -> Iterator[str]:
     """Yield decoded text pieces; stops at (and leaves out) the first stop string or <eod>."""
+    stop = [s for s in stop if s]  # an empty stop string would end before the first token
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     eod = tok.special_id("<eod>")
     hold = max((len(s) for s in stop), default=1) - 1  # text that might begin a stop string
