@@ -171,9 +171,7 @@ class EvalConfig:
     lengths: tuple[int, ...] = doc(
         (128, 256, 512, 1024), "Context lengths L; each is read in windows of L, stride L/2."
     )
-    max_tokens: int = doc(
-        16384, "Scored tokens per length: the same positions at every length."
-    )
+    max_tokens: int = doc(16384, "Scored tokens per length: the same positions at every length.")
     batch_size: int = doc(8, "Windows per forward pass.")
 
     def __post_init__(self) -> None:
@@ -406,7 +404,11 @@ def fields_markdown() -> str:
     for name, typ, default, help_ in describe_fields():
         lines.append(f"| `{name}` | {typ} | `{default!r}` | {help_} |")
     presets = "\n".join(
-        f"- `{name}`: " + (", ".join(f"`{s}.{k}={v!r}`" for s, vals in p.items() for k, v in vals.items()) or "the defaults above")
+        f"- `{name}`: "
+        + (
+            ", ".join(f"`{s}.{k}={v!r}`" for s, vals in p.items() for k, v in vals.items())
+            or "the defaults above"
+        )
         for name, p in PRESETS.items()
     )
     return "\n".join(lines) + "\n\n## Presets\n\n" + presets + "\n"

@@ -281,7 +281,9 @@ def train(
         while loop.step < t.steps and not loop.stop_requested:
             lr = lr_at(loop.step, t)
             batches = [
-                sample_batch(store.train, t.batch_size, t.seq_len, t.seed, loop.step * t.grad_accum + m)
+                sample_batch(
+                    store.train, t.batch_size, t.seq_len, t.seed, loop.step * t.grad_accum + m
+                )
                 for m in range(t.grad_accum)
             ]
             total, gnorm = train_step(fwd, model, opt, batches, lr, t, device)
