@@ -1,10 +1,10 @@
 """Training throughput of memext's presets against a plain PyTorch causal LM of identical shape.
 
-The memext side times memext's own training step, built from memext's own pieces
-(``build_model``, ``memext.train.trainer._optimizer``, ``memext.runtime.autocast``,
-``memext.train.schedule.lr_at``) and doing what ``memext.train.trainer.train`` does per step:
-forward, ``F.cross_entropy`` on ``logits.float()``, backward, ``clip_grad_norm_``, ``opt.step()``,
-``opt.zero_grad(set_to_none=True)``, plus the trainer's two per-step host reads (loss, grad norm).
+The memext side times memext's own training step: the model from ``build_model``, the optimizer
+from ``memext.train.trainer._optimizer``, the lr from ``memext.train.schedule.lr_at`` and the
+step itself from ``memext.train.trainer.train_step`` (what ``train()`` calls every step: forward
+under memext's autocast, ``F.cross_entropy`` on ``logits.float()``, backward, ``clip_grad_norm_``,
+``opt.step()``, ``opt.zero_grad(set_to_none=True)``, and host reads of the loss and grad norm).
 
 The reference is a minimal nanoGPT-style model written below: token embedding, pre-norm RMSNorm
 blocks with rotary (rotate-half layout) attention through ``F.scaled_dot_product_attention``
@@ -12,8 +12,12 @@ blocks with rotary (rotate-half layout) attention through ``F.scaled_dot_product
 output head; trained with the same AdamW settings (betas, weight-decay groups, clipping).
 
 Both run in one process, on the same thread count and the same random batches, warm-up excluded,
-in interleaved repeats (memext, reference, memext, reference, ...) so that drift on a shared
-machine hits both; the figure of merit is the per-pair ratio memext / reference.
+in interleaved repeats so that drift on a shared machine hits both: within each repeat the two
+sides alternate step by step (A B, B A, A B, ...; ``--interleave run`` alternates whole runs
+instead). The figure of merit is the per-repeat ratio memext / reference (median, min, max).
+Because load from other processes only ever adds time, in bursts, three burst-robust views are
+reported too: the ratio of the sides' median step times, of their fastest steps, and the median
+of the per-step-pair ratios (adjacent steps see nearly the same machine).
 
     python benchmarks/train_throughput.py --presets tiny,small --repeats 5 --steps 4
 """
@@ -41,9 +45,8 @@ from torch import Tensor, nn
 import memext
 from memext.config import Config, ModelConfig
 from memext.model import build_model
-from memext.runtime import autocast
 from memext.train.schedule import lr_at
-from memext.train.trainer import _optimizer
+from memext.train.trainer import _optimizer, train_step
 
 # Batch sizes used on CPU when --batch-size does not say otherwise: `small` trains on
 # seq_len 1024 x batch 16, far too slow for a 2-core benchmark, so its batch is shrunk (never the
@@ -202,33 +205,21 @@ class Side:
 
 
 def memext_side(cfg: Config, device: torch.device, batches: list[tuple[Tensor, Tensor]]) -> Side:
-    """memext's trainer step, composed of memext's own functions (see trainer.train)."""
+    """memext's trainer step: the model, optimizer and step function ``train()`` itself uses."""
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, seed=t.seed).to(device)
-    model.activation_checkpointing = t.activation_checkpointing
     opt = _optimizer(model, cfg)
-    fwd = torch.compile(model) if t.compile else model
     model.train()
     step = 0
 
     def run(n: int) -> None:
         nonlocal step
         for _ in range(n):
-            lr = lr_at(step, t)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = batches[step % len(batches)]
-            with autocast(device, t.precision):
-                logits, _ = fwd(x)
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-            (loss / t.grad_accum).backward()
-            total = float(loss.detach()) / t.grad_accum
-            if not math.isfinite(total):
-                raise RuntimeError(f"memext loss became {total}")
-            float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            micro = [batches[step % len(batches)]]  # grad_accum == 1: one micro-batch
+            loss, _ = train_step(model, model, opt, micro, lr_at(step, t), t, device)
+            if not math.isfinite(loss):
+                raise RuntimeError(f"memext loss became {loss}")
             step += 1
 
     return Side("memext", model, run)
@@ -241,7 +232,7 @@ def reference_side(cfg: Config, device: torch.device, batches: list[tuple[Tensor
     opt = ref_optimizer(model, t.lr, t.weight_decay)
     ctx = (
         (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
+        if device.type == "cuda"  # as memext's precision "auto" does on a GPU
         else contextlib.nullcontext
     )
     model.train()
@@ -335,9 +326,11 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
         batch = CPU_BATCH.get(name, batch_preset)
     else:
         batch = batch_preset
-    # The cuda path trains in bf16 autocast, which is what memext's "auto" precision does there.
     cfg = cfg.replace(**{"train.batch_size": batch})
     m, t = cfg.model, cfg.train
+    # The step below is the presets' step: one micro-batch, eager, no checkpointing.
+    if t.grad_accum != 1 or t.compile or t.activation_checkpointing:
+        raise SystemExit(f"{name}: grad_accum/compile/activation_checkpointing are not benchmarked")
     seq = t.seq_len
 
     diff = check_same_function(cfg, device)
@@ -372,9 +365,12 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
 
     mx_tps, ref_tps = sides[0].tokens_per_s, sides[1].tokens_per_s
     ratios = [a / b for a, b in zip(mx_tps, ref_tps, strict=True)]
-    # A second, burst-robust view: the median single-step time of each side over all repeats.
-    mx_step = statistics.median(t for rep in sides[0].step_times for t in rep)
-    ref_step = statistics.median(t for rep in sides[1].step_times for t in rep)
+    # Burst-robust views (load from other processes only ever adds time): the median and the
+    # fastest single step of each side, and the median of the ratios of adjacent step pairs.
+    mx_steps = [s for rep in sides[0].step_times for s in rep]
+    ref_steps = [s for rep in sides[1].step_times for s in rep]
+    mx_step, ref_step = statistics.median(mx_steps), statistics.median(ref_steps)
+    pair_ratios = [b / a for a, b in zip(mx_steps, ref_steps, strict=True)]
     result: dict[str, Any] = {
         "preset": name,
         "shape": {
@@ -404,11 +400,16 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
         "ratio_min": round(min(ratios), 4),
         "ratio_max": round(max(ratios), 4),
         "interleave": args.interleave,
-        "memext_step_seconds": [[round(t, 5) for t in rep] for rep in sides[0].step_times],
-        "reference_step_seconds": [[round(t, 5) for t in rep] for rep in sides[1].step_times],
+        "memext_step_seconds": [[round(s, 5) for s in rep] for rep in sides[0].step_times],
+        "reference_step_seconds": [[round(s, 5) for s in rep] for rep in sides[1].step_times],
         "memext_median_step_s": round(mx_step, 5),
         "reference_median_step_s": round(ref_step, 5),
         "median_step_ratio": round(ref_step / mx_step, 4),
+        "memext_fastest_step_s": round(min(mx_steps), 5),
+        "reference_fastest_step_s": round(min(ref_steps), 5),
+        "fastest_step_ratio": round(min(ref_steps) / min(mx_steps), 4),
+        "step_pair_ratios": [round(v, 4) for v in pair_ratios],
+        "step_pair_ratio_median": round(statistics.median(pair_ratios), 4),
         "memext_tokens_per_s_median": round(statistics.median(mx_tps), 1),
         "reference_tokens_per_s_median": round(statistics.median(ref_tps), 1),
         "flops_per_token": fpt,
@@ -455,10 +456,15 @@ def print_table(results: list[dict[str, Any]], device: torch.device, threads: in
             )
         mx, ref = res["memext_tokens_per_s_median"], res["reference_tokens_per_s_median"]
         table.add_row(
-            "", "", "median", f"{mx:,.0f}", f"{ref:,.0f}", f"[bold]{res['ratio_median']:.3f}"
+            "",
+            "",
+            "median of repeats",
+            f"{mx:,.0f}",
+            f"{ref:,.0f}",
+            f"[bold]{res['ratio_median']:.3f}",
         )
-        table.add_row("", "", "min", "", "", f"{res['ratio_min']:.3f}")
-        table.add_row("", "", "max", "", "", f"{res['ratio_max']:.3f}")
+        table.add_row("", "", "min of repeats", "", "", f"{res['ratio_min']:.3f}")
+        table.add_row("", "", "max of repeats", "", "", f"{res['ratio_max']:.3f}")
         tps = res["tokens_per_step"]
         table.add_row(
             "",
@@ -467,6 +473,22 @@ def print_table(results: list[dict[str, Any]], device: torch.device, threads: in
             f"{tps / res['memext_median_step_s']:,.0f}",
             f"{tps / res['reference_median_step_s']:,.0f}",
             f"{res['median_step_ratio']:.3f}",
+        )
+        table.add_row(
+            "",
+            "",
+            "fastest step",
+            f"{tps / res['memext_fastest_step_s']:,.0f}",
+            f"{tps / res['reference_fastest_step_s']:,.0f}",
+            f"{res['fastest_step_ratio']:.3f}",
+        )
+        table.add_row(
+            "",
+            "",
+            "step pairs, median",
+            "",
+            "",
+            f"{res['step_pair_ratio_median']:.3f}",
             end_section=True,
         )
     console = Console(width=max(Console().width, 110))
@@ -507,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="tiny,small", help="comma-separated preset names")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per side")
-    p.add_argument("--steps", type=int, default=5, help="optimizer steps per timed run")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per timed run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before timing")
     p.add_argument(
         "--batch-size",
