@@ -88,7 +88,6 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
         ],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
-        fused=False,
     )
 
 
