@@ -211,3 +211,53 @@ def test_user_errors_print_no_traceback_in_a_real_process(tmp_path):
     assert proc.returncode == 2
     assert "model.d_model=0 is invalid" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_bpe_tokenizer_end_to_end(tmp_path: Path, corpus: Path):
+    tok = tmp_path / "bpe.json"
+    made = runner.invoke(
+        app,
+        ["tokenizer", "train", "--out", str(tok), "--corpus", str(corpus), "--vocab-size", "300"],
+    )
+    assert made.exit_code == 0, made.output
+    vocab = json.loads(tok.read_text())["model"]["vocab"]
+    run = tmp_path / "bpe-run"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "--out",
+            str(run),
+            "--device",
+            "cpu",
+            *_sets(
+                f"data.corpus={corpus}", f"data.tokenizer={tok}", f"model.vocab_size={len(vocab)}"
+            ),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (run / "tokenizer.json").read_bytes() == tok.read_bytes()  # the run keeps its copy
+    tok.unlink()  # eval and generate must not need the original file
+    ev = json.loads((run / "eval.json").read_text())["results"]
+    assert all(r["scored_bytes"] > r["scored_tokens"] for r in ev)  # BPE tokens span bytes
+    gen = runner.invoke(
+        app, ["generate", str(run), "--prompt", "def", "--max-new-tokens", "5", "--device", "cpu"]
+    )
+    assert gen.exit_code == 0, gen.output
+
+
+def test_vocab_larger_than_the_model_is_refused(tmp_path: Path, corpus: Path):
+    tok = tmp_path / "bpe.json"
+    runner.invoke(
+        app,
+        ["tokenizer", "train", "--out", str(tok), "--corpus", str(corpus), "--vocab-size", "300"],
+    )
+    _fails(
+        [
+            "train",
+            "--out",
+            str(tmp_path / "r"),
+            *_sets(f"data.corpus={corpus}", f"data.tokenizer={tok}"),
+        ],
+        "set model.vocab_size=",
+    )

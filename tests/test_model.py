@@ -257,3 +257,16 @@ def test_model_config_head_dim_and_ffn() -> None:
     assert cfg.ffn_hidden == 256  # 8/3 * 96 = 256, a multiple of 64
     assert ModelConfig(d_model=128).ffn_hidden == 384  # 341 rounded up to 64
     assert ModelConfig(d_ff=100).ffn_hidden == 100
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_model_cfg) -> None:
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = build_model(tiny_model_cfg, seed=0).train()
+        model.activation_checkpointing = checkpointing
+        logits, _ = model(tokens)
+        logits.float().logsumexp(-1).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=0, atol=1e-6, msg=name)
