@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, not the embedding)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
@@ -161,8 +163,6 @@ def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) 
 
 
 def _main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
@@ -236,7 +236,7 @@ def train(
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, seed=t.seed).to(device)
     model.activation_checkpointing = t.activation_checkpointing
-    opt = _optimizer(model, cfg)
+    opt = build_optimizer(model, cfg)
     step = 0
     if resume and (run_dir / ckpt.WEIGHTS).is_file():
         step = _restore(run_dir, model, opt)
