@@ -61,7 +61,33 @@ class ModelConfig:
     max_seq_len: int = doc(
         8192, "Longest sequence (prompt + cache) one forward pass accepts; longer input is refused."
     )
-    attention: str = doc("full", "Attention kernel, by registered name (see `memext info`).")
+    attention: str = doc(
+        "full",
+        "Attention kernel by registered name: full, sliding, lsh, block_sparse (see `memext info`).",
+    )
+    window: int = doc(
+        256,
+        "sliding/block_sparse: keys each query sees. Causal: i-W+1..i; bidirectional: W/2 on each "
+        "side (Hugging Face Longformer's attention_window).",
+    )
+    dilation: int = doc(1, "sliding: attend every dilation-th key inside the window.")
+    global_tokens: int = doc(
+        0,
+        "sliding/block_sparse: the first g positions are global. Bidirectional: they see all and "
+        "are seen by all. Causal: every later token sees them (like attention sinks).",
+    )
+    lsh_chunk: int = doc(64, "lsh: chunk length; each chunk attends to itself and the previous one.")
+    lsh_buckets: int = doc(0, "lsh: hash buckets per round (even); 0 = 2 * seq_len / lsh_chunk.")
+    lsh_rounds: int = doc(2, "lsh: hashing rounds, combined by log-sum-exp.")
+    lsh_seed: int = doc(0, "lsh: seed of the random rotations used in evaluation (fixed there).")
+    block_size: int = doc(64, "block_sparse: block length (BigBird's block_size).")
+    random_blocks: int = doc(3, "block_sparse: random key blocks per query block.")
+    reversible: bool = doc(
+        False, "RevNet-coupled blocks: activations are recomputed in backward, not stored."
+    )
+    ff_chunk: int = doc(
+        0, "Apply the feed-forward to this many tokens at a time (0 = all at once)."
+    )
     rope_base: float = doc(10000.0, "Base of the rotary position embedding's frequencies.")
     tie_embeddings: bool = doc(True, "Share the input embedding and output projection weights.")
     norm_eps: float = doc(1e-5, "Epsilon of RMSNorm.")
@@ -79,6 +105,13 @@ class ModelConfig:
             _fail("model", "d_ff", self.d_ff, "0 (auto) or a positive width")
         if not 0.0 <= self.dropout < 1.0:
             _fail("model", "dropout", self.dropout, "a probability in [0, 1)")
+        _check_positive("model", self, "window", "dilation", "lsh_chunk", "lsh_rounds")
+        _check_positive("model", self, "block_size")
+        for name in ("global_tokens", "lsh_buckets", "random_blocks", "ff_chunk"):
+            if getattr(self, name) < 0:
+                _fail("model", name, getattr(self, name), "a number >= 0")
+        if self.lsh_buckets % 2:
+            _fail("model", "lsh_buckets", self.lsh_buckets, "0 (auto) or an even number")
         from memext.nn.attention import ATTENTION  # local: nn never imports config
 
         if self.attention not in ATTENTION:

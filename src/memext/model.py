@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -20,7 +21,7 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     blocks = [
         Block(
-            SelfAttention(cfg.d_model, cfg.n_heads, build_attention(cfg.attention), cfg.dropout),
+            SelfAttention(cfg.d_model, cfg.n_heads, build_attention(cfg.attention, **dataclasses.asdict(cfg)), cfg.dropout),
             SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout),
             cfg.d_model,
             cfg.norm_eps,

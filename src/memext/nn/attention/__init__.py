@@ -1,15 +1,22 @@
 """Attention kernels behind one small contract, registered by the name ``ModelConfig.attention`` uses.
 
-Contract (``AttentionKernel``): ``forward(q, k, v, *, causal) -> out`` on ``(B, H, T, D)`` tensors.
-Queries are the *last* ``Tq`` positions of the ``Tk`` keys (bottom-right alignment), which is what
-a KV cache or chunked prefill produces; with ``Tq == Tk`` it is ordinary self-attention.
+Contract (``AttentionKernel``): ``forward(q, k, v, *, causal, key_padding) -> out`` on
+``(B, H, T, D)`` tensors. Queries are the *last* ``Tq`` positions of the ``Tk`` keys (bottom-right
+alignment), which is what a KV cache or chunked prefill produces; with ``Tq == Tk`` it is ordinary
+self-attention. ``key_padding`` is an optional ``(B, Tk)`` bool tensor, True for real keys; a
+kernel that cannot honour it raises ``ValueError`` rather than ignore it.
 
 A new variant is a sibling module that subclasses ``AttentionKernel`` and decorates itself with
-``@register_attention("name")``; the model and trainer do not change.
+``@register_attention("name")``; the model and trainer do not change. Its settings are keyword
+arguments of ``__init__`` named exactly like ``ModelConfig`` fields (``window``, ``lsh_chunk``...):
+``build_attention`` passes each kernel the fields its signature names and nothing else.
+
+Every variant has a naive twin in ``memext.nn.reference`` (a dense mask and a plain softmax).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import Tensor, nn
@@ -23,7 +30,15 @@ class AttentionKernel(nn.Module):
     #: True when keys must equal queries (shared-QK attention such as LSH); the caller passes q as k.
     shared_qk: bool = False
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        causal: bool = True,
+        key_padding: Tensor | None = None,
+    ) -> Tensor:
         raise NotImplementedError
 
 
@@ -38,13 +53,20 @@ def register_attention(name: str) -> Callable[[type[AttentionKernel]], type[Atte
     return deco
 
 
-def build_attention(name: str, **kwargs) -> AttentionKernel:
+def build_attention(name: str, **settings) -> AttentionKernel:
+    """The kernel registered as ``name``, given the ``settings`` its ``__init__`` names.
+
+    ``settings`` may hold more than the kernel uses (a whole ``ModelConfig`` as a dict); the rest
+    is ignored, so one config serves every variant.
+    """
     if name not in ATTENTION:
         raise ValueError(
             f"unknown attention {name!r}: expected one of {', '.join(sorted(ATTENTION))}"
         )
-    return ATTENTION[name](**kwargs)
+    cls = ATTENTION[name]
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in settings.items() if k in params and k != "self"})
 
 
 # Variants register themselves on import.
-from memext.nn.attention import full  # noqa: E402, F401
+from memext.nn.attention import block_sparse, full, lsh, sliding  # noqa: E402, F401

@@ -1,0 +1,43 @@
+"""Peak allocator memory of a callable: the bytes tensors held, not the process's RSS.
+
+On CUDA it is the caching allocator's own counter. On CPU PyTorch keeps no such counter, so the
+call runs under the profiler with memory tracking, and the peak is the running sum of every
+allocation and free the allocator reported, in time order (the same event tree torch's own memory
+timeline is built from). The profiler slows the call down: measure time and memory in separate
+runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
+    """Bytes of tensor memory at the worst moment of ``fn()``, above what was live before it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    deltas: list[tuple[int, int]] = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            deltas.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, delta in sorted(deltas):
+        live += delta
+        peak = max(peak, live)
+    return peak

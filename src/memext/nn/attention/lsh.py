@@ -1,0 +1,1 @@
+"""lsh attention (being written)."""

@@ -1,0 +1,1 @@
+"""sliding attention (being written)."""
