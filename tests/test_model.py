@@ -243,12 +243,30 @@ def test_full_attention_bf16_within_twice_reference_error(shape) -> None:
 
 
 def test_attention_registry() -> None:
-    assert "full" in ATTENTION
+    before = dict(ATTENTION)
+    assert {"full", "sliding", "lsh", "block_sparse"} <= set(ATTENTION)
     with pytest.raises(ValueError, match="unknown attention 'nope'"):
         build_attention("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_attention("full")(type("Dup", (ATTENTION["full"],), {}))
-    assert set(ATTENTION) == {"full"}  # the failed registration left the registry alone
+    assert ATTENTION == before  # the failed registration left the registry alone
+
+
+def test_build_attention_passes_only_the_settings_a_kernel_names() -> None:
+    kernel = build_attention("sliding", window=7, lsh_chunk=3, d_model=999)
+    assert kernel.window == 7 and not hasattr(kernel, "lsh_chunk")
+
+
+def test_full_attention_key_padding_hides_padded_keys() -> None:
+    q, k, v = _qkv(2, 2, 9, 9, 16)
+    keep = torch.ones(2, 9, dtype=torch.bool)
+    keep[1, 6:] = False
+    for causal in (True, False):
+        out = build_attention("full")(q, k, v, causal=causal, key_padding=keep)
+        mask = keep[:, None, None, :]
+        if causal:
+            mask = mask & reference.causal_mask(9, 9)
+        assert (out - reference.attention(q, k, v, mask)).abs().max().item() <= 1e-5
 
 
 def test_model_config_head_dim_and_ffn() -> None:

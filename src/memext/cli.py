@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_help=True)
 app.add_typer(tokenizer_app, name="tokenizer")
+bench_app = typer.Typer(help="Benchmarks: speed and memory, against peers.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 out = Console()
 err = Console(stderr=True)
 
@@ -321,6 +323,161 @@ def tokenizer_train(
         f"wrote {output} ({tok.vocab_size} tokens); train with "
         f"--set data.tokenizer={output} --set model.vocab_size={tok.vocab_size}"
     )
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what}={text!r} is invalid: expected comma-separated integers") from None
+    if not values or min(values) < 1:
+        raise ValueError(f"{what}={text!r} is invalid: expected positive integers")
+    return values
+
+
+@bench_app.command("attention")
+@user_errors
+def bench_attention(
+    lengths: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = (
+        "1024,2048,4096,8192,16384"
+    ),
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
+    head_dim: Annotated[int, typer.Option(help="Dimension per head.")] = 64,
+    window: Annotated[int, typer.Option(help="Window W of sliding and local attention.")] = 512,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    lsh_chunk: Annotated[int, typer.Option(help="LSH chunk (reformer-pytorch bucket_size).")] = 64,
+    lsh_rounds: Annotated[int, typer.Option(help="LSH hashing rounds.")] = 2,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per contender and length.")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default.")] = 0,
+    only: Annotated[
+        str | None, typer.Option(help="Run contenders whose name contains one of these (a,b).")
+    ] = None,
+    peers: Annotated[bool, typer.Option(help="Include the peers installed from PyPI.")] = True,
+    backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = True,
+    memory: Annotated[bool, typer.Option(help="Also measure allocator peak memory.")] = True,
+    time_limit: Annotated[
+        float, typer.Option(help="Stop growing a contender's length past this many seconds.")
+    ] = 120.0,
+    train_length: Annotated[
+        int, typer.Option(help="Also time tiny-preset training at this context (0 = skip).")
+    ] = 8192,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the JSON and PNG go.")] = Path(
+        "bench-results"
+    ),
+) -> None:
+    """Time and peak memory of every attention variant against sequence length, vs peers."""
+    import dataclasses
+
+    import torch
+    from tqdm import tqdm
+
+    from memext.bench import attention as bench
+    from memext.bench.peers import Shape
+    from memext.runtime import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = str(resolve_device(device))
+    shape = Shape(
+        batch=batch,
+        heads=heads,
+        head_dim=head_dim,
+        window=window,
+        lsh_chunk=lsh_chunk,
+        lsh_rounds=lsh_rounds,
+        device=dev,
+    )
+    chosen, left_out = bench.select(only, peers)
+    if not chosen:
+        raise ValueError(f"--only {only!r} matches no contender")
+    for name, why in left_out.items():
+        err.print(f"[yellow]skipping {name}:[/] {why}", highlight=False)
+    sizes = _ints(lengths, "--lengths")
+    bar = tqdm(desc="bench attention", unit="step", leave=False)
+
+    def tick(msg: str) -> None:
+        bar.set_postfix_str(msg, refresh=False)
+        bar.update()
+
+    records = bench.measure(
+        chosen,
+        sizes,
+        shape,
+        repeats=repeats,
+        backward=backward,
+        memory=memory,
+        time_limit=time_limit,
+        progress=tick,
+    )
+    from memext.nn.attention import ATTENTION
+
+    variants = sorted({c.name.split()[1] for c in chosen if c.package == "memext"} & set(ATTENTION))
+    training = (
+        bench.train_tokens_per_s(variants, train_length, device=dev, progress=tick)
+        if train_length
+        else []
+    )
+    bar.close()
+    table = Table(title=f"attention: {heads} heads x {head_dim}, W={window}, batch {batch}")
+    for col in ("contender", "T", "fwd s", "fwd+bwd s", "fwd MiB", "fwd+bwd MiB", "status"):
+        table.add_column(col, justify="left" if col in ("contender", "status") else "right")
+    mib = lambda b: f"{b / 2**20:,.1f}" if b is not None else "-"  # noqa: E731
+    sec = lambda s: f"{s:.4f}" if s is not None else "-"  # noqa: E731
+    for r in records:
+        table.add_row(
+            r.name,
+            str(r.length),
+            sec(r.forward_s),
+            sec(r.backward_s),
+            mib(r.forward_peak_bytes),
+            mib(r.backward_peak_bytes),
+            r.status,
+        )
+    out.print(table)
+    pairs = bench.comparisons(records)
+    if pairs:
+        cmp_table = Table(title="speed-up = their time / ours; memory = their peak / ours")
+        for col in ("ours", "theirs", "T", "fwd x", "fwd+bwd x", "fwd mem", "fwd+bwd mem"):
+            cmp_table.add_column(col, justify="left" if col in ("ours", "theirs") else "right")
+        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
+        for p in pairs:
+            cmp_table.add_row(
+                p["ours"],
+                p["theirs"],
+                str(p["length"]),
+                fmt(p.get("forward_speedup")),
+                fmt(p.get("backward_speedup")),
+                fmt(p.get("forward_memory_ratio")),
+                fmt(p.get("backward_memory_ratio")),
+            )
+        out.print(cmp_table)
+    fitted = bench.slopes(records)
+    for name, s in fitted.items():
+        out.print(
+            f"slope of time vs length, {name}: " + ", ".join(f"{k} {v}" for k, v in s.items())
+        )
+    for row in training:
+        out.print(
+            f"training tiny preset at {row['length']} tokens, {row['attention']}: "
+            f"{row['tokens_per_s']:,.0f} tokens/s"
+        )
+    payload = {
+        "format": "memext-bench-attention",
+        "schema_version": 1,
+        "command": " ".join(["memext", *sys.argv[1:]]),
+        "environment": bench.environment(shape, torch.get_num_threads()),
+        "left_out": left_out,
+        "records": [dataclasses.asdict(r) for r in records],
+        "comparisons": pairs,
+        "slopes": fitted,
+        "training": training,
+    }
+    path = bench.write(out_dir, payload)
+    png = out_dir / "attention.png"
+    title = f"attention vs length ({shape.device}, {torch.get_num_threads()} threads)"
+    drew = bench.plot(records, png, title)
+    out.print(f"wrote {path}" + (f" and {png}" if drew else " (no PNG: pip install matplotlib)"))
 
 
 def version_callback(value: bool) -> None:

@@ -76,7 +76,9 @@ class ModelConfig:
         "sliding/block_sparse: the first g positions are global. Bidirectional: they see all and "
         "are seen by all. Causal: every later token sees them (like attention sinks).",
     )
-    lsh_chunk: int = doc(64, "lsh: chunk length; each chunk attends to itself and the previous one.")
+    lsh_chunk: int = doc(
+        64, "lsh: chunk length; each chunk attends to itself and the previous one."
+    )
     lsh_buckets: int = doc(0, "lsh: hash buckets per round (even); 0 = 2 * seq_len / lsh_chunk.")
     lsh_rounds: int = doc(2, "lsh: hashing rounds, combined by log-sum-exp.")
     lsh_seed: int = doc(0, "lsh: seed of the random rotations used in evaluation (fixed there).")

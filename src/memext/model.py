@@ -21,8 +21,13 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     blocks = [
         Block(
-            SelfAttention(cfg.d_model, cfg.n_heads, build_attention(cfg.attention, **dataclasses.asdict(cfg)), cfg.dropout),
-            SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout),
+            SelfAttention(
+                cfg.d_model,
+                cfg.n_heads,
+                build_attention(cfg.attention, **dataclasses.asdict(cfg)),
+                cfg.dropout,
+            ),
+            SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout, chunk=cfg.ff_chunk),
             cfg.d_model,
             cfg.norm_eps,
         )
@@ -35,6 +40,7 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
         head=nn.Linear(cfg.d_model, cfg.vocab_size, bias=False),
         rotary=Rotary(cfg.head_dim, cfg.rope_base),
         max_seq_len=cfg.max_seq_len,
+        reversible=cfg.reversible,
     )
     _init(model, cfg, gen)
     if cfg.tie_embeddings:

@@ -1,4 +1,8 @@
-"""A pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x))."""
+"""A pre-norm Transformer block: x + attn(norm(x)), then x + ffn(norm(x)).
+
+The same block serves reversible models, which combine its two branches differently
+(``memext.nn.reversible``); parameters and their names are the same either way.
+"""
 
 from __future__ import annotations
 
@@ -49,5 +53,17 @@ class Block(nn.Module):
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.attn_branch(x, cos, sin, cache, layer)
+        return x + self.ffn_branch(x)
+
+    # The two residual branches on their own: the reversible stack (memext.nn.reversible) couples
+    # them across two streams instead of adding both to one.
+    def attn_branch(
+        self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
+    ) -> Tensor:
+        """attn(norm(x)): what this block's attention adds to the residual stream."""
+        return self.attn(self.attn_norm(x), cos, sin, cache, layer)
+
+    def ffn_branch(self, x: Tensor) -> Tensor:
+        """ffn(norm(x)): what this block's feed-forward adds to the residual stream."""
+        return self.ffn(self.ffn_norm(x))

@@ -35,3 +35,112 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
+
+
+def block_sparse_mask(
+    tq: int,
+    tk: int,
+    *,
+    block_size: int,
+    window: int,
+    global_tokens: int,
+    causal: bool,
+    random_blocks: list[list[int]] | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """(Tq, Tk): BigBird's pattern, block by block (see ``memext.nn.attention.block_sparse``).
+
+    Query block i sees key block j when j is in the band (causal: the ceil((W-1)/bs) blocks before
+    i and i; bidirectional: ceil(W/2/bs) blocks each side), j is global, i is global
+    (bidirectional only), or j is one of ``random_blocks[i]`` (the kernel's draw, passed in;
+    entries < 0 are ignored). Causal masking then applies token by token.
+    """
+    n = math.ceil(tk / block_size)
+    n_global = math.ceil(global_tokens / block_size)
+    layout = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        for j in range(n):
+            if causal:
+                near = i - math.ceil((window - 1) / block_size) <= j <= i
+            else:
+                near = abs(i - j) <= math.ceil(window / 2 / block_size)
+            layout[i, j] = near or j < n_global or (not causal and i < n_global)
+        for j in random_blocks[i] if random_blocks else ():
+            if j >= 0:
+                layout[i, j] = True
+    block_of = torch.arange(tk) // block_size
+    mask = layout[block_of[tk - tq :]][:, block_of]
+    if causal:
+        mask &= causal_mask(tq, tk)
+    return mask.to(device)
+
+
+def lsh_reference(
+    q: Tensor,
+    v: Tensor,
+    buckets: Tensor,
+    *,
+    chunk: int,
+    causal: bool,
+    key_padding: Tensor | None = None,
+    self_score: float = -5e4,
+) -> Tensor:
+    """Reformer LSH attention, densely (see ``memext.nn.attention.lsh``), on (B, H, T, D).
+
+    ``buckets`` (rounds, B, H, T) is the kernel's hash (``LSHAttention.hash``). Per round: sort by
+    (bucket, position), cut into chunks of ``chunk``; query i sees key j when j's chunk is i's or
+    the one before, j <= i if causal, j is real per ``key_padding``; its own key always, scored
+    ``self_score``. One plain softmax per round; rounds combined by their log-sum-exp.
+    """
+    t, d = q.shape[-2], q.shape[-1]
+    keys = torch.nn.functional.normalize(q, dim=-1)
+    scores = q @ keys.transpose(-2, -1) / math.sqrt(d)  # (B, H, T, T)
+    pos = torch.arange(t, device=q.device)
+    eye = pos[:, None] == pos[None, :]
+    outs, lses = [], []
+    for round_buckets in buckets:
+        order = torch.argsort(round_buckets * t + pos, dim=-1)  # (B, H, T) positions, sorted
+        rank = torch.empty_like(order).scatter_(-1, order, pos.expand_as(order).contiguous())
+        block = rank // chunk
+        gap = block[..., :, None] - block[..., None, :]  # query's chunk - key's chunk
+        mask = (gap == 0) | (gap == 1)
+        if causal:
+            mask &= causal_mask(t, t, q.device)
+        if key_padding is not None:
+            mask &= key_padding[:, None, None, :].to(torch.bool)
+        s = scores.masked_fill(~mask, float("-inf"))
+        s = torch.where(eye, torch.full_like(s, self_score), s)
+        lses.append(torch.logsumexp(s, dim=-1))
+        outs.append(torch.softmax(s, dim=-1) @ v)
+    weights = torch.softmax(torch.stack(lses), dim=0)[..., None]  # (rounds, B, H, T, 1)
+    return (weights * torch.stack(outs)).sum(dim=0)
+
+
+def sliding_mask(
+    tq: int,
+    tk: int,
+    window: int,
+    *,
+    causal: bool = True,
+    dilation: int = 1,
+    global_tokens: int = 0,
+    device: torch.device | None = None,
+) -> Tensor:
+    """(Tq, Tk) mask of sliding-window attention (``attention="sliding"``).
+
+    Causal: query i sees keys i-(W-1)d, ..., i-d, i. Bidirectional: keys i + kd for |k| <= W/2.
+    Global tokens 0..g-1 are seen by every query (causal: by every query at or after them), and
+    in bidirectional mode see every key themselves.
+    """
+    i, j = _positions(tq, tk, device)
+    steps, same_class = (i - j) // dilation, (i - j) % dilation == 0
+    if causal:
+        seen = same_class & (steps >= 0) & (steps < window)
+    else:
+        seen = same_class & (steps.abs() <= window // 2)
+    g = global_tokens
+    if causal:
+        seen |= (j < g) & (j <= i)
+    else:
+        seen |= (j < g) | (i < g)
+    return seen

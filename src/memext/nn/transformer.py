@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from memext.nn.block import Block
+from memext.nn.reversible import reversible_stack
 from memext.nn.rotary import Rotary
 
 
@@ -27,6 +28,14 @@ class State:
 
 
 class LongLM(nn.Module):
+    """Embedding, blocks, final norm, head.
+
+    ``reversible``: the blocks are RevNet-coupled (``memext.nn.reversible``) and their backward
+    recomputes activations instead of storing them; ``activation_checkpointing`` is then ignored
+    (there is nothing left to checkpoint). ``reversible_backward = False`` computes the same
+    coupled model with plain autograd, for comparison.
+    """
+
     def __init__(
         self,
         embed: nn.Embedding,
@@ -35,6 +44,7 @@ class LongLM(nn.Module):
         head: nn.Linear,
         rotary: Rotary,
         max_seq_len: int,
+        reversible: bool = False,
     ):
         super().__init__()
         self.embed = embed
@@ -44,6 +54,8 @@ class LongLM(nn.Module):
         self.rotary = rotary
         self.max_seq_len = max_seq_len
         self.activation_checkpointing = False
+        self.reversible = reversible
+        self.reversible_backward = True
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """tokens (B, T) int64 -> logits (B, T, vocab) fp32-or-autocast, and the next State."""
@@ -57,11 +69,16 @@ class LongLM(nn.Module):
         positions = torch.arange(state.pos, state.pos + t, device=tokens.device)
         cos, sin = self.rotary(positions)
         x = self.embed(tokens)
-        for i, block in enumerate(self.blocks):
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, state.cache, i, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, state.cache, i)
+        if self.reversible:
+            x = reversible_stack(
+                self.blocks, x, cos, sin, state.cache, recompute=self.reversible_backward
+            )
+        else:
+            for i, block in enumerate(self.blocks):
+                if self.activation_checkpointing and self.training:
+                    x = checkpoint(block, x, cos, sin, state.cache, i, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, state.cache, i)
         if state.cache is not None:
             state.cache.advance(t)
         logits = self.head(self.norm(x))
