@@ -249,7 +249,7 @@ def test_attention_registry() -> None:
         build_attention("nope")
     with pytest.raises(ValueError, match="registered twice"):
         register_attention("full")(type("Dup", (ATTENTION["full"],), {}))
-    assert ATTENTION == before  # the failed registration left the registry alone
+    assert before == ATTENTION  # the failed registration left the registry alone
 
 
 def test_build_attention_passes_only_the_settings_a_kernel_names() -> None:

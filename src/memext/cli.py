@@ -347,6 +347,7 @@ def bench_attention(
     batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
     lsh_chunk: Annotated[int, typer.Option(help="LSH chunk (reformer-pytorch bucket_size).")] = 64,
     lsh_rounds: Annotated[int, typer.Option(help="LSH hashing rounds.")] = 2,
+    block_size: Annotated[int, typer.Option(help="block_sparse / BigBird block length.")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed repeats per contender and length.")] = 3,
     threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default.")] = 0,
     only: Annotated[
@@ -386,6 +387,7 @@ def bench_attention(
         window=window,
         lsh_chunk=lsh_chunk,
         lsh_rounds=lsh_rounds,
+        block_size=block_size,
         device=dev,
     )
     chosen, left_out = bench.select(only, peers)

@@ -29,6 +29,10 @@ class AttentionKernel(nn.Module):
 
     #: True when keys must equal queries (shared-QK attention such as LSH); the caller passes q as k.
     shared_qk: bool = False
+    #: True when a prefix's outputs depend on that prefix alone. Every kernel is causal in that no
+    #: query attends to a later key, but LSH's choice of *which* earlier keys share a query's chunk
+    #: depends on where later tokens hash, so it sets this False.
+    prefix_exact: bool = True
 
     def forward(
         self,

@@ -24,6 +24,9 @@ SDPA call over them.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -144,7 +147,13 @@ class SlidingWindowAttention(AttentionKernel):
 
     # --- the main path ------------------------------------------------------------------------
     def _banded(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-        t, dev = q.shape[-2], q.device
+        pieces = [p for p in self._plan(q.shape[-2], causal, q.device) if p.q1 > p.q0]
+        if q.device.type == "cpu" and hasattr(torch.ops.aten, _CPU_FLASH):
+            return _BandedCPU.apply(q, k, v, pieces)
+        return torch.cat([_run_piece(p, q, k, v) for p in pieces], dim=2)
+
+    def _plan(self, t: int, causal: bool, dev: torch.device) -> list[_Piece]:
+        """Cut the queries 0..t-1 into pieces, each one SDPA call's worth of work."""
         g, blk = self.global_tokens, self.block
         lo, hi = self._reach(causal)
         span_lo, span_hi = _round_up(lo, blk), _round_up(hi, blk)
@@ -152,51 +161,162 @@ class SlidingWindowAttention(AttentionKernel):
         m0 = max(span_lo, g + lo if g else 0)
         n_mid = max(0, (t - span_hi - m0) // blk)
         if n_mid < 2:  # short sequence: one dense-masked call is cheapest
-            pos = torch.arange(t, device=dev)
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self._visible(pos, pos, causal, globals_=True)
-            )
-            return out
+            return [self._dense(0, t, t, causal, dev)]
         m1 = m0 + n_mid * blk
-        parts = [self._edge(q, k, v, 0, m0, causal)]
-
+        # Bidirectional global queries see every key: a piece of their own, ahead of the rest.
+        first = g if g and not causal else 0
+        pieces = [self._dense(0, g, t, causal, dev, every_key=True)] if first else []
+        pieces.append(self._dense(first, m0, t, causal, dev))
         span = span_lo + blk + span_hi
         rows, cols = torch.arange(blk, device=dev), torch.arange(span, device=dev)
         band = self._visible(rows + span_lo, cols, causal, globals_=False)
-        b, h, _, dh = q.shape
-        q_mid = q[:, :, m0:m1].reshape(b * h, n_mid, blk, dh)
-        k_mid, v_mid = (
-            x[:, :, m0 - span_lo : m1 + span_hi].unfold(2, span, blk).transpose(-1, -2)
-            for x in (k, v)
-        )
-        k_mid, v_mid = k_mid.reshape(b * h, n_mid, span, dh), v_mid.reshape(b * h, n_mid, span, dh)
         if g:  # every middle query sees the global keys; none of them is inside its band
-            k_mid, v_mid = (
-                torch.cat([x[:, :, :g].reshape(b * h, 1, g, dh).expand(-1, n_mid, -1, -1), m], 2)
-                for x, m in ((k, k_mid), (v, v_mid))
-            )
             band = torch.cat([band.new_ones(blk, g), band], 1)
-        mid = F.scaled_dot_product_attention(q_mid, k_mid, v_mid, attn_mask=band)
-        parts.append(mid.reshape(b, h, m1 - m0, dh))
+        group = max(1, _GROUP_TOKENS // blk) * blk  # bounds backward's per-call scratch memory
+        for q0 in range(m0, m1, group):
+            q1 = min(m1, q0 + group)
+            pieces.append(_Piece(q0, q1, band, k0=q0 - span_lo, span=span, blk=blk, glob=g))
         if m1 < t:
-            parts.append(self._edge(q, k, v, m1, t, causal))
-        out = torch.cat(parts, dim=2)
-        if not causal and g:
-            top = F.scaled_dot_product_attention(q[:, :, :g], k, v)
-            out = torch.cat([top, out[:, :, g:]], dim=2)
-        return out
+            pieces.append(self._dense(m1, t, t, causal, dev))
+        return pieces
 
-    def _edge(self, q: Tensor, k: Tensor, v: Tensor, start: int, stop: int, causal: bool) -> Tensor:
-        """Queries start..stop-1 with one dense-masked call over the keys they can reach."""
-        t, dev = k.shape[-2], q.device
+    def _dense(
+        self, start: int, stop: int, t: int, causal: bool, dev: torch.device, every_key=False
+    ) -> _Piece:
+        """Queries start..stop-1 against every key they can reach, with a dense mask."""
+        q_pos = torch.arange(start, stop, device=dev)
+        if every_key:
+            keys = torch.arange(t, device=dev)
+            return _Piece(start, stop, q_pos.new_ones(stop - start, t, dtype=torch.bool), keys)
         lo, hi = self._reach(causal)
         g = self.global_tokens
         first, last = max(0, start - lo), min(t, stop + hi)
-        k_pos = torch.arange(first, last, device=dev)
+        keys = torch.arange(first, last, device=dev)
         if g and first > 0:
-            k_pos = torch.cat([torch.arange(min(g, first), device=dev), k_pos])
-        q_pos = torch.arange(start, stop, device=dev)
-        mask = self._visible(q_pos, k_pos, causal, globals_=True)
-        return F.scaled_dot_product_attention(
-            q[:, :, start:stop], k.index_select(2, k_pos), v.index_select(2, k_pos), attn_mask=mask
-        )
+            keys = torch.cat([torch.arange(min(g, first), device=dev), keys])
+        return _Piece(start, stop, self._visible(q_pos, keys, causal, globals_=True), keys)
+
+
+# Queries per middle piece: large enough to keep the cores busy, small enough that the backward's
+# per-window key/value gradients (span/block times the piece's keys) stay a few MiB.
+_GROUP_TOKENS = 4096
+_CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Queries q0..q1-1 and the keys they see: dense (``keys``) or windowed (``span`` > 0).
+
+    Windowed: the queries form blocks of ``blk``; block i sees the ``span`` keys starting at
+    ``k0 + i * blk`` (plus the first ``glob`` keys), all under the same ``mask``.
+    """
+
+    q0: int
+    q1: int
+    mask: Tensor
+    keys: Tensor | None = None
+    k0: int = 0
+    span: int = 0
+    blk: int = 0
+    glob: int = 0
+
+    def queries(self, x: Tensor) -> Tensor:
+        """(..., T, D) -> the piece's queries as (..., blocks, rows, D)."""
+        rows = x[..., self.q0 : self.q1, :]
+        if not self.span:
+            return rows.unsqueeze(-3)
+        return rows.unflatten(-2, ((self.q1 - self.q0) // self.blk, self.blk))
+
+    def keys_of(self, x: Tensor) -> Tensor:
+        """(..., T, D) -> the keys each block sees, (..., blocks, keys, D); a view when possible."""
+        if not self.span:
+            return x.index_select(-2, self.keys).unsqueeze(-3)
+        n = (self.q1 - self.q0) // self.blk
+        stop = self.k0 + (n - 1) * self.blk + self.span
+        windows = x[..., self.k0 : stop, :].unfold(-2, self.span, self.blk).transpose(-1, -2)
+        if not self.glob:
+            return windows
+        front = x[..., : self.glob, :].unsqueeze(-3)
+        return torch.cat([front.expand(*windows.shape[:-2], self.glob, x.shape[-1]), windows], -2)
+
+    def add_key_grad(self, grad: Tensor, g: Tensor) -> None:
+        """Fold the per-block key gradients ``g`` (B, blocks, keys, D) into ``grad`` (B, T, D)."""
+        if not self.span:
+            grad.index_add_(-2, self.keys, g.squeeze(-3))
+            return
+        n = g.shape[-3]
+        if self.glob:
+            grad[..., : self.glob, :] += g[..., : self.glob, :].sum(-3)
+            g = g[..., self.glob :, :]
+        for o in range(0, self.span, self.blk):  # window offset o lands on k0 + o + i * blk
+            start = self.k0 + o
+            grad[..., start : start + n * self.blk, :].unflatten(-2, (n, self.blk)).add_(
+                g[..., o : o + self.blk, :]
+            )
+
+
+def _run_piece(p: _Piece, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Autograd-friendly path (any device): one SDPA call, blocks folded into the batch."""
+    b, h, _, d = q.shape
+    qs, ks, vs = p.queries(q), p.keys_of(k), p.keys_of(v)  # (B, H, n, rows | keys, D)
+    out = F.scaled_dot_product_attention(
+        qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1), attn_mask=p.mask
+    )
+    return out.view(b, h, p.q1 - p.q0, d)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
+
+
+class _BandedCPU(torch.autograd.Function):
+    """The pieces through PyTorch's fused CPU attention, one head at a time, with a backward that
+    folds each piece's key/value gradients straight back into (B, H, T, D) buffers.
+
+    Autograd through the strided windows would materialise every window's gradient at once
+    (span/block times the size of K and V); here only one piece of one head is in flight, so
+    training memory stays that of full SDPA: q, k, v, the output, its log-sum-exp and their
+    gradients. Looping over heads keeps every tensor a strided view, never a copy.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pieces: list[_Piece]) -> Tensor:
+        flash = getattr(torch.ops.aten, _CPU_FLASH)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        masks = [_additive(p.mask, q.dtype) for p in pieces]
+        lses = []
+        for h in range(q.shape[1]):
+            qh, kh, vh = q[:, h], k[:, h], v[:, h]
+            for p, m in zip(pieces, masks, strict=True):
+                o, lse = flash(p.queries(qh), p.keys_of(kh), p.keys_of(vh), attn_mask=m)
+                out[:, h, p.q0 : p.q1] = o.flatten(1, 2)
+                lses.append(lse)
+        ctx.pieces, ctx.masks = pieces, masks
+        ctx.save_for_backward(q, k, v, out, *lses)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        q, k, v, out, *lses = ctx.saved_tensors
+        flash_bwd = getattr(torch.ops.aten, _CPU_FLASH + "_backward")
+        gq, gk, gv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grad_out = grad_out.contiguous()
+        it = iter(lses)
+        for h in range(q.shape[1]):
+            qh, kh, vh, oh, goh = q[:, h], k[:, h], v[:, h], out[:, h], grad_out[:, h]
+            for p, m in zip(ctx.pieces, ctx.masks, strict=True):
+                dq, dk, dv = flash_bwd(
+                    p.queries(goh),
+                    p.queries(qh),
+                    p.keys_of(kh),
+                    p.keys_of(vh),
+                    p.queries(oh),
+                    next(it),
+                    0.0,
+                    False,
+                    attn_mask=m,
+                )
+                gq[:, h, p.q0 : p.q1] = dq.flatten(1, 2)
+                p.add_key_grad(gk[:, h], dk)
+                p.add_key_grad(gv[:, h], dv)
+        return gq, gk, gv, None
