@@ -61,14 +61,22 @@ GRID = [(c, causal) for c in CASES for causal in (True, False) if causal or c[0]
     GRID,
     ids=["T{}-D{}-W{}-d{}-g{}-b{}".format(*c) + ("-causal" if k else "-bidir") for c, k in GRID],
 )
-def test_sliding_equals_reference(case, causal: bool) -> None:
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-cpu", "portable"])
+def test_sliding_equals_reference(case, causal: bool, fused: bool) -> None:
     t, d, w, dil, g, blk = case
     kernel = build_attention("sliding", window=w, dilation=dil, global_tokens=g, block=blk)
+    kernel.fused_cpu = fused
     q, k, v = _qkv(2, 3, t, d)
     mask = sliding_mask(t, t, w, causal=causal, dilation=dil, global_tokens=g)
     fwd, grads = _compare(kernel, q, k, v, mask, causal)
     assert fwd <= FWD_TOL
     assert grads <= GRAD_TOL
+
+
+# PyTorch's CPU flash kernel rounds probabilities and dS to bf16 before the dK/dV products, so
+# its gradients come out up to ~2.5x the naive bf16 reference's error (see test_model.py); the
+# forward keeps flash-attention's 2x rule.
+BF16_BWD_FACTOR = 3.0
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -77,11 +85,23 @@ def test_sliding_bf16_error_within_twice_the_references(causal: bool) -> None:
     kernel = build_attention("sliding", window=w, block=16)
     q, k, v = _qkv(1, 2, t, 32, torch.float64)
     mask = sliding_mask(t, t, w, causal=causal)
-    exact = attention(q, k, v, mask)
-    low = [x.bfloat16() for x in (q, k, v)]
-    ref_err = (attention(*low, mask).double() - exact).abs().max().item()
-    err = (kernel(*low, causal=causal).double() - exact).abs().max().item()
-    assert err <= 2 * ref_err
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+
+    def run(fn, dtype):
+        xs = [x.detach().to(dtype).requires_grad_() for x in (q, k, v)]
+        out = fn(*xs)
+        out.backward(grad.to(dtype))
+        return [out.double(), *(x.grad.double() for x in xs)]
+
+    exact = run(lambda *x: attention(*x, mask), torch.float64)
+    low = run(lambda *x: attention(*x, mask), torch.bfloat16)
+    fast = run(lambda *x: kernel(*x, causal=causal), torch.bfloat16)
+    errs = [
+        [(a - e).abs().max().item() for a, e in zip(r, exact, strict=True)] for r in (low, fast)
+    ]
+    assert errs[1][0] <= 2 * errs[0][0]
+    for ref_err, err in zip(errs[0][1:], errs[1][1:], strict=True):
+        assert err <= BF16_BWD_FACTOR * ref_err + 1e-5
 
 
 def test_window_covering_the_sequence_is_full_attention() -> None:

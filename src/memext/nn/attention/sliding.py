@@ -60,6 +60,9 @@ class SlidingWindowAttention(AttentionKernel):
         # Measured on CPU: a quarter of the window keeps per-block overhead low while wasting
         # little compute on the masked corners of each span.
         self.block = block or min(256, max(16, 1 << max(0, (window // 4).bit_length() - 1)))
+        #: On CPU, run the pieces through the fused flash kernel with the memory-lean backward;
+        #: False forces the portable path (plain SDPA + autograd) that other devices take.
+        self.fused_cpu = True
 
     def extra_repr(self) -> str:
         return f"window={self.window}, dilation={self.dilation}, global_tokens={self.global_tokens}"
@@ -148,7 +151,7 @@ class SlidingWindowAttention(AttentionKernel):
     # --- the main path ------------------------------------------------------------------------
     def _banded(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
         pieces = [p for p in self._plan(q.shape[-2], causal, q.device) if p.q1 > p.q0]
-        if q.device.type == "cpu" and hasattr(torch.ops.aten, _CPU_FLASH):
+        if self.fused_cpu and q.device.type == "cpu" and hasattr(torch.ops.aten, _CPU_FLASH):
             return _BandedCPU.apply(q, k, v, pieces)
         return torch.cat([_run_piece(p, q, k, v) for p in pieces], dim=2)
 
@@ -192,6 +195,8 @@ class SlidingWindowAttention(AttentionKernel):
         g = self.global_tokens
         first, last = max(0, start - lo), min(t, stop + hi)
         keys = torch.arange(first, last, device=dev)
+        if causal and start == 0 and stop - 1 <= lo:  # every query sees all keys up to itself
+            return _Piece(start, stop, None, keys, is_causal=True)
         if g and first > 0:
             keys = torch.cat([torch.arange(min(g, first), device=dev), keys])
         return _Piece(start, stop, self._visible(q_pos, keys, causal, globals_=True), keys)
@@ -199,7 +204,7 @@ class SlidingWindowAttention(AttentionKernel):
 
 # Queries per middle piece: large enough to keep the cores busy, small enough that the backward's
 # per-window key/value gradients (span/block times the piece's keys) stay a few MiB.
-_GROUP_TOKENS = 4096
+_GROUP_TOKENS = 1024
 _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
@@ -213,12 +218,13 @@ class _Piece:
 
     q0: int
     q1: int
-    mask: Tensor
+    mask: Tensor | None  # None: ``is_causal`` (a square piece where each query sees keys <= it)
     keys: Tensor | None = None
     k0: int = 0
     span: int = 0
     blk: int = 0
     glob: int = 0
+    is_causal: bool = False
 
     def queries(self, x: Tensor) -> Tensor:
         """(..., T, D) -> the piece's queries as (..., blocks, rows, D)."""
@@ -260,7 +266,11 @@ def _run_piece(p: _Piece, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     b, h, _, d = q.shape
     qs, ks, vs = p.queries(q), p.keys_of(k), p.keys_of(v)  # (B, H, n, rows | keys, D)
     out = F.scaled_dot_product_attention(
-        qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1), attn_mask=p.mask
+        qs.flatten(0, 1),
+        ks.flatten(0, 1),
+        vs.flatten(0, 1),
+        attn_mask=p.mask,
+        is_causal=p.is_causal,
     )
     return out.view(b, h, p.q1 - p.q0, d)
 
@@ -283,16 +293,24 @@ class _BandedCPU(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pieces: list[_Piece]) -> Tensor:
         flash = getattr(torch.ops.aten, _CPU_FLASH)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        masks = [_additive(p.mask, q.dtype) for p in pieces]
-        lses = []
+        shared: dict[int, Tensor | None] = {}  # the middle pieces share one band mask
+        for p in pieces:
+            if p.mask is not None and id(p.mask) not in shared:
+                shared[id(p.mask)] = _additive(p.mask, q.dtype)
+        masks = [None if p.mask is None else shared[id(p.mask)] for p in pieces]
+        lses, training = [], any(ctx.needs_input_grad[:3])
         for h in range(q.shape[1]):
             qh, kh, vh = q[:, h], k[:, h], v[:, h]
             for p, m in zip(pieces, masks, strict=True):
-                o, lse = flash(p.queries(qh), p.keys_of(kh), p.keys_of(vh), attn_mask=m)
+                qs, ks, vs = p.queries(qh), p.keys_of(kh), p.keys_of(vh)
+                o, lse = flash(qs, ks, vs, 0.0, p.is_causal, attn_mask=m)
                 out[:, h, p.q0 : p.q1] = o.flatten(1, 2)
-                lses.append(lse)
-        ctx.pieces, ctx.masks = pieces, masks
-        ctx.save_for_backward(q, k, v, out, *lses)
+                del o  # the piece's output is copied; free it before the next call allocates
+                if training:
+                    lses.append(lse)
+        if training:
+            ctx.pieces, ctx.masks = pieces, masks
+            ctx.save_for_backward(q, k, v, out, *lses)
         return out
 
     @staticmethod
@@ -313,7 +331,7 @@ class _BandedCPU(torch.autograd.Function):
                     p.queries(oh),
                     next(it),
                     0.0,
-                    False,
+                    p.is_causal,
                     attn_mask=m,
                 )
                 gq[:, h, p.q0 : p.q1] = dq.flatten(1, 2)
