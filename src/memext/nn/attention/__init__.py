@@ -46,6 +46,28 @@ class AttentionKernel(nn.Module):
         raise NotImplementedError
 
 
+def check_inputs(
+    name: str, q: Tensor, k: Tensor, v: Tensor, key_padding: Tensor | None = None
+) -> None:
+    """Refuse inputs outside the contract with a ValueError naming the kernel and the shapes."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"{name}: expected q (B, H, Tq, D) and k, v (B, H, Tk, D) with the same B, H and D, "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    tq, tk = q.shape[2], k.shape[2]
+    if not 0 < tq <= tk:
+        raise ValueError(
+            f"{name}: queries must be the last Tq of the Tk keys: need 0 < Tq <= Tk, "
+            f"got Tq={tq}, Tk={tk}"
+        )
+    if key_padding is not None and tuple(key_padding.shape) != (q.shape[0], tk):
+        raise ValueError(
+            f"{name}: key_padding must be (B, Tk) = {(q.shape[0], tk)}, "
+            f"got {tuple(key_padding.shape)}"
+        )
+
+
 def register_attention(name: str) -> Callable[[type[AttentionKernel]], type[AttentionKernel]]:
     def deco(cls: type[AttentionKernel]) -> type[AttentionKernel]:
         if name in ATTENTION:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memext.nn.attention import AttentionKernel, register_attention
+from memext.nn.attention import AttentionKernel, check_inputs, register_attention
 
 _MOD = 1 << 31  # hash arithmetic stays below 2**62, so int64 never overflows on any device
 _CACHED_TABLES = 8  # layouts kept per kernel (train, eval and a decode in flight fit)
@@ -207,20 +207,8 @@ class BlockSparseAttention(AttentionKernel):
         causal: bool = True,
         key_padding: Tensor | None = None,
     ) -> Tensor:
-        if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2]:
-            raise ValueError(
-                f"block_sparse: expected q (B, H, Tq, D) and k, v (B, H, Tk, D), got "
-                f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-            )
-        b, tq = q.shape[0], q.shape[2]
-        tk = k.shape[2]
-        if not 0 < tq <= tk:
-            raise ValueError(f"block_sparse: need 0 < Tq <= Tk, got Tq={tq}, Tk={tk}")
-        if key_padding is not None and key_padding.shape != (b, tk):
-            raise ValueError(
-                f"block_sparse: key_padding must be (B, Tk) = {(b, tk)}, got "
-                f"{tuple(key_padding.shape)}"
-            )
+        check_inputs("block_sparse", q, k, v, key_padding)
+        tq, tk = q.shape[2], k.shape[2]
         if key_padding is not None:
             key_padding = key_padding.to(torch.bool)  # SDPA would add a non-bool mask as a bias
         bs = self.block_size

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memext.nn.attention import AttentionKernel, register_attention
+from memext.nn.attention import AttentionKernel, check_inputs, register_attention
 
 #: The score of a query's own key: large and negative, but finite (see the module docstring).
 SELF_SCORE = -5e4
@@ -143,23 +143,8 @@ class LSHAttention(AttentionKernel):
         causal: bool = True,
         key_padding: Tensor | None = None,
     ) -> Tensor:
-        if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-            raise ValueError(
-                f"lsh: q, k, v must be (B, H, T, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
-                f"{tuple(v.shape)}"
-            )
-        b, _, tq, _ = q.shape
-        tk = k.shape[-2]
-        if tq > tk or v.shape[-2] != tk:
-            raise ValueError(
-                f"lsh: queries must be the last Tq of Tk keys and values; got Tq={tq}, "
-                f"Tk={tk}, Tv={v.shape[-2]}"
-            )
-        if key_padding is not None and tuple(key_padding.shape) != (b, tk):
-            raise ValueError(
-                f"lsh: key_padding must be (B, Tk) = {(b, tk)}, got {tuple(key_padding.shape)}"
-            )
-        if tq < tk:
+        check_inputs("lsh", q, k, v, key_padding)
+        if q.shape[-2] < k.shape[-2]:
             return _exact_shared_qk(q, k, v, causal, key_padding)
         return self._lsh(q, v, causal, key_padding)
 

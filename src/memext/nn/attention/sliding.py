@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memext.nn.attention import AttentionKernel, register_attention
+from memext.nn.attention import AttentionKernel, check_inputs, register_attention
 
 
 def _round_up(n: int, m: int) -> int:
@@ -97,11 +97,7 @@ class SlidingWindowAttention(AttentionKernel):
                 "sliding attention does not take key_padding; use attention='full' or "
                 "'block_sparse' for padded batches"
             )
-        if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
-            raise ValueError(
-                f"sliding attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                "do not match"
-            )
+        check_inputs("sliding", q, k, v)
         tq, tk = q.shape[-2], k.shape[-2]
         if tq != tk:
             return self._cached(q, k, v, causal)
