@@ -202,3 +202,12 @@ def test_sliding_model_cached_decode_equals_recompute(tiny_model_cfg) -> None:
             logits, state = model(tokens[:, i : i + 1], state)
             steps.append(logits)
     assert (torch.cat(steps, 1) - full).abs().max().item() <= 1e-5
+
+
+def test_one_kernel_serves_many_lengths_and_keeps_few_plans() -> None:
+    kernel = build_attention("sliding", window=16, block=8)
+    for t in [97, 40, 97, 200, *range(10, 30), 97]:
+        q, k, v = _qkv(1, 2, t, 16, seed=t)
+        ref = attention(q, k, v, sliding_mask(t, t, 16))
+        assert (kernel(q, k, v) - ref).abs().max().item() <= FWD_TOL
+    assert len(kernel._plans) <= 8

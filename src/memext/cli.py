@@ -368,8 +368,6 @@ def bench_attention(
     ),
 ) -> None:
     """Time and peak memory of every attention variant against sequence length, vs peers."""
-    import dataclasses
-
     import torch
     from tqdm import tqdm
 
@@ -421,65 +419,9 @@ def bench_attention(
         else []
     )
     bar.close()
-    table = Table(title=f"attention: {heads} heads x {head_dim}, W={window}, batch {batch}")
-    for col in ("contender", "T", "fwd s", "fwd+bwd s", "fwd MiB", "fwd+bwd MiB", "status"):
-        table.add_column(col, justify="left" if col in ("contender", "status") else "right")
-    mib = lambda b: f"{b / 2**20:,.1f}" if b is not None else "-"  # noqa: E731
-    sec = lambda s: f"{s:.4f}" if s is not None else "-"  # noqa: E731
-    for r in records:
-        table.add_row(
-            r.name,
-            str(r.length),
-            sec(r.forward_s),
-            sec(r.backward_s),
-            mib(r.forward_peak_bytes),
-            mib(r.backward_peak_bytes),
-            r.status,
-        )
-    out.print(table)
-    pairs = bench.comparisons(records)
-    if pairs:
-        cmp_table = Table(title="speed-up = their time / ours; memory = their peak / ours")
-        for col in ("ours", "theirs", "T", "fwd x", "fwd+bwd x", "fwd mem", "fwd+bwd mem"):
-            cmp_table.add_column(col, justify="left" if col in ("ours", "theirs") else "right")
-        fmt = lambda v: f"{v:.2f}" if v is not None else "-"  # noqa: E731
-        for p in pairs:
-            cmp_table.add_row(
-                p["ours"],
-                p["theirs"],
-                str(p["length"]),
-                fmt(p.get("forward_speedup")),
-                fmt(p.get("backward_speedup")),
-                fmt(p.get("forward_memory_ratio")),
-                fmt(p.get("backward_memory_ratio")),
-            )
-        out.print(cmp_table)
-    fitted = bench.slopes(records)
-    for name, s in fitted.items():
-        out.print(
-            f"slope of time vs length, {name}: " + ", ".join(f"{k} {v}" for k, v in s.items())
-        )
-    for row in training:
-        out.print(
-            f"training tiny preset at {row['length']} tokens, {row['attention']}: "
-            f"{row['tokens_per_s']:,.0f} tokens/s"
-        )
-    payload = {
-        "format": "memext-bench-attention",
-        "schema_version": 1,
-        "command": " ".join(["memext", *sys.argv[1:]]),
-        "environment": bench.environment(shape, torch.get_num_threads()),
-        "left_out": left_out,
-        "records": [dataclasses.asdict(r) for r in records],
-        "comparisons": pairs,
-        "slopes": fitted,
-        "training": training,
-    }
-    path = bench.write(out_dir, payload)
-    png = out_dir / "attention.png"
-    title = f"attention vs length ({shape.device}, {torch.get_num_threads()} threads)"
-    drew = bench.plot(records, png, title)
-    out.print(f"wrote {path}" + (f" and {png}" if drew else " (no PNG: pip install matplotlib)"))
+    command = " ".join(["memext", *sys.argv[1:]])
+    path, png = bench.report(out, records, training, shape, left_out, out_dir, command)
+    out.print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
 
 
 def version_callback(value: bool) -> None:

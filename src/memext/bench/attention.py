@@ -29,6 +29,8 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 from torch import Tensor
 
 from memext.bench.memory import peak_memory
@@ -328,3 +330,70 @@ def train_tokens_per_s(
             }
         )
     return rows
+
+
+def report(
+    console: Console,
+    records: Sequence[Record],
+    training: list[dict],
+    shape: Shape,
+    left_out: dict[str, str],
+    out_dir: Path,
+    command: str,
+) -> tuple[Path, Path | None]:
+    """Print the tables, slopes and training rows; write the JSON and the PNG (if matplotlib)."""
+    title = (
+        f"attention: {shape.heads} heads x {shape.head_dim}, W={shape.window}, batch {shape.batch}"
+    )
+    table = Table(title=title)
+    for col in ("contender", "T", "fwd s", "fwd+bwd s", "fwd MiB", "fwd+bwd MiB", "status"):
+        table.add_column(col, justify="left" if col in ("contender", "status") else "right")
+    for r in records:
+        table.add_row(
+            r.name,
+            str(r.length),
+            _fmt(r.forward_s, "{:.4f}"),
+            _fmt(r.backward_s, "{:.4f}"),
+            _fmt(r.forward_peak_bytes and r.forward_peak_bytes / 2**20, "{:,.1f}"),
+            _fmt(r.backward_peak_bytes and r.backward_peak_bytes / 2**20, "{:,.1f}"),
+            r.status,
+        )
+    console.print(table)
+    pairs = comparisons(records)
+    if pairs:
+        ratios = Table(title="speed-up = their time / ours; memory = their peak / ours")
+        for col in ("ours", "theirs", "T", "fwd x", "fwd+bwd x", "fwd mem", "fwd+bwd mem"):
+            ratios.add_column(col, justify="left" if col in ("ours", "theirs") else "right")
+        keys = ("forward_speedup", "backward_speedup", "forward_memory_ratio")
+        for p in pairs:
+            cells = [_fmt(p.get(k), "{:.2f}") for k in (*keys, "backward_memory_ratio")]
+            ratios.add_row(p["ours"], p["theirs"], str(p["length"]), *cells)
+        console.print(ratios)
+    fitted = slopes(records)
+    for name, s in fitted.items():
+        fits = ", ".join(f"{k} {v}" for k, v in s.items())
+        console.print(f"slope of time vs length, {name}: {fits}")
+    for row in training:
+        console.print(
+            f"training tiny preset at {row['length']} tokens, {row['attention']}: "
+            f"{row['tokens_per_s']:,.0f} tokens/s"
+        )
+    payload = {
+        "format": "memext-bench-attention",
+        "schema_version": 1,
+        "command": command,
+        "environment": environment(shape, torch.get_num_threads()),
+        "left_out": left_out,
+        "records": [asdict(r) for r in records],
+        "comparisons": pairs,
+        "slopes": fitted,
+        "training": training,
+    }
+    path = write(out_dir, payload)
+    png = out_dir / "attention.png"
+    title = f"attention vs length ({shape.device}, {torch.get_num_threads()} threads)"
+    return path, png if plot(records, png, title) else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)

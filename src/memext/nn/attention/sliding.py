@@ -63,6 +63,7 @@ class SlidingWindowAttention(AttentionKernel):
         #: On CPU, run the pieces through the fused flash kernel with the memory-lean backward;
         #: False forces the portable path (plain SDPA + autograd) that other devices take.
         self.fused_cpu = True
+        self._plans: dict[tuple[int, bool, torch.device], list[_Piece]] = {}
 
     def extra_repr(self) -> str:
         return f"window={self.window}, dilation={self.dilation}, global_tokens={self.global_tokens}"
@@ -146,7 +147,13 @@ class SlidingWindowAttention(AttentionKernel):
 
     # --- the main path ------------------------------------------------------------------------
     def _banded(self, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
-        pieces = [p for p in self._plan(q.shape[-2], causal, q.device) if p.q1 > p.q0]
+        key = (q.shape[-2], causal, q.device)
+        pieces = self._plans.pop(key, None)  # every layer and step sees the same few lengths
+        if pieces is None:
+            pieces = [p for p in self._plan(*key) if p.q1 > p.q0]
+        self._plans[key] = pieces  # most recent last
+        if len(self._plans) > _PLANS_KEPT:
+            self._plans.pop(next(iter(self._plans)))
         if self.fused_cpu and q.device.type == "cpu" and hasattr(torch.ops.aten, _CPU_FLASH):
             return _BandedCPU.apply(q, k, v, pieces)
         return torch.cat([_run_piece(p, q, k, v) for p in pieces], dim=2)
@@ -201,6 +208,7 @@ class SlidingWindowAttention(AttentionKernel):
 # Queries per middle piece: large enough to keep the cores busy, small enough that the backward's
 # per-window key/value gradients (span/block times the piece's keys) stay a few MiB.
 _GROUP_TOKENS = 1024
+_PLANS_KEPT = 8  # cached plans (lengths) per kernel: training, eval and a few generation shapes
 _CPU_FLASH = "_scaled_dot_product_flash_attention_for_cpu"
 
 
