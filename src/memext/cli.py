@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import memext
-from memext.config import PRESETS, Config, describe_fields
+from memext.config import PRESETS, Config, describe_fields, parse_value
 from memext.errors import MemextError
 
 app = typer.Typer(
@@ -166,7 +166,6 @@ def eval_(
     ] = None,
 ) -> None:
     """Bits-per-byte and perplexity on the validation split at several context lengths."""
-    from memext.config import parse_value
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
@@ -325,16 +324,6 @@ def tokenizer_train(
     )
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"{what}={text!r} is invalid: expected comma-separated integers") from None
-    if not values or min(values) < 1:
-        raise ValueError(f"{what}={text!r} is invalid: expected positive integers")
-    return values
-
-
 @bench_app.command("attention")
 @user_errors
 def bench_attention(
@@ -393,7 +382,9 @@ def bench_attention(
         raise ValueError(f"--only {only!r} matches no contender")
     for name, why in left_out.items():
         err.print(f"[yellow]skipping {name}:[/] {why}", highlight=False)
-    sizes = _ints(lengths, "--lengths")
+    sizes = parse_value("--lengths", tuple[int, ...], lengths)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--lengths={lengths!r} is invalid: expected positive integers")
     bar = tqdm(desc="bench attention", unit="step", leave=False)
 
     def tick(msg: str) -> None:

@@ -24,6 +24,7 @@ SDPA call over them.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -279,6 +280,7 @@ def _run_piece(p: _Piece, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out.view(b, h, p.q1 - p.q0, d)
 
 
+@functools.lru_cache(maxsize=64)  # keyed by the mask object: plans are cached, so masks persist
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, -math.inf)
 
@@ -297,11 +299,7 @@ class _BandedCPU(torch.autograd.Function):
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, pieces: list[_Piece]) -> Tensor:
         flash = getattr(torch.ops.aten, _CPU_FLASH)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        shared: dict[int, Tensor | None] = {}  # the middle pieces share one band mask
-        for p in pieces:
-            if p.mask is not None and id(p.mask) not in shared:
-                shared[id(p.mask)] = _additive(p.mask, q.dtype)
-        masks = [None if p.mask is None else shared[id(p.mask)] for p in pieces]
+        masks = [None if p.mask is None else _additive(p.mask, q.dtype) for p in pieces]
         lses, training = [], any(ctx.needs_input_grad[:3])
         for h in range(q.shape[1]):
             qh, kh, vh = q[:, h], k[:, h], v[:, h]
