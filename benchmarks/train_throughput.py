@@ -326,7 +326,8 @@ def bench_preset(name: str, args: argparse.Namespace, device: torch.device) -> d
         batch = CPU_BATCH.get(name, batch_preset)
     else:
         batch = batch_preset
-    cfg = cfg.replace(**{"train.batch_size": batch})
+    # Attention alone (no memory, one pass): the reference model has the same shape and math.
+    cfg = cfg.replace(**{"train.batch_size": batch, "model.memory": "none", "train.segment_len": 0})
     m, t = cfg.model, cfg.train
     # The step below is the presets' step: one micro-batch, eager, no checkpointing.
     if t.grad_accum != 1 or t.compile or t.activation_checkpointing:

@@ -287,6 +287,7 @@ def test_built_from_model_config() -> None:
 def test_tiny_model_cached_generation_equals_recompute() -> None:
     cfg = dataclasses.replace(
         Config.preset("tiny").model,
+        memory="none",
         attention="block_sparse",
         block_size=8,
         window=16,

@@ -256,7 +256,14 @@ def test_property_matches_reference(b, h, t, d, chunk, rounds, buckets, causal, 
 def test_model_forward_backward_and_cached_generation():
     cfg = Config.preset("tiny").model
     cfg = dataclasses.replace(
-        cfg, d_model=32, n_layers=2, n_heads=2, max_seq_len=64, attention="lsh", lsh_chunk=8
+        cfg,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        max_seq_len=64,
+        attention="lsh",
+        lsh_chunk=8,
+        memory="none",
     )
     model = build_model(cfg, seed=0)
     tokens = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(0))
@@ -289,6 +296,7 @@ def test_reversible_recompute_replays_training_rotations():
         n_layers=2,
         n_heads=2,
         max_seq_len=64,
+        memory="none",
         attention="lsh",
         lsh_chunk=8,
         reversible=True,

@@ -65,8 +65,10 @@ def test_variant_trains_tiny_preset(name: str) -> None:
     """The tiny preset's architecture, 50 steps on real text: loss at least 20% below its start."""
     cfg = Config.preset("tiny")
     cfg = cfg.replace(
-        model=dataclasses.replace(cfg.model, attention=name, **SETTINGS),
-        train=dataclasses.replace(cfg.train, seq_len=SEQ, batch_size=BATCH, warmup_steps=5),
+        model=dataclasses.replace(cfg.model, attention=name, memory="none", **SETTINGS),
+        train=dataclasses.replace(
+            cfg.train, seq_len=SEQ, segment_len=0, batch_size=BATCH, warmup_steps=5
+        ),
     )
     torch.manual_seed(0)
     model = build_model(cfg.model, seed=0).train()

@@ -19,6 +19,9 @@ SMALL = [
     "model.n_heads=2",
     "model.max_seq_len=256",
     "train.seq_len=32",
+    "train.segment_len=16",  # the main job's shape: xl memory, read in segments
+    "model.mem_len=16",
+    "eval.reach=1,4",
     "train.batch_size=4",
     "train.steps=30",
     "train.eval_every=0",
@@ -71,6 +74,16 @@ def test_train_eval_generate_info_end_to_end(run_dir: Path):
     results = json.loads((run_dir / "eval.json").read_text())
     assert [r["length"] for r in results["results"]] == [16, 32, 64]
     assert len(results["corpus_hash"]) == 64 and results["trained_on_same_corpus"] is True
+    # The main job's memory reach: W and 4W with memory, and one pass where it fits.
+    reach = results["memory_reach"]["results"]
+    assert [(r["reach"], r["memory"]) for r in reach] == [
+        (16, True),
+        (16, False),
+        (64, True),
+        (64, False),
+    ]
+    same = {r["memory"]: r["bits_per_byte"] for r in reach if r["reach"] == 16}
+    assert same[True] == pytest.approx(same[False], rel=1e-5)  # one segment: memory is empty
 
     ev = runner.invoke(
         app,
@@ -187,10 +200,15 @@ def test_eval_length_over_the_model_limit(run_dir: Path):
     _fails(["eval", str(run_dir), "--lengths", "512"], "exceeds the model's limit")
 
 
-def test_generate_prompt_over_the_limit(run_dir: Path, tmp_path: Path):
+def test_generate_reads_prompts_beyond_the_limit_through_memory(run_dir: Path, tmp_path: Path):
+    """The run reads in segments with xl memory: a prompt longer than max_seq_len is fine (the
+    plain model's refusal is tested in test_generate.py)."""
     prompt = tmp_path / "long.txt"
-    prompt.write_text("x" * 300)
-    _fails(["generate", str(run_dir), "--prompt-file", str(prompt)], "exceeds the model's limit")
+    prompt.write_text("x" * 300)  # max_seq_len=256
+    result = runner.invoke(
+        app, ["generate", str(run_dir), "--prompt-file", str(prompt), "--max-new-tokens", "5"]
+    )
+    assert result.exit_code == 0, result.output
     prompt.write_bytes(b"\xff\xfe")
     _fails(["generate", str(run_dir), "--prompt-file", str(prompt)], "not valid UTF-8")
 

@@ -199,3 +199,34 @@ def test_generate_text_decodes_multibyte_characters_across_tokens() -> None:
     assert "".join(_generate(model, "a", 8)) == "中a中a"
     assert "".join(pieces) == "中"
     assert all("\ufffd" not in p for p in _generate(model, "a", 8))
+
+
+# --- models that read in segments (memory variants, the LSTM) ---------------------------------
+@torch.no_grad()
+def _segmented_greedy(model, prompt: list[int], n: int, segment: int) -> list[int]:
+    """The obviously-correct loop: re-read everything in segments from scratch for each token."""
+    seq = list(prompt)
+    for _ in range(n):
+        state = None
+        for s in range(0, len(seq), segment):
+            logits, state = model(torch.tensor([seq[s : s + segment]]), state)
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt) :]
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"memory": "xl", "mem_len": 8},
+        {"memory": "tokens", "mem_tokens": 2},
+        {"memory": "knn", "mem_len": 4, "knn_topk": 4},
+        {"arch": "lstm"},
+    ],
+)
+def test_segment_models_generate_as_they_read(tiny_model_cfg, changes: dict) -> None:
+    cfg = dataclasses.replace(tiny_model_cfg, init_std=0.2, max_seq_len=16, **changes)
+    model = build_model(cfg, seed=0).eval()
+    model.segment_len = 8
+    prompt = _prompt(21, seed=3)  # longer than max_seq_len: memory models read unbounded input
+    got = list(generate_ids(model, prompt, 12, temperature=0))
+    assert got == _segmented_greedy(model, prompt, 12, 8)

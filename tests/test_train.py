@@ -26,6 +26,8 @@ SMALL = {
     "model.n_heads": "2",
     "model.max_seq_len": "256",
     "train.seq_len": "32",
+    "train.segment_len": "0",  # resumption of the plain model (segments: test_train_segments)
+    "model.memory": "none",
     "train.batch_size": "4",
     "train.log_every": "1",
     "train.eval_tokens": "256",

@@ -12,13 +12,15 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from memext.config import Config
 from memext.errors import MemextError
 from memext.io import atomic_write
 from memext.model import build_model
-from memext.nn.transformer import LongLM
+from memext.nn.transformer import LongLM, State
+
+STATE_FORMAT = "memext-state"
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
@@ -95,6 +97,8 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LongL
     cfg = load_config(run_dir)
     model = build_model(cfg.model, seed=None)
     load_weights(model, run_dir / WEIGHTS)
+    # Models trained in segments read long input (and generate) the same way.
+    model.segment_len = cfg.train.segment_len or None
     return model.to(device).eval(), cfg
 
 
@@ -118,3 +122,38 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+
+
+def save_state(state: State, path: str | Path, model_name: str = "") -> None:
+    """Save where a model stands in a long input (position and memory) so it can resume later.
+
+    The memory is a flat dict of tensors: one safetensors file, position in its metadata. KV
+    caches are not saved (they can be rebuilt by re-reading); a state holding one is refused.
+    """
+    if state.cache is not None:
+        raise MemextError("save_state saves memory, not KV caches: pass a state with cache=None")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in (state.memory or {}).items()}
+    meta = {"format": STATE_FORMAT, "pos": str(state.pos), "memory": model_name}
+    atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_state(path: str | Path, device: str | torch.device = "cpu", model_name: str = "") -> State:
+    """The State saved by ``save_state``; a foreign or corrupt file is a MemextError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MemextError(f"state file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise MemextError(f"{str(path)!r} is corrupt or not a safetensors file ({e})") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise MemextError(f"{str(path)!r} is not a memext state file")
+    if model_name and meta.get("memory") not in ("", model_name):
+        raise MemextError(
+            f"{str(path)!r} holds {meta['memory']!r} memory; this model uses {model_name!r}"
+        )
+    return State(pos=int(meta["pos"]), memory=tensors or None)

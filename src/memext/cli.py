@@ -146,9 +146,27 @@ def _evaluate(
 ) -> None:
     from memext.evals.runner import evaluate_run
 
-    rows, path = evaluate_run(run_dir, lengths, max_tokens, dev, out_file)
+    rows, reach_rows, path = evaluate_run(run_dir, lengths, max_tokens, dev, out_file)
     _print_eval(rows, f"validation bits-per-byte by context length — {run_dir}")
+    if reach_rows:
+        _print_reach(reach_rows)
     out.print(f"results: {path}")
+
+
+def _print_reach(rows: list[dict[str, Any]]) -> None:
+    w = rows[0]["segment_len"]
+    table = Table(title=f"memory reach: bits-per-byte of a {w}-token segment after R tokens")
+    for col in ("reach R", "with memory (segments)", "without (one pass)"):
+        table.add_column(col, justify="right")
+    by = {}
+    for r in rows:
+        by.setdefault(r["reach_in_segments"], {})[r["memory"]] = r["bits_per_byte"]
+    for m, cells in sorted(by.items()):
+        table.add_row(
+            f"{m}W = {m * w}",
+            *(f"{cells[k]:.4f}" if k in cells else "-" for k in (True, False)),
+        )
+    out.print(table)
 
 
 @app.command("eval")

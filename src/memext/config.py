@@ -90,6 +90,29 @@ class ModelConfig:
     ff_chunk: int = doc(
         0, "Apply the feed-forward to this many tokens at a time (0 = all at once)."
     )
+    memory: str = doc(
+        "none",
+        "Memory beyond the window by registered name: none, xl, compressive, tokens, knn "
+        "(see docs/memory.md). Memory models read long input in segments.",
+    )
+    mem_len: int = doc(0, "xl/compressive: keys and values each layer keeps from earlier segments.")
+    cmem_len: int = doc(0, "compressive: compressed memory slots each layer keeps.")
+    cmem_rate: int = doc(4, "compressive: evicted memories per compressed slot (rate c).")
+    compress: Literal["conv", "mean"] = doc(
+        "conv", "compressive: learned strided convolution, or mean-pooling (no parameters)."
+    )
+    mem_tokens: int = doc(0, "tokens (RMT): memory tokens read and written each segment.")
+    knn_layer: int = doc(-1, "knn: the layer that retrieves from the memory store (-1 = last).")
+    knn_topk: int = doc(32, "knn: memories retrieved per query.")
+    knn_max: int = doc(
+        0, "knn: most keys the store keeps per row, oldest dropped first (0 = unbounded)."
+    )
+    knn_backend: Literal["torch", "faiss"] = doc(
+        "torch", "knn: exact top-k in torch, or faiss-cpu (pip install faiss-cpu) for large stores."
+    )
+    arch: Literal["transformer", "lstm"] = doc(
+        "transformer", "transformer (LongLM) or lstm (the recurrent baseline: d_model, n_layers)."
+    )
     rope_base: float = doc(10000.0, "Base of the rotary position embedding's frequencies.")
     tie_embeddings: bool = doc(True, "Share the input embedding and output projection weights.")
     norm_eps: float = doc(1e-5, "Epsilon of RMSNorm.")
@@ -109,15 +132,38 @@ class ModelConfig:
             _fail("model", "dropout", self.dropout, "a probability in [0, 1)")
         _check_positive("model", self, "window", "dilation", "lsh_chunk", "lsh_rounds")
         _check_positive("model", self, "block_size")
-        for name in ("global_tokens", "lsh_buckets", "random_blocks", "ff_chunk"):
+        for name in ("global_tokens", "lsh_buckets", "random_blocks", "ff_chunk", "mem_len"):
+            if getattr(self, name) < 0:
+                _fail("model", name, getattr(self, name), "a number >= 0")
+        for name in ("cmem_len", "mem_tokens", "knn_max"):
             if getattr(self, name) < 0:
                 _fail("model", name, getattr(self, name), "a number >= 0")
         if self.lsh_buckets % 2:
             _fail("model", "lsh_buckets", self.lsh_buckets, "0 (auto) or an even number")
+        _check_positive("model", self, "cmem_rate", "knn_topk")
+        _check_choice("model", self, "compress")
+        _check_choice("model", self, "arch")
+        _check_choice("model", self, "knn_backend")
         from memext.nn.attention import ATTENTION  # local: nn never imports config
+        from memext.nn.memory import MEMORY
 
         if self.attention not in ATTENTION:
             _fail("model", "attention", self.attention, "one of " + ", ".join(sorted(ATTENTION)))
+        if self.memory not in MEMORY:
+            _fail("model", "memory", self.memory, "one of " + ", ".join(sorted(MEMORY)))
+        if not -self.n_layers <= self.knn_layer < self.n_layers:
+            _fail(
+                "model",
+                "knn_layer",
+                self.knn_layer,
+                f"a layer index in [-{self.n_layers}, {self.n_layers})",
+            )
+        if self.memory != "none" and self.reversible:
+            _fail("model", "memory", self.memory, "'none' with reversible=true")
+        if self.arch == "lstm" and self.memory != "none":
+            _fail(
+                "model", "memory", self.memory, "'none' for arch='lstm' (its state is its memory)"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -164,6 +210,16 @@ class TrainConfig:
     """The optimisation: AdamW with warmup + cosine decay."""
 
     seq_len: int = doc(256, "Tokens per training sequence.")
+    segment_len: int = doc(
+        0,
+        "Feed each sequence in segments of this many tokens, carrying the model's state (memory) "
+        "from one to the next; 0 = the whole sequence at once. Must divide seq_len.",
+    )
+    bptt: int = doc(
+        1,
+        "Segments per truncated-backprop window: gradients flow through the carried state for "
+        "this many segments (1 = stop-gradient between segments; 0 = through the whole sequence).",
+    )
     batch_size: int = doc(16, "Sequences per micro-batch.")
     grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
     steps: int = doc(600, "Optimizer steps.")
@@ -190,6 +246,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check_positive("train", self, "seq_len", "batch_size", "grad_accum", "steps", "lr")
         _check_positive("train", self, "save_every", "log_every", "eval_tokens")
+        for name in ("segment_len", "bptt"):
+            if getattr(self, name) < 0:
+                _fail("train", name, getattr(self, name), "a number >= 0")
+        if self.segment_len and self.seq_len % self.segment_len:
+            _fail("train", "segment_len", self.segment_len, f"a divisor of seq_len={self.seq_len}")
         for name in ("warmup_steps", "eval_every", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 _fail("train", name, getattr(self, name), "a number >= 0")
@@ -208,8 +269,15 @@ class EvalConfig:
     )
     max_tokens: int = doc(16384, "Scored tokens per length: the same positions at every length.")
     batch_size: int = doc(8, "Windows per forward pass.")
+    reach: tuple[int, ...] = doc(
+        (1, 4, 16),
+        "Memory reach: how many training segments of earlier text precede each scored segment, "
+        "read with the memory carried vs in one pass (models trained with train.segment_len).",
+    )
 
     def __post_init__(self) -> None:
+        if any(not isinstance(n, int) or n < 1 for n in self.reach):
+            _fail("eval", "reach", self.reach, "a list of integers >= 1 (may be empty)")
         if not self.lengths or any(not isinstance(n, int) or n < 2 or n % 2 for n in self.lengths):
             _fail("eval", "lengths", self.lengths, "a non-empty list of even integers >= 2")
         _check_positive("eval", self, "max_tokens", "batch_size")
@@ -225,12 +293,20 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.train.seq_len > self.model.max_seq_len:
+        segment = self.train.segment_len or self.train.seq_len
+        if segment > self.model.max_seq_len:
             _fail(
                 "train",
-                "seq_len",
-                self.train.seq_len,
+                "segment_len" if self.train.segment_len else "seq_len",
+                segment,
                 f"<= model.max_seq_len={self.model.max_seq_len}",
+            )
+        if self.train.segment_len and self.model.memory == "none" and self.model.arch != "lstm":
+            _fail(
+                "train",
+                "segment_len",
+                self.train.segment_len,
+                "0 when model.memory='none' (segments would not see each other)",
             )
         too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
         if too_long:
@@ -451,7 +527,10 @@ def fields_markdown() -> str:
 
 # Presets differ from the field defaults only where they must; `tiny` is the main job.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {},
+    "tiny": {
+        "model": {"memory": "xl", "mem_len": 128},
+        "train": {"segment_len": 128},
+    },
     "small": {
         "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "max_seq_len": 16384},
         "train": {

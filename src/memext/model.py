@@ -12,6 +12,7 @@ from memext.config import ModelConfig
 from memext.nn.attention import build_attention
 from memext.nn.block import Block, SelfAttention
 from memext.nn.feedforward import SwiGLU
+from memext.nn.memory import build_memory
 from memext.nn.rotary import Rotary
 from memext.nn.transformer import LongLM
 
@@ -19,12 +20,15 @@ from memext.nn.transformer import LongLM
 def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
     """Build and initialise a model; ``seed`` makes the initial weights reproducible."""
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    if cfg.arch == "lstm":
+        return _build_lstm(cfg, seed)
+    settings = dataclasses.asdict(cfg)
     blocks = [
         Block(
             SelfAttention(
                 cfg.d_model,
                 cfg.n_heads,
-                build_attention(cfg.attention, **dataclasses.asdict(cfg)),
+                build_attention(cfg.attention, **settings),
                 cfg.dropout,
             ),
             SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout, chunk=cfg.ff_chunk),
@@ -41,6 +45,7 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
         rotary=Rotary(cfg.head_dim, cfg.rope_base),
         max_seq_len=cfg.max_seq_len,
         reversible=cfg.reversible,
+        memory=build_memory(cfg.memory, **settings),
     )
     _init(model, cfg, gen)
     if cfg.tie_embeddings:
@@ -60,3 +65,19 @@ def _init(model: LongLM, cfg: ModelConfig, gen: torch.Generator | None) -> None:
             residual_std if name.endswith(("attn.out.weight", "ffn.down.weight")) else cfg.init_std
         )
         p.normal_(0.0, std, generator=gen)
+
+
+def _build_lstm(cfg: ModelConfig, seed: int | None):
+    from memext.nn.lstm import LSTMLM
+
+    with torch.random.fork_rng():  # seed the init without touching the caller's RNG
+        if seed is not None:
+            torch.manual_seed(seed)
+        return LSTMLM(
+            cfg.vocab_size,
+            cfg.d_model,
+            cfg.n_layers,
+            dropout=cfg.dropout,
+            tie_embeddings=cfg.tie_embeddings,
+            max_seq_len=cfg.max_seq_len,
+        )

@@ -303,6 +303,8 @@ def train_tokens_per_s(
         cfg = Config.preset(preset).replace(
             **{
                 "model.attention": variant,
+                "model.memory": "none",  # one pass over `length` tokens: attention alone
+                "train.segment_len": 0,
                 "model.max_seq_len": max(length, 1024),
                 "train.seq_len": length,
                 "train.batch_size": 1,

@@ -12,6 +12,7 @@ import torch
 from memext.checkpoint import load, run_tokenizer
 from memext.data import prepare_data
 from memext.errors import MemextError
+from memext.evals import reach
 from memext.evals.perplexity import DEFINITION, evaluate_lengths
 from memext.io import atomic_write_text
 from memext.runtime import provenance
@@ -27,7 +28,7 @@ def evaluate_run(
     device: torch.device | str = "cpu",
     out_file: str | Path | None = None,
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], Path]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Path]:
     run_dir = Path(run_dir)
     model, cfg = load(run_dir, device)
     lengths = sorted(set(lengths or cfg.eval.lengths))
@@ -51,6 +52,19 @@ def evaluate_run(
         device,
         progress,
     )
+    reach_rows = []
+    if cfg.train.segment_len and cfg.eval.reach:
+        reach_rows = reach.memory_reach(
+            model,
+            store.validation,
+            cfg.train.segment_len,
+            cfg.eval.reach,
+            max_tokens or cfg.eval.max_tokens,
+            tok.byte_lengths(),
+            cfg.eval.batch_size,
+            device,
+            progress,
+        )
     run_info = run_dir / "run.json"
     trained_on = json.loads(run_info.read_text()).get("corpus_hash") if run_info.is_file() else None
     payload = {
@@ -65,7 +79,8 @@ def evaluate_run(
         "seconds": round(time.perf_counter() - t0, 2),
         "provenance": provenance(torch.device(device)),
         "results": rows,
+        "memory_reach": {"definition": reach.DEFINITION, "results": reach_rows},
     }
     path = Path(out_file) if out_file else run_dir / "eval.json"
     atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-    return rows, path
+    return rows, reach_rows, path

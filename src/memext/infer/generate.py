@@ -59,6 +59,11 @@ def generate_ids(
     """Yield up to ``max_new_tokens`` ids continuing ``prompt``."""
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    if getattr(model, "segment_len", None):
+        yield from _generate_in_segments(
+            model, prompt, max_new_tokens, model.segment_len, temperature, top_k, top_p, seed
+        )
+        return
     total = len(prompt) + max_new_tokens
     if total > model.max_seq_len:
         raise ValueError(
@@ -104,3 +109,34 @@ def generate_text(
             emitted = len(text) - hold
     text += decoder.decode(b"", final=True)
     yield text[emitted:]
+
+
+@torch.no_grad()
+def _generate_in_segments(
+    model: torch.nn.Module,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    segment_len: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    seed: int | None,
+) -> Iterator[int]:
+    """Decoding for models that read in segments (memory variants, the LSTM): unbounded input.
+
+    Text is committed to the memory one whole segment at a time, exactly as in training; the
+    unfinished segment is re-read from the committed state for every new token. That costs up to
+    one segment of recompute per token but keeps the segmentation identical to training's,
+    which a memory that writes once per call (RMT) needs.
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    committed, tail = None, list(prompt)
+    for _ in range(max_new_tokens):
+        while len(tail) > segment_len:
+            _, committed = model(torch.tensor([tail[:segment_len]], device=device), committed)
+            tail = tail[segment_len:]
+        logits, _ = model(torch.tensor([tail], device=device), committed)
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        yield int(nxt)
+        tail.append(int(nxt))

@@ -11,6 +11,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from memext.nn.attention import AttentionKernel
+from memext.nn.memory import MemoryStep
 from memext.nn.rotary import apply_rotary
 
 
@@ -27,17 +28,26 @@ class SelfAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: Any = None,
+        layer: int = 0,
+        memory: MemoryStep | None = None,
     ) -> Tensor:
         b, t, _ = x.shape
         qkv = self.qkv(x).view(b, t, 3, self.n_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_raw, k_raw, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D)
+        q, k = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
         if self.kernel.shared_qk:
             k = q
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, T_cache + T, D)
-        y = self.kernel(q, k, v, causal=True)  # (B, H, T, D)
+        if memory is None:
+            y = self.kernel(q, k, v, causal=True)  # (B, H, T, D)
+        else:
+            y = memory.attend(layer, q, k, v, self.kernel, q_raw, k_raw)
         y = y.transpose(1, 2).reshape(b, t, -1)
         return self.dropout(self.out(y))
 
@@ -51,18 +61,30 @@ class Block(nn.Module):
         self.ffn = ffn
 
     def forward(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: Any = None,
+        layer: int = 0,
+        memory: MemoryStep | None = None,
     ) -> Tensor:
-        x = x + self.attn_branch(x, cos, sin, cache, layer)
+        x = x + self.attn_branch(x, cos, sin, cache, layer, memory)
         return x + self.ffn_branch(x)
 
     # The two residual branches on their own: the reversible stack (memext.nn.reversible) couples
     # them across two streams instead of adding both to one.
     def attn_branch(
-        self, x: Tensor, cos: Tensor, sin: Tensor, cache: Any = None, layer: int = 0
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: Any = None,
+        layer: int = 0,
+        memory: MemoryStep | None = None,
     ) -> Tensor:
         """attn(norm(x)): what this block's attention adds to the residual stream."""
-        return self.attn(self.attn_norm(x), cos, sin, cache, layer)
+        return self.attn(self.attn_norm(x), cos, sin, cache, layer, memory)
 
     def ffn_branch(self, x: Tensor) -> Tensor:
         """ffn(norm(x)): what this block's feed-forward adds to the residual stream."""

@@ -144,3 +144,14 @@ def sliding_mask(
     else:
         seen |= (j < g) | (i < g)
     return seen
+
+
+def segment_memory_mask(
+    t: int, segment_len: int, mem_len: int, device: torch.device | None = None
+) -> Tensor:
+    """(T, T): Transformer-XL read in segments, as one pass. Query i of the segment starting at
+    s sees keys s - mem_len .. i: its own segment's past plus the ``mem_len`` keys before it."""
+    i = torch.arange(t, device=device)[:, None]
+    j = torch.arange(t, device=device)[None, :]
+    start = (i // segment_len) * segment_len
+    return (j <= i) & (j >= start - mem_len)

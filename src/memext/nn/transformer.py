@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from memext.nn.block import Block
+from memext.nn.memory import Memory, MemoryStep
 from memext.nn.reversible import reversible_stack
 from memext.nn.rotary import Rotary
 
@@ -19,12 +20,15 @@ class State:
     """What a forward pass hands to the next one.
 
     ``pos``: tokens consumed so far (the position of the next token); ``cache``: a KV-cache policy
-    for incremental decoding (``memext.infer.cache``); ``memory``: a memory variant's carried state.
+    for incremental decoding (``memext.infer.cache``); ``memory``: a memory variant's carried state
+    (a flat dict of tensors, ``memext.nn.memory``); ``aux_loss``: what the memory asks to add to
+    the training loss for the call that returned this state (compressive memory's reconstruction).
     """
 
     pos: int = 0
     cache: Any = None
     memory: Any = None
+    aux_loss: Any = None
 
 
 class LongLM(nn.Module):
@@ -45,6 +49,7 @@ class LongLM(nn.Module):
         rotary: Rotary,
         max_seq_len: int,
         reversible: bool = False,
+        memory: Memory | None = None,
     ):
         super().__init__()
         self.embed = embed
@@ -56,19 +61,35 @@ class LongLM(nn.Module):
         self.activation_checkpointing = False
         self.reversible = reversible
         self.reversible_backward = True
+        self.memory = memory if memory is not None else Memory()
+        #: Set by ``memext.checkpoint.load`` for models trained in segments: generation then
+        #: reads long input segment by segment, as training did.
+        self.segment_len: int | None = None
+        if reversible and self.memory.name != "none":
+            raise ValueError("reversible blocks cannot read memory: choose one of the two")
 
     def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """tokens (B, T) int64 -> logits (B, T, vocab) fp32-or-autocast, and the next State."""
         state = state or State()
         t = tokens.shape[1]
-        if (state.pos + t > self.max_seq_len and state.cache is None) or t > self.max_seq_len:
+        limited = state.pos + t if state.cache is None and not self.memory.unbounded else t
+        if limited > self.max_seq_len:
             raise ValueError(
-                f"sequence of {state.pos + t} tokens exceeds the model's limit "
+                f"sequence of {limited} tokens exceeds the model's limit "
                 f"max_seq_len={self.max_seq_len}"
             )
-        positions = torch.arange(state.pos, state.pos + t, device=tokens.device)
-        cos, sin = self.rotary(positions)
+        if state.cache is not None and self.memory.name != "none":
+            raise ValueError(
+                f"memory {self.memory.name!r} reads segments without a KV cache: pass cache=None"
+            )
         x = self.embed(tokens)
+        old = state.memory
+        if old is None:
+            old = self.memory.init(tokens.shape[0], tokens.device, x.dtype)
+        step = MemoryStep(self.memory, old)
+        x = self.memory.enter(x, step)
+        start = self.memory.position_offset(state.pos)
+        cos, sin = self.rotary(torch.arange(start, start + x.shape[1], device=tokens.device))
         if self.reversible:
             x = reversible_stack(
                 self.blocks, x, cos, sin, state.cache, recompute=self.reversible_backward
@@ -76,13 +97,16 @@ class LongLM(nn.Module):
         else:
             for i, block in enumerate(self.blocks):
                 if self.activation_checkpointing and self.training:
-                    x = checkpoint(block, x, cos, sin, state.cache, i, use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, state.cache, i, step, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, state.cache, i)
+                    x = block(x, cos, sin, state.cache, i, step)
+        x = self.memory.leave(x, step)
         if state.cache is not None:
             state.cache.advance(t)
         logits = self.head(self.norm(x))
-        return logits, replace(state, pos=state.pos + t)
+        aux = torch.stack(step.aux).sum() if step.aux else None
+        # A copy: activation checkpointing re-runs the hooks in backward, writing into step.new.
+        return logits, replace(state, pos=state.pos + t, memory=dict(step.new), aux_loss=aux)
 
     def num_params(self, exclude_embedding: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())  # tied weights count once

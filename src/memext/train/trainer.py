@@ -93,6 +93,72 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
     )
 
 
+def sequence_backward(
+    fwd: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: TrainConfig,
+    device: torch.device,
+    *,
+    scale: float = 1.0,
+    weights: torch.Tensor | None = None,
+    reset_id: int | None = None,
+) -> float:
+    """Forward and backward one batch of sequences; returns its mean loss (before ``scale``).
+
+    With ``t.segment_len`` the sequences are read in segments carrying the model's state, and
+    the gradient flows through that state for ``t.bptt`` segments before it is cut (truncated
+    backprop through time; 0 = never cut). ``weights`` (B, T) weighs each target (a task's answer
+    more than its filler); ``reset_id`` is the document-boundary token: a row whose segment held
+    one starts the next segment with empty memory. A memory's auxiliary loss (compressive
+    memory's reconstruction) is added to the loss it belongs to but not to the returned mean.
+    """
+    x, y = x.to(device), y.to(device)
+    seg = t.segment_len or x.shape[1]
+    n = x.shape[1] // seg
+    w = None if weights is None else weights.to(device).float()
+    denom = float(w.sum()) if w is not None else float(y.numel())
+    state, pending, total = None, None, 0.0
+    for i in range(n):
+        xs, ys = x[:, i * seg : (i + 1) * seg], y[:, i * seg : (i + 1) * seg]
+        with autocast(device, t.precision):
+            logits, state = fwd(xs, state)
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none"
+        )
+        if w is not None:
+            nll = nll * w[:, i * seg : (i + 1) * seg].reshape(-1)
+        loss = nll.sum() / denom
+        total += float(loss.detach())
+        if state.aux_loss is not None:
+            loss = loss + state.aux_loss / n
+        pending = loss if pending is None else pending + loss
+        if i == n - 1 or (t.bptt and (i + 1) % t.bptt == 0):
+            (pending * scale).backward()
+            pending = None
+            if i < n - 1 and state.memory:
+                state.memory = {k: v.detach() for k, v in state.memory.items()}
+        if reset_id is not None and i < n - 1 and state.memory:
+            rows = (xs == reset_id).any(dim=1)
+            if bool(rows.any()):
+                state.memory = reset_memory(_unwrap(fwd), state.memory, rows)
+    return total
+
+
+def reset_memory(model: torch.nn.Module, memory: dict, rows: torch.Tensor) -> dict:
+    """Forget the batch ``rows`` of a carried state: the memory variant's rule, or (a recurrent
+    model without one) zeroed hidden state."""
+    variant = getattr(model, "memory", None)
+    if variant is not None:
+        return variant.reset(memory, rows)
+    keep = (~rows).to(next(iter(memory.values())).dtype)
+    return {k: v * keep[None, :, None] for k, v in memory.items()}
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
 def train_step(
     fwd: torch.nn.Module,
     model: torch.nn.Module,
@@ -101,6 +167,7 @@ def train_step(
     lr: float,
     t: TrainConfig,
     device: torch.device,
+    reset_id: int | None = None,
 ) -> tuple[float, float]:
     """One optimizer step over ``batches`` (micro-batches accumulated); returns (loss, grad norm).
 
@@ -111,12 +178,9 @@ def train_step(
         group["lr"] = lr
     total = 0.0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast(device, t.precision):
-            logits, _ = fwd(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        (loss / len(batches)).backward()
-        total += float(loss.detach()) / len(batches)
+        total += sequence_backward(
+            fwd, x, y, t, device, scale=1.0 / len(batches), reset_id=reset_id
+        ) / len(batches)
     if not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
         return total, math.nan
@@ -207,6 +271,7 @@ def train(
         )
     store, skipped = prepare_data(cfg.data, tok, log)
     byte_lengths = tok.byte_lengths()
+    reset_id = tok.special_id("<eod>") if t.segment_len else None
 
     info = {
         "corpus_hash": store.corpus_hash,
@@ -285,7 +350,7 @@ def train(
                 )
                 for m in range(t.grad_accum)
             ]
-            total, gnorm = train_step(fwd, model, opt, batches, lr, t, device)
+            total, gnorm = train_step(fwd, model, opt, batches, lr, t, device, reset_id)
             if not math.isfinite(total):
                 raise TrainingDiverged(
                     f"the loss became {total} at step {loop.step + 1}; stopped. The last good "

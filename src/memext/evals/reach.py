@@ -1,0 +1,95 @@
+"""Memory reach: bits-per-byte against how much earlier text the model has read, with and
+without its memory.
+
+Definition: the validation stream is scored one segment of W tokens at a time (W = the model's
+training segment). For a reach of R = m·W tokens the scored segment comes last in R tokens of
+text. *With memory* they are read as m segments with the state carried (attention spans one
+segment plus whatever the memory keeps). *Without memory* they are read in one forward pass from
+an empty state (attention alone over all R tokens; skipped when R exceeds the model's
+max_seq_len). The same segments are scored in every cell, so differences come from how the
+earlier text is used. A model without memory gains nothing from reading in segments.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from memext.errors import MemextError
+
+DEFINITION = (
+    "the last W-token segment of R = m*W tokens is scored; with memory: read as m segments with "
+    "the state carried; without: one pass over all R tokens from an empty state; the same "
+    "segments are scored in every cell; bits/byte = nats / ln 2 / UTF-8 bytes of the targets"
+)
+
+
+@torch.no_grad()
+def memory_reach(
+    model: torch.nn.Module,
+    tokens: np.ndarray,
+    segment_len: int,
+    multiples: tuple[int, ...],
+    max_tokens: int,
+    byte_lengths: np.ndarray,
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """One row per (reach, memory on/off): bits-per-byte on the same scored segments."""
+    w, far = segment_len, max(multiples)
+    first = (far - 1) * w  # the first scored segment has room for far - 1 predecessors
+    n_seg = min(max_tokens, tokens.size - 1 - first) // w
+    if n_seg <= 0:
+        raise MemextError(
+            f"the validation split has {tokens.size} tokens: too few for a reach of {far}x{w}"
+        )
+    starts = first + w * np.arange(n_seg)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for m in sorted(set(multiples)):
+            for use_memory in (True, False):
+                if not use_memory and m * w > model.max_seq_len:
+                    continue
+                nats, n_bytes = 0.0, 0
+                label = f"reach {m}W {'memory' if use_memory else 'one pass'}"
+                bar = tqdm(total=n_seg, desc=label, disable=not progress, leave=False)
+                for i in range(0, n_seg, batch_size):
+                    s = starts[i : i + batch_size]
+                    idx = (s - (m - 1) * w)[:, None] + np.arange(m * w + 1)[None, :]
+                    seq = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
+                    step = w if use_memory else m * w
+                    state = None
+                    for j in range(0, m * w, step):
+                        logits, state = model(seq[:, j : j + step], state)
+                    logits, targets = logits[:, -w:].float(), seq[:, -w:]
+                    nats += float(
+                        F.cross_entropy(
+                            logits.reshape(-1, logits.shape[-1]),
+                            targets.reshape(-1),
+                            reduction="sum",
+                        )
+                    )
+                    n_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+                    bar.update(len(s))
+                bar.close()
+                rows.append(
+                    {
+                        "reach": m * w,
+                        "reach_in_segments": m,
+                        "memory": use_memory,
+                        "segment_len": w,
+                        "scored_tokens": int(n_seg * w),
+                        "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
+                    }
+                )
+    finally:
+        model.train(was_training)
+    return rows

@@ -1,0 +1,144 @@
+"""Score a model on long-range tasks (``memext.data.tasks``) the way a memory model reads.
+
+Each sample is fed segment by segment through ``model(segment, state)``, carrying the returned
+``State`` from one segment to the next, starting from ``None``. Segments are cut from the *end*
+(``segments``) so the answer always sits in the last one, whatever the sample's length; the
+trainer cuts its task batches the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from memext.data.tasks import Sample
+
+
+def segments(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
+    """[start, end) spans tiling [0, n_tokens), cut backwards from the end: every span is
+    ``segment_len`` long except the first, which takes the remainder."""
+    if segment_len < 1:
+        raise ValueError(f"segment_len={segment_len} must be positive")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens={n_tokens} must be non-negative")
+    ends = range(n_tokens, 0, -segment_len)
+    return [(max(0, end - segment_len), end) for end in reversed(ends)]
+
+
+def task_batch(samples: Sequence[Sample]) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs (B, T), targets (B, T) (the inputs shifted by one) and a (B, T) bool mask that is
+    True where the target is an answer token, for samples of one length (T = length - 1)."""
+    if not samples:
+        raise ValueError("task_batch needs at least one sample")
+    lengths = {s.tokens.size for s in samples}
+    if len(lengths) > 1:
+        raise ValueError(f"samples in one batch must share a length, got {sorted(lengths)}")
+    tokens = torch.from_numpy(np.stack([s.tokens for s in samples]))
+    positions = torch.arange(tokens.shape[1] - 1)
+    starts = torch.tensor([s.answer_start - 1 for s in samples])  # predicts the first answer token
+    mask = positions[None, :] >= starts[:, None]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+
+def _check_fits(sample: Sample, segment_len: int) -> None:
+    # The last segment covers inputs [T - segment_len, T); it must hold every position that
+    # predicts an answer token, i.e. answer_start - 1 onwards.
+    n_inputs = sample.tokens.size - 1
+    last_start = max(0, n_inputs - segment_len)
+    if sample.answer_start - 1 < last_start:
+        raise ValueError(
+            f"segment_len={segment_len} is too short for a {sample.answer.size}-token answer: "
+            f"the positions predicting it must all lie in the last segment "
+            f"(need segment_len >= {sample.answer.size})"
+        )
+
+
+def _score_batch(
+    model: torch.nn.Module, batch: Sequence[Sample], segment_len: int, device: torch.device | str
+) -> tuple[list[bool], int]:
+    """Per-sample exact match and the number of answer tokens predicted right."""
+    inputs, targets, mask = task_batch(batch)
+    cuts = segments(inputs.shape[1], segment_len)
+    inputs = inputs.to(device)
+    state = None
+    for start, end in cuts:
+        logits, state = model(inputs[:, start:end], state)
+        if logits.shape[:2] != (len(batch), end - start):
+            raise ValueError(
+                f"the model returned logits of shape {tuple(logits.shape)} for a "
+                f"({len(batch)}, {end - start}) segment: expected one logit row per token"
+            )
+    last = cuts[-1][0]
+    pred = logits.argmax(-1).cpu()
+    targets, mask = targets[:, last:], mask[:, last:]
+    hit = (pred == targets) & mask
+    return (hit | ~mask).all(dim=1).tolist(), int(hit.sum())
+
+
+@torch.no_grad()
+def evaluate_samples(
+    model: torch.nn.Module,
+    samples: Sequence[Sample],
+    segment_len: int,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Exact match and token accuracy of ``model`` on ``samples``, read ``segment_len`` at a time.
+
+    Scoring is teacher-forced: a sample is right iff the argmax of the logits at every position
+    that predicts an answer token is that token. With the true answer fed back this equals
+    greedy decoding's exact match: greedy decoding emits the same argmax tokens for as long as
+    they are right, so its first ``len(answer)`` tokens are the answer iff all of them are.
+
+    Samples of one length are batched together (``batch_size`` at a time); the result holds
+    ``task``, ``n``, ``exact_match``, ``token_accuracy``, ``chance`` (the mean of the samples'
+    ``meta["chance"]``: a uniform guess's exact match), ``seconds``, ``segment_len`` and
+    ``correct`` (one bool per sample, in order).
+    """
+    if not samples:
+        raise ValueError("evaluate_samples needs at least one sample")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    for sample in samples:
+        _check_fits(sample, segment_len)
+    t0 = time.perf_counter()
+    groups: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(sample.tokens.size, []).append(i)
+    correct = [False] * len(samples)
+    hits = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(samples), desc="tasks", disable=not progress, leave=False)
+    try:
+        for idx in groups.values():
+            for j in range(0, len(idx), batch_size):
+                chunk = idx[j : j + batch_size]
+                ok, n_hit = _score_batch(model, [samples[k] for k in chunk], segment_len, device)
+                for k, right in zip(chunk, ok, strict=True):
+                    correct[k] = right
+                hits += n_hit
+                bar.update(len(chunk))
+    finally:
+        bar.close()
+        model.train(was_training)
+    tasks = sorted({s.task for s in samples})
+    chances = [float(s.meta.get("chance", math.nan)) for s in samples]
+    return {
+        "task": tasks[0] if len(tasks) == 1 else "+".join(tasks),
+        "n": len(samples),
+        "segment_len": segment_len,
+        "exact_match": sum(correct) / len(samples),
+        "token_accuracy": hits / sum(s.answer.size for s in samples),
+        "chance": sum(chances) / len(chances),
+        "seconds": time.perf_counter() - t0,
+        "correct": correct,
+    }
