@@ -176,7 +176,9 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(results["variants"])
-    fig, axes = plt.subplots(1, len(names), figsize=(2.6 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(names), figsize=(2.4 * len(names), 3.2), squeeze=False, sharey=True
+    )
     for ax, name in zip(axes[0], names, strict=True):
         rows = results["variants"][name]["passkey"]
         mults = sorted({r["context_in_W"] for r in rows})
@@ -194,6 +196,7 @@ def plot(results: dict, path: Path) -> None:
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="upper")
         ax.set_xticks(range(len(mults)), [f"{m}W" for m in mults])
         ax.set_yticks(range(len(DEPTHS)), [f"{d:.2f}" for d in DEPTHS])
+        ax.tick_params(axis="y", labelleft=ax is axes[0][0])
         ax.set_title(name)
         ax.set_xlabel("context")
         for i in range(grid.shape[0]):
