@@ -46,7 +46,7 @@ def load_config(run_dir: str | Path) -> Config:
 
 
 def save_weights(model: LongLM, path: Path, metadata: dict[str, str]) -> None:
-    atomic_write(path, lambda tmp: save_model(_unwrap(model), tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_model(unwrap(model), tmp, metadata=metadata))
 
 
 def weights_metadata(path: Path) -> dict[str, str]:
@@ -120,7 +120,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
 
 
@@ -145,9 +145,9 @@ def load_state(path: str | Path, device: str | torch.device = "cpu", model_name:
     if not path.is_file():
         raise MemextError(f"state file {str(path)!r} does not exist")
     try:
-        with safe_open(str(path), "pt") as f:
+        with safe_open(str(path), "pt", device=str(device)) as f:
             meta = f.metadata() or {}
-        tensors = load_file(str(path), device=str(device))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as e:
         raise MemextError(f"{str(path)!r} is corrupt or not a safetensors file ({e})") from None
     if meta.get("format") != STATE_FORMAT:

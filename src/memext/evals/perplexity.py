@@ -38,6 +38,16 @@ def _windows(length: int, first: int, n_scored: int) -> list[tuple[int, int]]:
     return spans
 
 
+def nats_and_bytes(
+    logits: torch.Tensor, targets: torch.Tensor, byte_lengths: np.ndarray
+) -> tuple[float, int]:
+    """Summed negative log-likelihood of ``targets`` and their UTF-8 bytes: bits-per-byte's parts."""
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+    )
+    return float(nll), int(byte_lengths[targets.cpu().numpy()].sum())
+
+
 @torch.no_grad()
 def score_length(
     model: torch.nn.Module,
@@ -66,13 +76,9 @@ def score_length(
             idx = np.array([s for s, _ in batch])[:, None] + np.arange(size + 1)[None, :]
             seg = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
             logits, _ = model(seg[:, :-1])
-            logits, targets = logits[:, half:].float(), seg[:, half + 1 :]
-            nll = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
-            )
-            nats += float(nll)
-            n_tok += targets.numel()
-            n_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+            targets = seg[:, half + 1 :]
+            nll, nb = nats_and_bytes(logits[:, half:], targets, byte_lengths)
+            nats, n_tok, n_bytes = nats + nll, n_tok + targets.numel(), n_bytes + nb
             bar.update(len(batch))
     bar.close()
     return {

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memext.errors import MemextError
+from memext.evals.perplexity import nats_and_bytes
 
 DEFINITION = (
     "the last W-token segment of R = m*W tokens is scored; with memory: read as m segments with "
@@ -56,8 +56,8 @@ def memory_reach(
     try:
         for m in sorted(set(multiples)):
             for use_memory in (True, False):
-                if not use_memory and m * w > model.max_seq_len:
-                    continue
+                if not use_memory and (m * w > model.max_seq_len or m == 1):
+                    continue  # too long for one pass; or one segment, where both are one call
                 nats, n_bytes = 0.0, 0
                 label = f"reach {m}W {'memory' if use_memory else 'one pass'}"
                 bar = tqdm(total=n_seg, desc=label, disable=not progress, leave=False)
@@ -69,27 +69,21 @@ def memory_reach(
                     state = None
                     for j in range(0, m * w, step):
                         logits, state = model(seq[:, j : j + step], state)
-                    logits, targets = logits[:, -w:].float(), seq[:, -w:]
-                    nats += float(
-                        F.cross_entropy(
-                            logits.reshape(-1, logits.shape[-1]),
-                            targets.reshape(-1),
-                            reduction="sum",
-                        )
-                    )
-                    n_bytes += int(byte_lengths[targets.cpu().numpy()].sum())
+                    nll, nb = nats_and_bytes(logits[:, -w:], seq[:, -w:], byte_lengths)
+                    nats, n_bytes = nats + nll, n_bytes + nb
                     bar.update(len(s))
                 bar.close()
-                rows.append(
-                    {
-                        "reach": m * w,
-                        "reach_in_segments": m,
-                        "memory": use_memory,
-                        "segment_len": w,
-                        "scored_tokens": int(n_seg * w),
-                        "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
-                    }
-                )
+                row = {
+                    "reach": m * w,
+                    "reach_in_segments": m,
+                    "memory": use_memory,
+                    "segment_len": w,
+                    "scored_tokens": int(n_seg * w),
+                    "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
+                }
+                rows.append(row)
+                if m == 1:  # one segment is one call either way: the same figure, computed once
+                    rows.append({**row, "memory": False})
     finally:
         model.train(was_training)
     return rows

@@ -13,7 +13,21 @@ import math
 import torch
 from torch import Tensor, nn
 
+from memext.nn.memory import Memory, MemoryState
 from memext.nn.transformer import State
+
+
+class RecurrentState(Memory):
+    """The LSTM's ``(h, c)`` seen through the memory contract, so segment training detaches and
+    resets it like any memory variant. Not registered: it is not a choice for ``model.memory``."""
+
+    name = "lstm"
+    unbounded = True
+
+    def reset(self, state: MemoryState, rows: Tensor) -> MemoryState:
+        """A reset row starts again from the zero state (h, c are (layers, B, d))."""
+        keep = (~rows).to(state["h"].device)[None, :, None]
+        return {k: v * keep.to(v.dtype) for k, v in state.items()}
 
 
 class LSTMLM(nn.Module):
@@ -56,6 +70,7 @@ class LSTMLM(nn.Module):
         self.d_model = d_model
         self.max_seq_len = max_seq_len
         self.segment_len: int | None = None  # set by memext.checkpoint.load; see LongLM
+        self.memory = RecurrentState()
         self.activation_checkpointing = False
         self.reversible = False
         self.init_weights()

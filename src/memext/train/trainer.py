@@ -118,6 +118,7 @@ def sequence_backward(
     n = x.shape[1] // seg
     w = None if weights is None else weights.to(device).float()
     denom = float(w.sum()) if w is not None else float(y.numel())
+    memory = ckpt.unwrap(fwd).memory  # the variant's rules for cutting and forgetting state
     state, pending, total = None, None, 0.0
     for i in range(n):
         xs, ys = x[:, i * seg : (i + 1) * seg], y[:, i * seg : (i + 1) * seg]
@@ -137,26 +138,12 @@ def sequence_backward(
             (pending * scale).backward()
             pending = None
             if i < n - 1 and state.memory:
-                state.memory = {k: v.detach() for k, v in state.memory.items()}
+                state.memory = memory.detach(state.memory)
         if reset_id is not None and i < n - 1 and state.memory:
             rows = (xs == reset_id).any(dim=1)
             if bool(rows.any()):
-                state.memory = reset_memory(_unwrap(fwd), state.memory, rows)
+                state.memory = memory.reset(state.memory, rows)
     return total
-
-
-def reset_memory(model: torch.nn.Module, memory: dict, rows: torch.Tensor) -> dict:
-    """Forget the batch ``rows`` of a carried state: the memory variant's rule, or (a recurrent
-    model without one) zeroed hidden state."""
-    variant = getattr(model, "memory", None)
-    if variant is not None:
-        return variant.reset(memory, rows)
-    keep = (~rows).to(next(iter(memory.values())).dtype)
-    return {k: v * keep[None, :, None] for k, v in memory.items()}
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)
 
 
 def train_step(
