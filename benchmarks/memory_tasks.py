@@ -29,7 +29,7 @@ import torch
 
 from memext import build_model
 from memext.config import Config, EvalConfig, ModelConfig, TrainConfig
-from memext.data.tasks import Filler, make_samples
+from memext.data.tasks import PASSKEY_QUESTION, PASSKEY_SENTENCE, Filler, make_samples
 from memext.evals.tasks import evaluate_samples, task_batch
 from memext.runtime import provenance
 from memext.tokenizer import ByteTokenizer
@@ -64,30 +64,58 @@ def model_config(name: str) -> ModelConfig:
     return dataclasses.replace(BASE, **VARIANTS[name])
 
 
-def train_batch(tok, filler, rng: np.random.Generator, batch: int, step: int, seed: int):
-    """Passkey samples of 2..4 segments (a random count per step), the key >= W before the
-    question; weights put half the loss on the answer."""
-    n_seg = int(rng.integers(2, 5))
-    samples = [
-        make_samples(
+def near_depth(tok, length: int) -> float:
+    """The smallest depth that puts the whole key sentence inside the question's window."""
+    sizes = [len(tok.encode(t)) for t in (*PASSKEY_SENTENCE, PASSKEY_QUESTION)]
+    free = length - sum(sizes) - 2 * ANSWER
+    return min(1.0, max(0.0, (length - W) / free))
+
+
+def train_batch(
+    tok,
+    filler,
+    rng: np.random.Generator,
+    batch: int,
+    step: int,
+    seed: int,
+    near: float,
+    warm: bool = False,
+):
+    """Passkey samples of 2..4 segments (a random count per step); weights put half the loss on
+    the answer. A fraction ``near`` of them has the key inside the question's window, the rest
+    has it >= W before the question. Near samples are the curriculum: they teach the attention
+    memories' read path (stored keys are stop-gradient, so far samples alone give their key
+    projections no signal to shape). ``warm``: one segment, key anywhere in it (the first stage
+    of the curriculum, where retrieval is learned at all)."""
+    n_seg = 1 if warm else int(rng.integers(2, 5))
+    length = n_seg * W - (ANSWER - 1)
+    low = near_depth(tok, length)
+    samples = []
+    for b in range(batch):
+        is_near = warm or rng.uniform() < near
+        depth = float(rng.uniform(low, 1.0) if is_near else rng.uniform())
+        s = make_samples(
             "passkey",
             tok,
             filler,
-            n_seg * W - (ANSWER - 1),
-            float(rng.uniform()),
+            length,
+            depth,
             1,
             seed * 1_000_003 + step * 64 + b,
-            gap=W,
+            gap=0 if is_near else W,
         )[0]
-        for b in range(batch)
-    ]
+        samples.append(s)
     x, y, mask = task_batch(samples)
     weights = torch.ones(x.shape, dtype=torch.float32)
     weights[mask] = (~mask).sum(dim=1, keepdim=True).expand_as(mask)[mask] / ANSWER
     return x, y, weights
 
 
-def train_variant(name: str, steps: int, seed: int, tok, filler, batch: int) -> dict:
+def train_variant(
+    name: str, steps: int, warm: int, seed: int, tok, filler, batch: int, near: float
+) -> dict:
+    """``warm`` one-segment steps, then ``steps`` steps of 2..4 segments; throughput is timed
+    over the latter (the segment-wise reading the variants differ in)."""
     cfg = model_config(name)
     t = TrainConfig(
         seq_len=4 * W,
@@ -95,7 +123,7 @@ def train_variant(name: str, steps: int, seed: int, tok, filler, batch: int) -> 
         bptt=BPTT.get(name, 1),
         lr=3e-3,
         warmup_steps=50,
-        steps=steps,
+        steps=warm + steps,
         grad_clip=1.0,
     )
     torch.manual_seed(seed)
@@ -103,8 +131,10 @@ def train_variant(name: str, steps: int, seed: int, tok, filler, batch: int) -> 
     opt = build_optimizer(model, Config(model=cfg, train=t, eval=EvalConfig(lengths=(W,))))
     rng = np.random.default_rng(seed)
     tokens, losses, t0 = 0, [], time.perf_counter()
-    for step in range(steps):
-        x, y, w = train_batch(tok, filler, rng, batch, step, seed)
+    for step in range(warm + steps):
+        if step == warm:
+            tokens, t0 = 0, time.perf_counter()
+        x, y, w = train_batch(tok, filler, rng, batch, step, seed, near, warm=step < warm)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, t)
         loss = sequence_backward(model, x, y, t, torch.device("cpu"), weights=w)
@@ -119,6 +149,7 @@ def train_variant(name: str, steps: int, seed: int, tok, filler, batch: int) -> 
     return {
         "model": model.eval(),
         "steps": steps,
+        "warm_steps": warm,
         "train_seconds": round(seconds, 1),
         "train_tokens_per_s": round(tokens / seconds, 1),
         "loss_first_50": float(np.mean(losses[:50])),
@@ -222,10 +253,16 @@ def main() -> None:
         "--only", default="knn,window,xl,compressive,tokens,lstm", help="comma-separated variants"
     )
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per variant")
+    p.add_argument(
+        "--warm", type=int, default=1500, help="first-stage steps on one-segment samples"
+    )
     p.add_argument("--lengths", default="1,4,16,64", help="contexts, in multiples of W")
     p.add_argument("--samples", type=int, default=8, help="samples per (length, depth) cell")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--near", type=float, default=0.5, help="fraction of training keys inside the window"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--filler", choices=("classic", "stdlib"), default="classic")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/memory_tasks.json"))
@@ -249,7 +286,9 @@ def main() -> None:
         results["variants"] = json.loads(args.out.read_text()).get("variants", {})
     for name in args.only.split(","):
         print(f"== {name}: {VARIANTS[name]}", flush=True)
-        trained = train_variant(name, args.steps, args.seed, tok, filler, args.batch)
+        trained = train_variant(
+            name, args.steps, args.warm, args.seed, tok, filler, args.batch, args.near
+        )
         model = trained.pop("model")
         rows = evaluate_variant(model, tok, filler, lengths, args.samples, args.seed + 1)
         ctx = 16 * W

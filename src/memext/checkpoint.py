@@ -56,6 +56,14 @@ def weights_metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def _saved_step(path: Path) -> int:
+    """The step a weights file was saved at; 0 when unreadable (``load_weights`` says why)."""
+    try:
+        return int(weights_metadata(path).get("step", 0))
+    except Exception:
+        return 0
+
+
 def load_weights(model: LongLM, path: Path) -> None:
     """Load weights into ``model``; any mismatch or corruption is a MemextError saying which."""
     if not path.is_file():
@@ -94,8 +102,11 @@ def load_weights(model: LongLM, path: Path) -> None:
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LongLM, Config]:
     """Load a run's model (in eval mode) and its config."""
     run_dir = Path(run_dir)
+    from memext.train.curriculum import stage_at  # local: the trainer imports this module
+
     cfg = load_config(run_dir)
-    model = build_model(cfg.model, seed=None)
+    # A curriculum run's rotary scaling is that of the stage its last saved step belonged to.
+    model = build_model(stage_at(cfg, max(0, _saved_step(run_dir / WEIGHTS) - 1)).model, seed=None)
     load_weights(model, run_dir / WEIGHTS)
     # Models trained in segments read long input (and generate) the same way.
     model.segment_len = cfg.train.segment_len or None

@@ -114,6 +114,25 @@ class ModelConfig:
         "transformer", "transformer (LongLM) or lstm (the recurrent baseline: d_model, n_layers)."
     )
     rope_base: float = doc(10000.0, "Base of the rotary position embedding's frequencies.")
+    rope_scaling: str = doc(
+        "none",
+        "Rotary scaling to read beyond the training length, by registered name: none, linear "
+        "(position interpolation), ntk, dynamic (dynamic NTK), yarn (see memext.nn.rope_scaling).",
+    )
+    rope_factor: float = doc(
+        1.0, "Rotary scaling factor s: the extended length over rope_original_len (> 0)."
+    )
+    rope_original_len: int = doc(
+        0,
+        "The length the model was trained at (0 = not scaled); required when rope_scaling is "
+        "not none, and at most max_seq_len.",
+    )
+    yarn_alpha: float = doc(
+        1.0, "yarn: pairs turning fewer than alpha times over rope_original_len are interpolated."
+    )
+    yarn_beta: float = doc(
+        32.0, "yarn: pairs turning more than beta times over rope_original_len are kept as is."
+    )
     tie_embeddings: bool = doc(True, "Share the input embedding and output projection weights.")
     norm_eps: float = doc(1e-5, "Epsilon of RMSNorm.")
     init_std: float = doc(0.02, "Std of the normal init; residual outputs get / sqrt(2 n_layers).")
@@ -158,12 +177,45 @@ class ModelConfig:
                 self.knn_layer,
                 f"a layer index in [-{self.n_layers}, {self.n_layers})",
             )
+        self._check_rope()
         if self.memory != "none" and self.reversible:
             _fail("model", "memory", self.memory, "'none' with reversible=true")
         if self.arch == "lstm" and self.memory != "none":
             _fail(
                 "model", "memory", self.memory, "'none' for arch='lstm' (its state is its memory)"
             )
+
+    def _check_rope(self) -> None:
+        from memext.nn.rope_scaling import ROPE_SCALING, accepted_names
+
+        if self.rope_scaling not in ROPE_SCALING:
+            _fail("model", "rope_scaling", self.rope_scaling, accepted_names(self.rope_scaling))
+        _check_positive("model", self, "rope_factor", "yarn_alpha", "yarn_beta")
+        if self.yarn_alpha >= self.yarn_beta:
+            _fail("model", "yarn_alpha", self.yarn_alpha, f"< yarn_beta={self.yarn_beta}")
+        if self.rope_original_len < 0:
+            _fail("model", "rope_original_len", self.rope_original_len, "a number >= 0")
+        if self.rope_original_len > self.max_seq_len:
+            _fail(
+                "model",
+                "rope_original_len",
+                self.rope_original_len,
+                f"<= max_seq_len={self.max_seq_len}: the original (training) length must not "
+                "exceed the new one",
+            )
+        if self.rope_scaling == "none":
+            return
+        if self.rope_original_len == 0:
+            _fail(
+                "model",
+                "rope_original_len",
+                0,
+                f"the training length (> 0) when rope_scaling={self.rope_scaling!r}",
+            )
+        if self.arch == "lstm":
+            _fail("model", "rope_scaling", self.rope_scaling, "'none' for arch='lstm' (no rotary)")
+        if self.rope_scaling in ("ntk", "dynamic") and self.head_dim <= 2:
+            _fail("model", "n_heads", self.n_heads, f"a head_dim > 2 for {self.rope_scaling}")
 
     @property
     def head_dim(self) -> int:
@@ -220,6 +272,15 @@ class TrainConfig:
         "Segments per truncated-backprop window: gradients flow through the carried state for "
         "this many segments (1 = stop-gradient between segments; 0 = through the whole sequence).",
     )
+    curriculum: tuple[int, ...] = doc(
+        (),
+        "Progressive context lengths trained after the first stage (seq_len for `steps` steps), "
+        "e.g. 1024,2048. Each stage keeps the tokens per step (batch_size * seq_len), and with "
+        "model.rope_scaling its rotary factor is its length / model.rope_original_len.",
+    )
+    curriculum_steps: tuple[int, ...] = doc(
+        (), "Optimizer steps of each curriculum stage, one per curriculum length."
+    )
     batch_size: int = doc(16, "Sequences per micro-batch.")
     grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
     steps: int = doc(600, "Optimizer steps.")
@@ -258,6 +319,27 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 _fail("train", name, getattr(self, name), "a number in [0, 1]")
         _check_choice("train", self, "precision")
+        if len(self.curriculum_steps) != len(self.curriculum):
+            _fail(
+                "train",
+                "curriculum_steps",
+                self.curriculum_steps,
+                f"one step count per curriculum length ({len(self.curriculum)})",
+            )
+        previous = self.seq_len
+        for n in self.curriculum:
+            if not isinstance(n, int) or n <= previous:
+                _fail("train", "curriculum", self.curriculum, "lengths increasing from seq_len")
+            if self.segment_len and n % self.segment_len:
+                _fail("train", "curriculum", self.curriculum, "multiples of segment_len")
+            previous = n
+        if any(not isinstance(n, int) or n < 1 for n in self.curriculum_steps):
+            _fail("train", "curriculum_steps", self.curriculum_steps, "step counts >= 1")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: the first stage and every curriculum stage."""
+        return self.steps + sum(self.curriculum_steps)
 
 
 @dataclass(frozen=True)
@@ -307,6 +389,13 @@ class Config:
                 "segment_len",
                 self.train.segment_len,
                 "0 when model.memory='none' (segments would not see each other)",
+            )
+        if self.train.curriculum and self.train.curriculum[-1] > self.model.max_seq_len:
+            _fail(
+                "train",
+                "curriculum",
+                self.train.curriculum,
+                f"lengths <= model.max_seq_len={self.model.max_seq_len}",
             )
         too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
         if too_long:

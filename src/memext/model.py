@@ -42,7 +42,7 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
         blocks=blocks,
         norm=nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps),
         head=nn.Linear(cfg.d_model, cfg.vocab_size, bias=False),
-        rotary=Rotary(cfg.head_dim, cfg.rope_base),
+        rotary=build_rotary(cfg),
         max_seq_len=cfg.max_seq_len,
         reversible=cfg.reversible,
         memory=build_memory(cfg.memory, **settings),
@@ -51,6 +51,19 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
     if cfg.tie_embeddings:
         model.head.weight = model.embed.weight
     return model
+
+
+def build_rotary(cfg: ModelConfig) -> Rotary:
+    """The rotary embedding of ``cfg``, scaling included (swapped per curriculum stage)."""
+    return Rotary(
+        cfg.head_dim,
+        cfg.rope_base,
+        scaling=cfg.rope_scaling,
+        factor=cfg.rope_factor,
+        original_len=cfg.rope_original_len,
+        alpha=cfg.yarn_alpha,
+        beta=cfg.yarn_beta,
+    )
 
 
 @torch.no_grad()

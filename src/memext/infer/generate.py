@@ -4,22 +4,40 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from memext.infer.cache import FullCache
+from memext.infer.cache import build_cache
+from memext.infer.cache import cache_options as policy_options
+from memext.infer.prefill import prefill
 from memext.nn.transformer import LongLM, State
 
 
-def new_state(model: LongLM, batch: int, max_len: int) -> State:
-    """A fresh State with a full KV cache of ``max_len`` positions."""
+def new_state(
+    model: LongLM, batch: int, max_len: int | None = None, cache: str = "full", **options: Any
+) -> State:
+    """A fresh State with the KV cache policy ``cache`` (``memext.infer.cache.CACHES``).
+
+    The model supplies what a policy needs from it (``max_len``, default ``model.max_seq_len``;
+    ``rotary``; the parameters' dtype and device); ``options`` are the policy's own (``window``,
+    ``sinks``...) and override those.
+    """
     attn = model.blocks[0].attn
     p = next(model.parameters())
-    cache = FullCache(
-        len(model.blocks), batch, attn.n_heads, attn.head_dim, max_len, p.dtype, p.device
+    context = {
+        "max_len": max_len if max_len is not None else model.max_seq_len,
+        "rotary": model.rotary,
+        "dtype": p.dtype,
+        "device": p.device,
+    }
+    wanted = set(policy_options(cache))
+    given = {k: v for k, v in context.items() if k in wanted}
+    built = build_cache(
+        cache, len(model.blocks), batch, attn.n_heads, attn.head_dim, **{**given, **options}
     )
-    return State(cache=cache)
+    return State(cache=built)
 
 
 def sample_next(
@@ -55,30 +73,54 @@ def generate_ids(
     top_k: int = 0,
     top_p: float = 1.0,
     seed: int | None = None,
+    cache: str = "full",
+    cache_options: dict[str, Any] | None = None,
+    chunk: int | None = None,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` ids continuing ``prompt``."""
+    """Yield up to ``max_new_tokens`` ids continuing ``prompt``.
+
+    ``cache`` names a KV-cache policy and ``cache_options`` its options (``{"window": 512}``);
+    the bounded ones (window, sinks) read prompts and outputs of any length. ``chunk`` reads the
+    prompt that many tokens per forward (all at once when None).
+    """
     if not prompt:
         raise ValueError("the prompt is empty: give at least one token")
+    options = dict(cache_options or {})
     if getattr(model, "segment_len", None):
+        if cache != "full" or options or chunk:
+            raise ValueError(
+                "this model reads in segments through its memory, without a KV cache: "
+                "cache, cache_options and chunk apply to models without memory"
+            )
         yield from _generate_in_segments(
             model, prompt, max_new_tokens, model.segment_len, temperature, top_k, top_p, seed
         )
         return
     total = len(prompt) + max_new_tokens
-    if total > model.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-            f"the model's limit max_seq_len={model.max_seq_len}"
-        )
+
+    def check_total() -> None:
+        if total > model.max_seq_len:
+            raise ValueError(
+                f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) = {total} "
+                f"exceeds the model's limit max_seq_len={model.max_seq_len}"
+            )
+
+    if cache == "full":  # before allocating a cache that size
+        check_total()
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    state = new_state(model, 1, total)
-    logits, state = model(torch.tensor([list(prompt)], device=device), state)
+    state = new_state(model, 1, total, cache, **options)
+    if not getattr(state.cache, "unbounded", False):
+        check_total()
+    ids = torch.tensor([list(prompt)], device=device)
+    # One forward by default; a bounded cache may read a prompt longer than one forward allows.
+    logits, state = prefill(model, ids, state, chunk or min(len(prompt), model.max_seq_len))
     for i in range(max_new_tokens):
-        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        nxt = sample_next(logits, temperature, top_k, top_p, gen)
         yield int(nxt)
         if i + 1 < max_new_tokens:  # the last token needs no forward pass
-            logits, state = model(nxt[:, None], state)
+            step, state = model(nxt[:, None], state)
+            logits = step[:, -1]
 
 
 def generate_text(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memext.nn.attention import AttentionKernel
@@ -42,9 +43,19 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
         if self.kernel.shared_qk:
             k = q
+        mask = None
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, H, T_cache + T, D)
-        if memory is None:
+            if getattr(cache, "rotates_keys", False):
+                # The cache places keys at its own positions (sinks) and rotates them on read.
+                k, v = cache.update(layer, q_raw if self.kernel.shared_qk else k_raw, v)
+            else:
+                k, v = cache.update(layer, k, v)  # (B, H, T_cache + T, D)
+            mask = cache.mask(t) if hasattr(cache, "mask") else None
+        if mask is not None:
+            # The cache's band (a chunk reaching past a window) replaces the kernel's causal rule;
+            # a cache comes only with memory "none", whose attend is the kernel.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        elif memory is None:
             y = self.kernel(q, k, v, causal=True)  # (B, H, T, D)
         else:
             y = memory.attend(layer, q, k, v, self.kernel, q_raw, k_raw)

@@ -72,7 +72,13 @@ class LongLM(nn.Module):
         """tokens (B, T) int64 -> logits (B, T, vocab) fp32-or-autocast, and the next State."""
         state = state or State()
         t = tokens.shape[1]
-        limited = state.pos + t if state.cache is None and not self.memory.unbounded else t
+        # Memories and bounded KV caches (window, sinks) read unbounded input: only the chunk
+        # must fit. A full cache keeps every position, so the whole sequence must.
+        if state.cache is None:
+            unbounded = self.memory.unbounded
+        else:
+            unbounded = getattr(state.cache, "unbounded", False)
+        limited = t if unbounded else state.pos + t
         if limited > self.max_seq_len:
             raise ValueError(
                 f"sequence of {limited} tokens exceeds the model's limit "
@@ -89,7 +95,10 @@ class LongLM(nn.Module):
         step = MemoryStep(self.memory, old)
         x = self.memory.enter(x, step)
         start = self.memory.position_offset(state.pos)
-        cos, sin = self.rotary(torch.arange(start, start + x.shape[1], device=tokens.device))
+        if hasattr(state.cache, "position"):  # sinks: positions inside the cache
+            start = state.cache.position(state.pos)
+        end = start + x.shape[1]
+        cos, sin = self.rotary(torch.arange(start, end, device=tokens.device), seq_len=end)
         if self.reversible:
             x = reversible_stack(
                 self.blocks, x, cos, sin, state.cache, recompute=self.reversible_backward

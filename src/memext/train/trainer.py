@@ -28,9 +28,10 @@ from memext.data import prepare_data, sample_batch
 from memext.errors import MemextError
 from memext.evals.perplexity import evaluate_lengths
 from memext.io import atomic_write, atomic_write_text
-from memext.model import build_model
+from memext.model import build_model, build_rotary
 from memext.runtime import autocast, provenance
 from memext.tokenizer import load_tokenizer
+from memext.train.curriculum import Stage, stage_at
 from memext.train.schedule import lr_at
 
 RUN_INFO = "run.json"
@@ -239,11 +240,14 @@ def train(
     progress: bool = True,
     callback: Callable[[_Loop], None] | None = None,
     log: Callable[[str], None] = print,
+    init_from: str | Path | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into the run directory ``out`` (or continue it with ``resume=True``).
 
     Ctrl-C finishes the current step, saves a checkpoint and returns with status "interrupted".
     A NaN/inf loss raises ``TrainingDiverged`` and leaves the last good checkpoint in place.
+    ``init_from``: a weights file (``model.safetensors``) to start from instead of a random
+    initialisation (fine-tuning, as ``memext extend --steps`` does); ignored when resuming.
     """
     run_dir = Path(out)
     device = torch.device(device)
@@ -266,6 +270,7 @@ def train(
         "train_tokens": int(store.train.size),
         "validation_tokens": int(store.validation.size),
         "skipped_files": list(skipped),
+        **({"init_from": str(init_from)} if init_from is not None else {}),
         **provenance(device),
     }
     if resume:
@@ -294,8 +299,12 @@ def train(
         step = _restore(run_dir, model, opt)
         _truncate_metrics(run_dir, step)
         log(f"resuming {run_dir} from step {step}")
-    elif (run_dir / ckpt.METRICS).exists():
-        (run_dir / ckpt.METRICS).unlink()
+    else:
+        if init_from is not None:
+            ckpt.load_weights(model, Path(init_from))
+            log(f"starting from the weights in {init_from}")
+        if (run_dir / ckpt.METRICS).exists():
+            (run_dir / ckpt.METRICS).unlink()
     fwd = torch.compile(model) if t.compile else model
     n_params = model.num_params()
     log(
@@ -312,11 +321,11 @@ def train(
         log("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
     result = TrainResult(run_dir, "completed", step)
-    start_step = step
+    tokens_done = 0
+    stage = _enter_stage(model, cfg, step, None, log)
     bar = tqdm(
-        total=t.steps,
+        total=t.total_steps,
         initial=step,
         desc="train",
         unit="step",
@@ -329,11 +338,16 @@ def train(
     tic = time.perf_counter()
     model.train()
     try:
-        while loop.step < t.steps and not loop.stop_requested:
+        while loop.step < t.total_steps and not loop.stop_requested:
+            stage = _enter_stage(model, cfg, loop.step, stage, log)
             lr = lr_at(loop.step, t)
             batches = [
                 sample_batch(
-                    store.train, t.batch_size, t.seq_len, t.seed, loop.step * t.grad_accum + m
+                    store.train,
+                    stage.batch_size,
+                    stage.seq_len,
+                    t.seed,
+                    loop.step * t.grad_accum + m,
                 )
                 for m in range(t.grad_accum)
             ]
@@ -344,10 +358,11 @@ def train(
                     f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
                 )
             loop.step += 1
+            tokens_done += stage.batch_size * stage.seq_len * t.grad_accum
             result.losses.append(total)
             bar.update(1)
-            if loop.step % t.log_every == 0 or loop.step == t.steps:
-                tps = tokens_per_step * (loop.step - start_step) / (time.perf_counter() - tic)
+            if loop.step % t.log_every == 0 or loop.step == t.total_steps:
+                tps = tokens_done / (time.perf_counter() - tic)
                 pending.append(
                     {
                         "step": loop.step,
@@ -360,15 +375,15 @@ def train(
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
             if callback is not None:
                 callback(loop)
-            at_end = loop.step == t.steps
+            at_end = loop.step == t.total_steps
             if (t.eval_every and loop.step % t.eval_every == 0) or at_end:
                 (last_val,) = evaluate_lengths(
                     model,
                     store.validation,
-                    (t.seq_len,),
+                    (stage.seq_len,),
                     t.eval_tokens,
                     byte_lengths,
-                    t.batch_size,
+                    stage.batch_size,
                     device,
                 )
                 pending.append(
@@ -379,6 +394,9 @@ def train(
                     }
                 )
                 bar.write(f"step {loop.step}: val bits/byte {last_val['bits_per_byte']:.3f}")
+            if t.curriculum and loop.step == stage.end_step:
+                pending.append(_stage_report(model, cfg, stage, store.validation, byte_lengths))
+                bar.write(_format_stage(pending[-1]))
             if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
                 _append_metrics(run_dir, pending)
                 pending.clear()
@@ -395,3 +413,49 @@ def train(
     result.step = loop.step
     result.last_val = last_val
     return result
+
+
+def _enter_stage(
+    model: torch.nn.Module, cfg: Config, step: int, current: Stage | None, log: Callable
+) -> Stage:
+    """The stage of ``step``; on entering a new one, the model's rotary takes its scaling."""
+    stage = stage_at(cfg, step)
+    if current is None or stage.index != current.index:
+        ckpt.unwrap(model).rotary = build_rotary(stage.model).to(_device_of(model))
+        if current is not None:
+            m = stage.model
+            log(
+                f"stage {stage.index}: seq_len {stage.seq_len}, batch {stage.batch_size}, rotary "
+                f"{m.rope_scaling} x{m.rope_factor:g}, {stage.steps} steps"
+            )
+    return stage
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _stage_report(model, cfg: Config, stage: Stage, validation, byte_lengths) -> dict:
+    """Validation bits-per-byte at every evaluated length after a curriculum stage."""
+    rows = evaluate_lengths(
+        model,
+        validation,
+        cfg.eval.lengths,
+        cfg.eval.max_tokens,
+        byte_lengths,
+        cfg.eval.batch_size,
+        _device_of(model),
+    )
+    return {
+        "step": stage.end_step,
+        "stage": stage.index,
+        "stage_seq_len": stage.seq_len,
+        "rope_scaling": stage.model.rope_scaling,
+        "rope_factor": stage.model.rope_factor,
+        "bits_per_byte_by_length": {str(r["length"]): r["bits_per_byte"] for r in rows},
+    }
+
+
+def _format_stage(row: dict) -> str:
+    cells = "  ".join(f"{n}: {v:.3f}" for n, v in row["bits_per_byte_by_length"].items())
+    return f"after stage {row['stage']} (seq_len {row['stage_seq_len']}): val bits/byte  {cells}"

@@ -1,0 +1,122 @@
+"""Context extension of a trained memext run: a copy whose rotary embedding is scaled to a longer
+length, optionally fine-tuned there for a few steps (``memext extend``).
+
+Local Hugging Face checkpoints go through ``memext.hf.extend_hf`` instead; the CLI picks by what
+the source directory holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from memext import checkpoint as ckpt
+from memext.config import Config
+from memext.errors import MemextError
+
+
+def trained_length(cfg: Config) -> int:
+    """The longest sequence a run was trained on: its last curriculum stage, or ``seq_len``."""
+    return (cfg.train.curriculum or (cfg.train.seq_len,))[-1]
+
+
+def extended_config(
+    cfg: Config,
+    scaling: str,
+    factor: float,
+    original_len: int | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    steps: int = 0,
+    lr: float | None = None,
+) -> Config:
+    """``cfg`` with its rotary scaled by ``factor`` from ``original_len`` (default: the trained
+    length); with ``steps`` it trains at the new length for that many steps, at the same tokens
+    per step, learning rate ``lr`` (default: the source's final rate, lr * min_lr_ratio)."""
+    if factor <= 0:
+        raise MemextError(f"factor={factor} is invalid: expected a number > 0")
+    if steps < 0:
+        raise MemextError(f"steps={steps} is invalid: expected a number >= 0")
+    original = original_len or trained_length(cfg)
+    new_len = round(original * factor)
+    try:
+        return _extended(cfg, scaling, factor, original, new_len, alpha, beta, steps, lr)
+    except ValueError as e:
+        raise MemextError(str(e)) from None
+
+
+def _extended(cfg, scaling, factor, original, new_len, alpha, beta, steps, lr) -> Config:
+    m, t = cfg.model, cfg.train
+    model = dataclasses.replace(
+        m,
+        rope_scaling=scaling,
+        rope_factor=float(factor),
+        rope_original_len=original,
+        yarn_alpha=m.yarn_alpha if alpha is None else alpha,
+        yarn_beta=m.yarn_beta if beta is None else beta,
+        max_seq_len=max(m.max_seq_len, new_len, *cfg.eval.lengths),
+    )
+    seg = t.segment_len
+    train = dataclasses.replace(
+        t,
+        seq_len=new_len if not seg else -(-new_len // seg) * seg,
+        batch_size=max(1, t.batch_size * trained_length(cfg) // new_len),
+        steps=max(1, steps),
+        curriculum=(),
+        curriculum_steps=(),
+        lr=lr if lr is not None else t.lr * t.min_lr_ratio,
+        warmup_steps=min(t.warmup_steps, max(1, steps) // 10),
+        eval_every=0,
+        save_every=max(1, steps),
+    )
+    return dataclasses.replace(cfg, model=model, train=train)
+
+
+def extend_run(
+    src: str | Path,
+    out: str | Path,
+    scaling: str,
+    factor: float,
+    *,
+    original_len: int | None = None,
+    alpha: float | None = None,
+    beta: float | None = None,
+    steps: int = 0,
+    lr: float | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Write the extended copy of run ``src`` into ``out``; returns ``out``."""
+    src, out = Path(src), Path(out)
+    cfg = ckpt.load_config(src)
+    if src.resolve() == out.resolve():
+        raise MemextError("the extended copy needs its own directory: --out must differ from SRC")
+    new = extended_config(cfg, scaling, factor, original_len, alpha, beta, steps, lr)
+    weights = src / ckpt.WEIGHTS
+    if steps:
+        from memext.train import train
+
+        train(
+            new,
+            out,
+            device=device,
+            overwrite=overwrite,
+            progress=progress,
+            log=log,
+            init_from=weights,
+        )
+        return out
+    from memext.train.trainer import prepare_run_dir
+
+    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    model, _ = ckpt.load(src)  # refuses corrupt or foreign weights before anything is written
+    del model
+    shutil.copyfile(weights, out / ckpt.WEIGHTS)
+    if (src / ckpt.TOKENIZER).is_file():
+        shutil.copyfile(src / ckpt.TOKENIZER, out / ckpt.TOKENIZER)
+    new.save(out / ckpt.CONFIG)
+    return out
