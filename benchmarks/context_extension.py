@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from memext import build_model
+from memext import checkpoint as ckpt
 from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.data import prepare_data, sample_batch
 from memext.data.tasks import Filler, make_samples
@@ -141,19 +142,28 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/context_extension.json"))
+    p.add_argument("--save-base", type=Path, default=Path("runs/extension-base"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(v) for v in args.lengths.split(",")]
     tok = ByteTokenizer()
     filler = Filler.from_text(tok, CLASSIC)
     store, _ = prepare_data(DataConfig(), tok)
-    cfg = ModelConfig(max_seq_len=max(lengths))  # the tiny preset's shape, without memory
+    # The tiny preset's width and depth, without memory; 2 heads make head_dim 64, the size the
+    # quantized-cache target is stated at.
+    new_len = round(args.seq_len * args.factor)
+    cfg = ModelConfig(n_heads=2, max_seq_len=max(*lengths, new_len))
     t = TrainConfig(seq_len=args.seq_len, batch_size=args.batch, steps=args.steps, warmup_steps=30)
     torch.manual_seed(args.seed)
     base = build_model(cfg, seed=args.seed)
     print(f"== pretraining at {args.seq_len} tokens, {args.steps} steps", flush=True)
     seconds = train_model(base, store.train, tok, filler, t, args.seed, "pretrain")
-    new_len = round(args.seq_len * args.factor)
+    if args.save_base:  # a run directory, for `memext stream` and benchmarks/streaming.py
+        args.save_base.mkdir(parents=True, exist_ok=True)
+        Config(model=cfg, train=t, eval=EvalConfig(lengths=tuple(lengths))).save(
+            args.save_base / ckpt.CONFIG
+        )
+        ckpt.save_weights(base, args.save_base / ckpt.WEIGHTS, {"step": str(args.steps)})
     ft = dataclasses.replace(
         t,
         seq_len=new_len,
@@ -173,7 +183,11 @@ def main() -> None:
         "passkey_samples_per_length": args.samples * len(DEPTHS),
         "provenance": provenance(torch.device("cpu")),
         "command": "python benchmarks/context_extension.py "
-        + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+        + " ".join(
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k not in ("out", "save_base")
+        ),
         "methods": {},
     }
     for rule in args.methods.split(","):

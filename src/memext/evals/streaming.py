@@ -78,7 +78,8 @@ def streaming_perplexity(
 
     Returns the summary (nats/token, bits/token, perplexity, bits/byte), ``tokens_per_s`` (over
     the chunks not measured for memory) and ``checkpoints``: one entry about every ``every``
-    tokens with the tokens read, the running nats/token, ``cache_nbytes`` and ``chunk_peak_bytes``
+    tokens with the tokens read, the running nats/token, ``cache_nbytes``, ``timed_tokens`` and
+    ``timed_s`` so far (rates between checkpoints show whether speed stays flat) and ``chunk_peak_bytes``
     (peak tensor memory of that chunk's forward above what was live before it: the allocator's
     own counter on CUDA, the profiler's allocation events on CPU; that chunk is left out of the
     timing because the profiler slows it down).
@@ -124,6 +125,8 @@ def streaming_perplexity(
                         "tokens": b,
                         "nats_per_token": nats / n_tok,
                         "cache_nbytes": state.cache.nbytes(),
+                        "timed_tokens": timed_tokens,
+                        "timed_s": timed_s,
                         "chunk_peak_bytes": peak,
                     }
                 )

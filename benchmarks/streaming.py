@@ -1,0 +1,146 @@
+"""Long-input inference in flat memory (issue 5's streaming and quantized-cache results).
+
+Reads the built-in corpus's validation split (text the model did not train on) with a trained
+plain model (default: the base that benchmarks/context_extension.py saves in runs/extension-base):
+
+1. ``sinks`` streaming over ``--tokens`` tokens in chunks: cache bytes, the chunk's peak tensor
+   memory and tokens/s at checkpoints from 10k tokens on (flat = within 5% of the first).
+2. A ``--slice``-token slice: sinks vs a sliding window re-read from scratch for every token
+   (StreamingLLM's "sliding window with recomputation"), same number of tokens seen; perplexity
+   ratio and speed ratio.
+3. The quantized cache (int8, token and channel axes) against the same policy in fp32 on the
+   slice: cache bytes ratio (formula in memext/infer/cache.py) and perplexity change.
+
+    python benchmarks/streaming.py                                   # the full measurement
+    python benchmarks/streaming.py --tokens 30000 --slice 2000 --out /tmp/s.json   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from memext import load
+from memext.checkpoint import run_tokenizer
+from memext.config import DataConfig
+from memext.data import prepare_data
+from memext.evals.streaming import sliding_recompute_perplexity, streaming_perplexity
+from memext.runtime import provenance
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, default=Path("runs/extension-base"))
+    p.add_argument("--tokens", type=int, default=1_000_000)
+    p.add_argument("--slice", type=int, default=20_000)
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--window", type=int, default=508, help="sinks + window = cached tokens")
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--every", type=int, default=50_000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/streaming.json"))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model, _ = load(args.run)
+    tok = run_tokenizer(args.run)
+    store, _ = prepare_data(DataConfig(), tok)
+    stream = store.validation[: args.tokens + 1]
+    if stream.size < args.tokens + 1:
+        raise SystemExit(f"the validation split holds {stream.size} tokens < --tokens")
+    bl = tok.byte_lengths()
+    sinks = {"sinks": args.sinks, "window": args.window}
+    seen = args.sinks + args.window
+    results = {
+        "run": str(args.run),
+        "provenance": provenance(torch.device("cpu")),
+        "command": "python benchmarks/streaming.py "
+        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+    }
+
+    print(f"== 1. sinks {sinks} over {args.tokens:,} tokens, chunk {args.chunk}", flush=True)
+    long = streaming_perplexity(
+        model, stream, "sinks", args.chunk, cache_options=sinks, byte_lengths=bl, every=args.every
+    )
+    marks = [c for c in long["checkpoints"] if c["tokens"] >= 10_000]
+    rates = []
+    for a, b in itertools.pairwise(marks):
+        rates.append((b["timed_tokens"] - a["timed_tokens"]) / (b["timed_s"] - a["timed_s"]))
+    first = marks[0]
+    results["stream"] = {
+        **{k: v for k, v in long.items() if k != "checkpoints"},
+        "checkpoints": long["checkpoints"],
+        "tokens_per_s_between_checkpoints": rates,
+        "cache_bytes_spread": max(c["cache_nbytes"] for c in marks)
+        / min(c["cache_nbytes"] for c in marks),
+        "peak_bytes_spread_vs_first": max(c["chunk_peak_bytes"] for c in marks)
+        / first["chunk_peak_bytes"],
+        "tokens_per_s_spread": max(rates) / min(rates) if rates else None,
+    }
+    s = results["stream"]
+    print(
+        f"  bits/byte {s['bits_per_byte']:.4f}; cache bytes max/min {s['cache_bytes_spread']:.4f}; "
+        f"peak max/first {s['peak_bytes_spread_vs_first']:.4f}; tok/s max/min "
+        f"{s['tokens_per_s_spread']}",
+        flush=True,
+    )
+
+    piece = stream[: args.slice + 1]
+    print(f"== 2. {args.slice:,}-token slice: sinks vs sliding window with recompute", flush=True)
+    t0 = time.perf_counter()
+    sink_slice = streaming_perplexity(
+        model, piece, "sinks", args.chunk, cache_options=sinks, byte_lengths=bl, every=10**9
+    )
+    sink_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    recompute = sliding_recompute_perplexity(model, piece, seen, 1, byte_lengths=bl)
+    recompute_s = time.perf_counter() - t0
+    results["slice"] = {
+        "tokens": args.slice,
+        "sinks": {"perplexity": sink_slice["perplexity"], "seconds": round(sink_s, 2)},
+        "sliding_recompute": {
+            "window": seen,
+            "perplexity": recompute["perplexity"],
+            "seconds": round(recompute_s, 2),
+        },
+        "perplexity_ratio": sink_slice["perplexity"] / recompute["perplexity"],
+        "speedup": recompute_s / sink_s,
+    }
+    print(f"  {results['slice']}", flush=True)
+
+    print("== 3. int8 cache vs fp32, window policy, on the slice", flush=True)
+    window = {"window": seen}
+    base = streaming_perplexity(
+        model, piece, "window", args.chunk, cache_options=window, byte_lengths=bl, every=10**9
+    )
+    results["quantized"] = {"fp32_window": {"perplexity": base["perplexity"]}}
+    for axis in ("token", "channel"):
+        q = streaming_perplexity(
+            model,
+            piece,
+            "quantized",
+            args.chunk,
+            cache_options={"policy": "window", "axis": axis, **window},
+            byte_lengths=bl,
+            every=10**9,
+        )
+        results["quantized"][axis] = {
+            "perplexity": q["perplexity"],
+            "perplexity_change": q["perplexity"] / base["perplexity"] - 1,
+            "cache_bytes": q["checkpoints"][0]["cache_nbytes"],
+            "fp32_cache_bytes": base["checkpoints"][0]["cache_nbytes"],
+            "bytes_ratio": q["checkpoints"][0]["cache_nbytes"]
+            / base["checkpoints"][0]["cache_nbytes"],
+        }
+        print(f"  {axis}: {results['quantized'][axis]}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
