@@ -10,7 +10,7 @@ Then each model reads passkey prompts of L + W tokens (L = W, 4W, 16W, 64W) with
 depth 0 .. 1 of the first L tokens and at least W tokens before the question, so a model that
 sees only the last W tokens cannot answer: its accuracy is chance (1e-5 for 5 random digits).
 
-    python benchmarks/memory_tasks.py                 # all variants, 600 steps each
+    python benchmarks/memory_tasks.py                 # all variants, 1500 + 1500 steps each
     python benchmarks/memory_tasks.py --only knn --steps 100 --lengths 1,4
 
 Writes benchmarks/results/memory_tasks.json and memory_tasks.png (a heatmap per variant).
@@ -252,7 +252,7 @@ def main() -> None:
     p.add_argument(
         "--only", default="knn,window,xl,compressive,tokens,lstm", help="comma-separated variants"
     )
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps per variant")
+    p.add_argument("--steps", type=int, default=1500, help="multi-segment steps per variant")
     p.add_argument(
         "--warm", type=int, default=1500, help="first-stage steps on one-segment samples"
     )

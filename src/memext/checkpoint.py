@@ -33,6 +33,16 @@ def is_run(path: Path) -> bool:
     return (path / CONFIG).is_file() or (path / WEIGHTS).is_file()
 
 
+def is_memext_run(path: Path) -> bool:
+    """A folder holding a memext config (Hugging Face model folders hold a config.json too)."""
+    from memext.config import FORMAT
+
+    try:
+        return json.loads((Path(path) / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_config(run_dir: str | Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -130,6 +130,13 @@ def train(
             "--eval/--no-eval", help="Evaluate bits-per-byte by context length at the end."
         ),
     ] = True,
+    suite: Annotated[
+        str,
+        typer.Option(
+            help="After the evaluation, run this suite (longctx, quick, a .yaml file, or none) "
+            "and write the HTML report."
+        ),
+    ] = "longctx",
 ) -> None:
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
@@ -161,6 +168,58 @@ def train(
         raise typer.Exit(130)
     if evaluate:
         _evaluate(run_dir, None, None, dev, None)
+        if suite != "none":
+            _run_suite(run_dir, suite, None, dev, None)
+            _report([run_dir], run_dir / "report")
+
+
+def _run_suite(
+    path: Path, suite: str, lengths: list[int] | None, dev, out_file: Path | None
+) -> Path:
+    import dataclasses
+
+    from memext.evals.adapters import load_adapter
+    from memext.evals.suite import get_suite, run_suite
+
+    spec = get_suite(suite)
+    if lengths:
+        spec = dataclasses.replace(spec, lengths=tuple(lengths))
+    adapter = load_adapter(path, dev)
+    target = out_file or path / "eval" / f"{spec.name}.json"
+    err.print(f"suite {spec.name} on {adapter.name} ({adapter.kind}) -> {target}")
+    results = run_suite(adapter, spec, target, log=lambda m: err.print(m, highlight=False))
+    _print_suite(results)
+    out.print(f"suite results: {target}")
+    return target
+
+
+def _print_suite(results: dict[str, Any]) -> None:
+    summary = results["summary"]
+    lengths = [str(n) for n in results["lengths"]]
+    table = Table(title=f"{results['suite']}: score by length — {results['model']['name']}")
+    for col in ("task", "metric", *lengths, "effective context"):
+        table.add_column(col, justify="right")
+    for task, s in summary["tasks"].items():
+        cells = [s["by_length"].get(n) for n in lengths]
+        table.add_row(
+            task,
+            s["metric"],
+            *("-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3f}" for v in cells),
+            "-" if s["effective_context"] is None else str(s["effective_context"]),
+        )
+    out.print(table)
+    eff = summary["effective_context"]
+    out.print(
+        f"effective context length: {eff if eff is not None else 'none'} "
+        f"(threshold {summary['threshold']:.0%} of the shortest length's score)"
+    )
+
+
+def _report(inputs: list[Path], out_dir: Path) -> None:
+    from memext.evals.report import build_report
+
+    html, md = build_report(inputs, out_dir)
+    out.print(f"report: {html} (Markdown: {md})")
 
 
 def _evaluate(
@@ -194,7 +253,17 @@ def _print_reach(rows: list[dict[str, Any]]) -> None:
 @app.command("eval")
 @user_errors
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[
+        Path,
+        typer.Argument(help="A run directory (or, with --suite, a local Hugging Face model dir)."),
+    ],
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="Run an evaluation suite instead: longctx, quick or a .yaml file "
+            "(docs/evaluation.md); finished cells are kept and not recomputed."
+        ),
+    ] = None,
     lengths: Annotated[
         str | None,
         typer.Option(help="Comma-separated context lengths (default: the run's eval.lengths)."),
@@ -202,14 +271,39 @@ def eval_(
     max_tokens: Annotated[int | None, typer.Option(help="Scored tokens per length.")] = None,
     device: DeviceOpt = "auto",
     output: Annotated[
-        Path | None, typer.Option("--out", help="Results JSON (default: RUN_DIR/eval.json).")
+        Path | None,
+        typer.Option(
+            "--out", help="Results JSON (default: RUN_DIR/eval.json, RUN_DIR/eval/SUITE.json)."
+        ),
     ] = None,
 ) -> None:
-    """Bits-per-byte and perplexity on the validation split at several context lengths."""
+    """Bits-per-byte and perplexity on the validation split at several context lengths; or,
+    with --suite, a suite of long-context tasks and the model's effective context length."""
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
+    if suite is not None:
+        _run_suite(run_dir, suite, parsed, resolve_device(device), output)
+        out.print(f"next: memext report {run_dir}")
+        return
     _evaluate(run_dir, parsed, max_tokens, resolve_device(device), output)
+
+
+@app.command()
+@user_errors
+def report(
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories (their eval/*.json) or suite results files."),
+    ],
+    output: Annotated[
+        Path | None,
+        typer.Option("--out", help="Folder for report.html and report.md (default: RUN/report)."),
+    ] = None,
+) -> None:
+    """One self-contained HTML page (and a Markdown twin) from suite results, runs side by side."""
+    first = inputs[0]
+    _report(inputs, output or (first if first.is_dir() else first.parent) / "report")
 
 
 @app.command()
@@ -365,11 +459,12 @@ def extend(
     ] = True,
 ) -> None:
     """Write a context-extended copy of a model: rotary scaled by FACTOR, optionally fine-tuned."""
+    from memext.checkpoint import is_memext_run
     from memext.runtime import resolve_device
 
     if not src.is_dir():
         raise MemextError(f"{str(src)!r} is not a directory")
-    if _is_memext_run(src):
+    if is_memext_run(src):
         from memext.extend import extend_run
 
         dev = resolve_device(device)
@@ -400,16 +495,6 @@ def extend(
         )
     extend_hf(src, out_dir, scaling, factor, original_len=original_len, alpha=alpha, beta=beta)
     out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
-
-
-def _is_memext_run(path: Path) -> bool:
-    from memext.checkpoint import CONFIG
-    from memext.config import FORMAT
-
-    try:
-        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 @app.command()

@@ -9,7 +9,10 @@ runs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -27,7 +30,10 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _native_stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     deltas: list[tuple[int, int]] = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -41,3 +47,23 @@ def peak_memory(fn: Callable[[], object], device: torch.device | str = "cpu") ->
         live += delta
         peak = max(peak, live)
     return peak
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """The profiler's native code logs a start and stop line to file descriptor 2 on every call;
+    a suite that measures many lengths would drown its own output in them."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no real descriptor 2 (an embedded interpreter): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -62,8 +62,9 @@ def _check_fits(sample: Sample, segment_len: int) -> None:
 
 def _score_batch(
     model: torch.nn.Module, batch: Sequence[Sample], segment_len: int, device: torch.device | str
-) -> tuple[list[bool], int]:
-    """Per-sample exact match and the number of answer tokens predicted right."""
+) -> tuple[list[bool], int, list[list[int]]]:
+    """Per-sample exact match, the number of answer tokens predicted right, and each sample's
+    argmax at its answer positions."""
     inputs, targets, mask = task_batch(batch)
     cuts = segments(inputs.shape[1], segment_len)
     inputs = inputs.to(device)
@@ -79,7 +80,8 @@ def _score_batch(
     pred = logits.argmax(-1).cpu()
     targets, mask = targets[:, last:], mask[:, last:]
     hit = (pred == targets) & mask
-    return (hit | ~mask).all(dim=1).tolist(), int(hit.sum())
+    predicted = [p[m].tolist() for p, m in zip(pred, mask, strict=True)]
+    return (hit | ~mask).all(dim=1).tolist(), int(hit.sum()), predicted
 
 
 @torch.no_grad()
@@ -90,6 +92,7 @@ def evaluate_samples(
     device: torch.device | str = "cpu",
     batch_size: int = 8,
     progress: bool = False,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """Exact match and token accuracy of ``model`` on ``samples``, read ``segment_len`` at a time.
 
@@ -101,7 +104,8 @@ def evaluate_samples(
     Samples of one length are batched together (``batch_size`` at a time); the result holds
     ``task``, ``n``, ``exact_match``, ``token_accuracy``, ``chance`` (the mean of the samples'
     ``meta["chance"]``: a uniform guess's exact match), ``seconds``, ``segment_len`` and
-    ``correct`` (one bool per sample, in order).
+    ``correct`` (one bool per sample, in order); with ``keep``, ``predicted``: each sample's
+    argmax token ids at its answer positions (teacher-forced), in order.
     """
     if not samples:
         raise ValueError("evaluate_samples needs at least one sample")
@@ -114,6 +118,7 @@ def evaluate_samples(
     for i, sample in enumerate(samples):
         groups.setdefault(sample.tokens.size, []).append(i)
     correct = [False] * len(samples)
+    predicted: list[list[int]] = [[] for _ in samples]
     hits = 0
     was_training = model.training
     model.eval()
@@ -122,9 +127,12 @@ def evaluate_samples(
         for idx in groups.values():
             for j in range(0, len(idx), batch_size):
                 chunk = idx[j : j + batch_size]
-                ok, n_hit = _score_batch(model, [samples[k] for k in chunk], segment_len, device)
-                for k, right in zip(chunk, ok, strict=True):
+                ok, n_hit, preds = _score_batch(
+                    model, [samples[k] for k in chunk], segment_len, device
+                )
+                for k, right, p in zip(chunk, ok, preds, strict=True):
                     correct[k] = right
+                    predicted[k] = p
                 hits += n_hit
                 bar.update(len(chunk))
     finally:
@@ -132,7 +140,7 @@ def evaluate_samples(
         model.train(was_training)
     tasks = sorted({s.task for s in samples})
     chances = [float(s.meta.get("chance", math.nan)) for s in samples]
-    return {
+    out = {
         "task": tasks[0] if len(tasks) == 1 else "+".join(tasks),
         "n": len(samples),
         "segment_len": segment_len,
@@ -142,3 +150,6 @@ def evaluate_samples(
         "seconds": time.perf_counter() - t0,
         "correct": correct,
     }
+    if keep:
+        out["predicted"] = predicted
+    return out

@@ -1,0 +1,569 @@
+"""Evaluation suites: named sets of tasks over a grid of lengths (and depths), graded on any
+``ModelAdapter`` and saved as a results file that resumes cell by cell.
+
+A suite is data (``SuiteSpec``): the built-in ``quick`` and ``longctx``, or a user's YAML file::
+
+    name: mine
+    length_multiples: [0.5, 1, 2]      # times the model's trained length (or `lengths: [...]`)
+    depths: [0.0, 0.5, 1.0]
+    samples: 4
+    seed: 0
+    threshold: 0.9
+    haystack: stdlib                    # or a path to a UTF-8 text file
+    tasks:
+      bpb: {max_tokens: 4096}
+      niah: {needle: "The secret word is {value}.", question: "The secret word is "}
+      speed: {}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from memext.data.tasks import Filler, Sample, make_samples
+from memext.errors import MemextError
+from memext.evals.adapters import ModelAdapter
+from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
+from memext.io import atomic_write_text
+
+# --- tasks --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    task: str
+    length: int
+    depth: float | None
+
+    def key(self) -> str:
+        return f"{self.task}@{self.length}@{self.depth}"
+
+
+@dataclasses.dataclass
+class Context:
+    """What every task may use: the model, the haystack, the suite's settings."""
+
+    adapter: ModelAdapter
+    filler: Filler
+    spec: SuiteSpec
+    longest: int
+    _validation: np.ndarray | None = None
+
+    def validation(self) -> np.ndarray:
+        if self._validation is None:
+            self._validation = self.adapter.validation()[0]
+        return self._validation
+
+
+class Task:
+    """One measurement on a grid of cells. ``run`` returns the cell's fields beyond its
+    coordinates: at least ``score``, ``n`` and ``chance`` (None when it has no meaning)."""
+
+    name: str = ""
+    metric: str = "exact_match"
+    higher_is_better: bool = True
+    uses_depth: bool = True
+
+    def __init__(self, **options: Any):
+        self.options = options
+
+    def cells(self, lengths: list[int], depths: list[float]) -> list[Cell]:
+        return [
+            Cell(self.name, n, d) for n in lengths for d in (depths if self.uses_depth else [None])
+        ]
+
+    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+TASKS: dict[str, type[Task]] = {}
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    def add(cls: type[Task]) -> type[Task]:
+        cls.name = name
+        TASKS[name] = cls
+        return cls
+
+    return add
+
+
+class _Whole(torch.nn.Module):
+    """An adapter as a memext model reading the whole input at once (``evaluate_samples`` and
+    ``score_length`` call ``model(tokens)`` / ``model(tokens, state)``)."""
+
+    def __init__(self, adapter: ModelAdapter):
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, None]:
+        return self.adapter.logits(tokens), None
+
+
+@register_task("bpb")
+class BitsPerByte(Task):
+    """Bits-per-byte of the validation text at each length (memext's definition: windows of L,
+    the second half scored; the same positions at every length of the suite)."""
+
+    metric = "bits_per_byte"
+    higher_is_better = False
+    uses_depth = False
+
+    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
+        from memext.evals.perplexity import score_length
+
+        tokens = ctx.validation()
+        first = ctx.longest // 2
+        n_scored = min(int(self.options.get("max_tokens", 4096)), tokens.size - 1 - first)
+        if n_scored <= 0:
+            raise MemextError(
+                f"the validation text has {tokens.size} tokens: too few for length {ctx.longest}"
+            )
+        r = score_length(
+            _Whole(ctx.adapter),
+            tokens,
+            cell.length,
+            first,
+            n_scored,
+            ctx.adapter.tokenizer.byte_lengths(),
+            int(self.options.get("batch_size", 4)),
+            ctx.adapter.device,
+        )
+        return {"score": r["bits_per_byte"], "n": r["scored_tokens"], "chance": None}
+
+
+class AnswerTask(Task):
+    """A generated prompt whose answer is scored exactly (scikit-learn's accuracy over samples).
+
+    Scoring is teacher-forced, as in ``memext.evals.tasks.evaluate_samples``: a sample is right
+    iff the argmax at every answer position is the answer's token, which equals greedy decoding's
+    exact match."""
+
+    generator = ""
+    in_haystack = True  # False: the task fills its prompt itself (padding with spaces)
+
+    def samples(self, cell: Cell, ctx: Context) -> list[Sample]:
+        opts = {k: v for k, v in self.options.items() if k != "samples"}
+        n = int(self.options.get("samples", ctx.spec.samples))
+        seed = ctx.spec.seed * 1_000_003 + cell.length
+        filler = ctx.filler if self.in_haystack else None
+        return make_samples(
+            self.generator,
+            ctx.adapter.tokenizer,
+            filler,
+            cell.length,
+            cell.depth or 0.0,
+            n,
+            seed,
+            **opts,
+        )
+
+    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
+        from sklearn.metrics import accuracy_score
+
+        from memext.evals.tasks import evaluate_samples
+
+        samples = self.samples(cell, ctx)
+        _check_fits(ctx.adapter, samples)
+        r = evaluate_samples(
+            _Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
+        )
+        exact = float(accuracy_score([True] * len(samples), r["correct"]))
+        out = {"score": exact, "n": r["n"], "chance": r["chance"]}
+        out["token_accuracy"] = r["token_accuracy"]
+        return out | self.extra(samples, r, ctx)
+
+    def extra(self, samples: list[Sample], r: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        """Fields that replace or add to the exact-match ones."""
+        return {}
+
+
+def _check_fits(adapter: ModelAdapter, samples: list[Sample]) -> None:
+    longest = max(s.tokens.size - 1 for s in samples)
+    if adapter.max_context is not None and longest > adapter.max_context:
+        raise MemextError(
+            f"a {longest}-token input exceeds {adapter.name}'s limit of {adapter.max_context} "
+            "tokens (a model without memory reads at most max_seq_len): evaluate shorter "
+            "lengths (--lengths) or use a model that reads in segments"
+        )
+
+
+def _answer_task(name: str, in_haystack: bool = True) -> type[AnswerTask]:
+    attrs = {"generator": name, "uses_depth": in_haystack, "in_haystack": in_haystack}
+    return register_task(name)(type(name, (AnswerTask,), attrs))
+
+
+for _name in ("passkey", "niah", "needle", "multi_value", "variable_tracking"):
+    _answer_task(_name)
+_answer_task("assoc_recall", in_haystack=False)  # pairs fill the prompt: recall, not search
+
+
+@register_task("common_words")
+class CommonWords(AnswerTask):
+    """The most common words of a list: exact match, and the words' F1 (scikit-learn, per
+    sample, over the words read from the teacher-forced argmax at the answer's positions)."""
+
+    generator = "common_words"
+    uses_depth = False
+    in_haystack = False
+    metric = "f1"
+
+    def extra(self, samples: list[Sample], r: dict[str, Any], ctx: Context) -> dict[str, Any]:
+        from sklearn.metrics import f1_score
+        from sklearn.preprocessing import MultiLabelBinarizer
+
+        truth = [set(s.meta["words"]) for s in samples]
+        guess = [set(ctx.adapter.tokenizer.decode(p).split()) for p in r["predicted"]]
+        binarizer = MultiLabelBinarizer().fit(truth + guess)
+        f1 = f1_score(
+            binarizer.transform(truth),
+            binarizer.transform(guess),
+            average="samples",
+            zero_division=0.0,
+        )
+        exact = sum(r["correct"]) / len(samples)
+        return {"exact_match": exact, "score": float(f1), "chance": None}
+
+
+@register_task("speed")
+class Speed(Task):
+    """Forward tokens/s on one L-token sequence (median of ``repeats`` after a warm-up) and the
+    allocator's peak bytes for it, measured in a separate call (the profiler slows CPU calls)."""
+
+    metric = "tokens_per_s"
+    uses_depth = False
+
+    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
+        from memext.bench.memory import peak_memory
+
+        adapter = ctx.adapter
+        _check_fits_length(adapter, cell.length)
+        x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, cell.length))
+        adapter.logits(x)
+        times = []
+        for _ in range(int(self.options.get("repeats", 3))):
+            t0 = time.perf_counter()
+            adapter.logits(x)
+            times.append(time.perf_counter() - t0)
+        rate = cell.length / statistics.median(times)
+        peak = peak_memory(lambda: adapter.logits(x), adapter.device)
+        return {
+            "score": rate,
+            "n": len(times),
+            "chance": None,
+            "tokens_per_s": rate,
+            "peak_bytes": int(peak),
+        }
+
+
+def _check_fits_length(adapter: ModelAdapter, length: int) -> None:
+    if adapter.max_context is not None and length > adapter.max_context:
+        raise MemextError(
+            f"length {length} exceeds {adapter.name}'s limit of {adapter.max_context} tokens"
+        )
+
+
+# --- suites -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteSpec:
+    name: str
+    tasks: dict[str, dict[str, Any]]
+    length_multiples: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    lengths: tuple[int, ...] = ()
+    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
+    samples: int = 4
+    seed: int = 0
+    threshold: float = DEFAULT_THRESHOLD
+    haystack: str = "stdlib"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise MemextError(
+                f"unknown task(s) {', '.join(unknown)} in suite {self.name!r}: "
+                f"choose from {', '.join(TASKS)}"
+            )
+        if not self.tasks:
+            raise MemextError(f"suite {self.name!r} has no tasks")
+        if not 0 < self.threshold <= 1:
+            raise MemextError(f"threshold={self.threshold} must lie in (0, 1]")
+        if self.samples < 1:
+            raise MemextError(f"samples={self.samples} must be positive")
+        if any(not 0 <= d <= 1 for d in self.depths) or not self.depths:
+            raise MemextError(f"depths {self.depths} must be non-empty and lie in [0, 1]")
+        if any(m <= 0 for m in self.length_multiples) or any(n < 2 for n in self.lengths):
+            raise MemextError("length multiples must be positive and lengths at least 2")
+
+    def resolve_lengths(self, trained_length: int) -> list[int]:
+        """Absolute lengths (even: bits-per-byte scores half windows)."""
+        raw = self.lengths or tuple(m * trained_length for m in self.length_multiples)
+        return sorted({max(2, 2 * round(n / 2)) for n in raw})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SuiteSpec:
+        import yaml
+
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise MemextError(f"cannot read suite file {path}: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("tasks"), dict):
+            raise MemextError(f"{path}: a suite file is a mapping with a `tasks` mapping")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        extra = sorted(set(data) - fields)
+        if extra:
+            raise MemextError(f"{path}: unknown suite field(s) {', '.join(extra)}")
+        data.setdefault("name", path.stem)
+        data["tasks"] = {k: dict(v or {}) for k, v in data["tasks"].items()}
+        for key in ("length_multiples", "lengths", "depths"):
+            if key in data:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+SUITES: dict[str, SuiteSpec] = {
+    "quick": SuiteSpec(
+        "quick",
+        {"bpb": {"max_tokens": 1024}, "passkey": {}, "speed": {"repeats": 1}},
+        length_multiples=(0.5, 1.0, 2.0),
+        depths=(0.0, 1.0),
+        samples=2,
+    ),
+    "longctx": SuiteSpec(
+        "longctx",
+        {
+            "bpb": {"max_tokens": 4096},
+            "passkey": {},
+            "niah": {},
+            "needle": {"n_keys": 4},
+            "multi_value": {"n_values": 2},
+            "variable_tracking": {"hops": 2},
+            "common_words": {"n_common": 3},
+            "assoc_recall": {"n_queries": 1},
+            "speed": {},
+        },
+    ),
+}
+
+
+def get_suite(name_or_path: str) -> SuiteSpec:
+    if name_or_path in SUITES:
+        return SUITES[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return SuiteSpec.from_yaml(path)
+    raise MemextError(
+        f"unknown suite {name_or_path!r}: choose {', '.join(SUITES)} or give a .yaml file"
+    )
+
+
+def haystack(spec: SuiteSpec, tok: Any) -> Filler:
+    if spec.haystack == "stdlib":
+        return Filler.stdlib(tok)
+    path = Path(spec.haystack)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise MemextError(f"cannot read the haystack {path}: {e}") from None
+    except UnicodeDecodeError as e:
+        raise MemextError(f"the haystack {path} is not UTF-8 text: {e}") from None
+    if not text.strip():
+        raise MemextError(f"the haystack {path} is empty: needles need text to hide in")
+    return Filler.from_text(tok, text)
+
+
+# --- running, with resumption -------------------------------------------------------------------
+
+
+def _spec_hash(spec: SuiteSpec, adapter: ModelAdapter) -> str:
+    blob = json.dumps([dataclasses.asdict(spec), adapter.fingerprint()], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def plan(spec: SuiteSpec, adapter: ModelAdapter) -> tuple[list[int], list[tuple[Task, Cell]]]:
+    lengths = spec.resolve_lengths(adapter.trained_length)
+    tasks = [TASKS[name](**opts) for name, opts in spec.tasks.items()]
+    return lengths, [(t, c) for t in tasks for c in t.cells(lengths, list(spec.depths))]
+
+
+def estimate(adapter: ModelAdapter, spec: SuiteSpec, todo: list[tuple[Task, Cell]]) -> dict:
+    """Seconds for the cells still to run, from a probe's tokens/s; and the longest input."""
+    probe = min(256, max(c.length for _, c in todo))
+    x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, probe))
+    adapter.logits(x)
+    t0 = time.perf_counter()
+    adapter.logits(x)
+    rate = probe / max(time.perf_counter() - t0, 1e-9)
+    tokens = 0
+    for task, cell in todo:
+        if isinstance(task, AnswerTask):
+            tokens += cell.length * int(task.options.get("samples", spec.samples))
+        elif isinstance(task, BitsPerByte):
+            tokens += 2 * int(task.options.get("max_tokens", 4096))
+        else:
+            tokens += cell.length * (int(task.options.get("repeats", 3)) + 2)
+    # Attention cost grows with length: scale the probe's rate by the mean length's excess.
+    mean_len = tokens / max(len(todo), 1)
+    slowdown = max(1.0, mean_len / probe) ** 0.5
+    return {"seconds": tokens / rate * slowdown, "tokens": tokens, "probe_tokens_per_s": rate}
+
+
+def run_suite(
+    adapter: ModelAdapter,
+    spec: SuiteSpec,
+    out_file: str | Path,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run every cell not already in ``out_file``'s cell log and write the results file."""
+    from memext.runtime import provenance
+
+    out_file = Path(out_file)
+    cells_log = out_file.with_suffix(".cells.jsonl")
+    lengths, grid = plan(spec, adapter)
+    key = _spec_hash(spec, adapter)
+    done = _finished(cells_log, key)
+    todo = [(t, c) for t, c in grid if c.key() not in done]
+    filler = haystack(spec, adapter.tokenizer)
+    ctx = Context(adapter, filler, spec, max(lengths))
+    corpus, corpus_hash = None, None
+    if "bpb" in spec.tasks:
+        _, corpus, corpus_hash = adapter.validation()
+    if todo:
+        guess = estimate(adapter, spec, todo)
+        log(
+            f"{len(todo)} of {len(grid)} cells to run ({len(grid) - len(todo)} cached); "
+            f"about {_duration(guess['seconds'])} "
+            f"({guess['tokens']:,} tokens at ~{guess['probe_tokens_per_s']:,.0f} tok/s)"
+        )
+    t0 = time.perf_counter()
+    bar = tqdm(todo, desc=f"{spec.name}", disable=not progress, unit="cell")
+    for task, cell in bar:
+        bar.set_postfix_str(cell.key())
+        c0 = time.perf_counter()
+        try:
+            fields = task.run(cell, ctx)
+        except ValueError as e:  # a generator's "too short for ..." is a cell that cannot exist
+            if "too short" not in str(e):
+                raise
+            fields = {"skipped": str(e)}
+        row = {
+            "task": cell.task,
+            "length": cell.length,
+            "depth": cell.depth,
+            "metric": task.metric,
+            "higher_is_better": task.higher_is_better,
+            **fields,
+            "seconds": round(time.perf_counter() - c0, 3),
+        }
+        _append(cells_log, {"suite_key": key, "cell": cell.key(), "row": row})
+        done[cell.key()] = row
+    bar.close()
+    rows = [done[c.key()] for _, c in grid]
+    scored = [r for r in rows if "skipped" not in r]
+    results = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "suite": spec.name,
+        "spec": dataclasses.asdict(spec),
+        "lengths": lengths,
+        "model": {
+            "name": adapter.name,
+            "kind": adapter.kind,
+            "path": adapter.path,
+            "trained_length": adapter.trained_length,
+            "max_context": adapter.max_context,
+            "params": adapter.params,
+            "fingerprint": adapter.fingerprint(),
+            **adapter.describe(),
+        },
+        "corpus": {"name": corpus, "hash": corpus_hash},
+        "haystack": spec.haystack,
+        "seed": spec.seed,
+        "threshold": spec.threshold,
+        "provenance": provenance(adapter.device) | _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "cells": scored,
+        "skipped": [r for r in rows if "skipped" in r],
+        "summary": summarize(scored, spec.threshold),
+    }
+    atomic_write_text(out_file, json.dumps(results, indent=2, default=_jsonable) + "\n")
+    return results
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("transformers", "scikit-learn", "matplotlib"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def _finished(path: Path, key: str) -> dict[str, dict[str, Any]]:
+    """Rows of cells a run with the same suite and model finished; a torn last line (a run
+    killed mid-write) is ignored."""
+    done: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if entry.get("suite_key") == key:
+            done[entry["cell"]] = entry["row"]
+    return done
+
+
+def _append(path: Path, entry: dict[str, Any]) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry, default=_jsonable) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+__all__ = [
+    "SUITES",
+    "TASKS",
+    "Cell",
+    "SuiteSpec",
+    "Task",
+    "get_suite",
+    "plan",
+    "register_task",
+    "run_suite",
+]
