@@ -48,7 +48,12 @@ def corpus(tmp_path: Path) -> Path:
 def run_dir(tmp_path: Path, corpus: Path) -> Path:
     out = tmp_path / "run"
     result = runner.invoke(
-        app, ["train", "--out", str(out), "--device", "cpu", *_sets(f"data.corpus={corpus}")]
+        app,
+        [
+            "train",
+            *("--out", str(out), "--device", "cpu", "--suite", "quick"),
+            *_sets(f"data.corpus={corpus}"),
+        ],
     )
     assert result.exit_code == 0, result.output
     return out
@@ -84,6 +89,14 @@ def test_train_eval_generate_info_end_to_end(run_dir: Path):
     ]
     same = {r["memory"]: r["bits_per_byte"] for r in reach if r["reach"] == 16}
     assert same[True] == pytest.approx(same[False], rel=1e-5)  # one segment: memory is empty
+    # The main job ends with a suite and its report.
+    suite = json.loads((run_dir / "eval" / "quick.json").read_text())
+    assert suite["lengths"] == [16, 32, 64] and suite["model"]["trained_length"] == 32
+    page = (run_dir / "report" / "report.html").read_text()
+    assert page.count('class="plot"') >= 2 and (run_dir / "report" / "report.md").is_file()
+    again = runner.invoke(app, ["report", str(run_dir), "--out", str(run_dir / "r2")])
+    assert again.exit_code == 0 and (run_dir / "r2" / "report.html").is_file(), again.output
+    _fails(["report", str(run_dir / "eval.json")], "not a memext suite results file")
 
     ev = runner.invoke(
         app,
@@ -244,10 +257,7 @@ def test_bpe_tokenizer_end_to_end(tmp_path: Path, corpus: Path):
         app,
         [
             "train",
-            "--out",
-            str(run),
-            "--device",
-            "cpu",
+            *("--out", str(run), "--device", "cpu", "--suite", "none"),
             *_sets(
                 f"data.corpus={corpus}", f"data.tokenizer={tok}", f"model.vocab_size={len(vocab)}"
             ),

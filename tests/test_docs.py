@@ -25,3 +25,17 @@ def test_context_guide_examples_run(capsys):
     assert printed[0].startswith("1.1386")
     assert printed[1] == "8"
     assert printed[2] == "1024 torch.Size([1, 300, 264])"
+
+
+def test_evaluation_guide_examples_run(tmp_path):
+    from memext.evals.suite import get_suite
+
+    text = (DOCS / "evaluation.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/evaluation.md", "exec"), {})
+    (suite,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)  # a valid suite file
+    (tmp_path / "mine.yaml").write_text(suite)
+    spec = get_suite(str(tmp_path / "mine.yaml"))
+    assert spec.name == "mine" and spec.lengths == (512, 1024, 2048)
+    assert spec.tasks["niah"]["needle"] == "The secret word is {value}."

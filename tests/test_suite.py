@@ -17,7 +17,7 @@ from memext import build_model
 from memext import checkpoint as ckpt
 from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.errors import MemextError
-from memext.evals import suite as suite_mod
+from memext.evals import suite_tasks as suite_mod
 from memext.evals.adapters import MemextAdapter, load_adapter
 from memext.evals.results import (
     FORMAT,
@@ -266,7 +266,7 @@ def test_bad_input_is_refused_clearly(run: Path, tmp_path: Path) -> None:
         )
     # Beyond what a model without memory reads (max_seq_len 512).
     long = dataclasses.replace(HAY, lengths=(1024,), tasks={"passkey": {}})
-    with pytest.raises(MemextError, match="exceeds .* limit of 512"):
+    with pytest.raises(MemextError, match=r"exceeds .* limit of 512"):
         run_suite(MemextAdapter(run), long, tmp_path / "l.json", progress=False)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"format": FORMAT, "schema_version": 99}))

@@ -28,6 +28,11 @@ tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_hel
 app.add_typer(tokenizer_app, name="tokenizer")
 bench_app = typer.Typer(help="Benchmarks: speed and memory, against peers.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+memory_app = typer.Typer(
+    help="A persistent retrieval memory of documents (SQLite; embeddings, BM25, hybrid).",
+    no_args_is_help=True,
+)
+app.add_typer(memory_app, name="memory")
 out = Console()
 err = Console(stderr=True)
 
@@ -196,22 +201,26 @@ def _run_suite(
 def _print_suite(results: dict[str, Any]) -> None:
     summary = results["summary"]
     lengths = [str(n) for n in results["lengths"]]
+    units = {"bits_per_byte": "bits/byte", "exact_match": "exact", "tokens_per_s": "tok/s"}
     table = Table(title=f"{results['suite']}: score by length — {results['model']['name']}")
-    for col in ("task", "metric", *lengths, "effective context"):
+    table.add_column("task", no_wrap=True)
+    table.add_column("metric", no_wrap=True)
+    for col in (*lengths, "effective context"):
         table.add_column(col, justify="right")
     for task, s in summary["tasks"].items():
         cells = [s["by_length"].get(n) for n in lengths]
         table.add_row(
             task,
-            s["metric"],
+            units.get(s["metric"], s["metric"]),
             *("-" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3f}" for v in cells),
             "-" if s["effective_context"] is None else str(s["effective_context"]),
         )
     out.print(table)
     eff = summary["effective_context"]
     out.print(
-        f"effective context length: {eff if eff is not None else 'none'} "
-        f"(threshold {summary['threshold']:.0%} of the shortest length's score)"
+        "effective context length (mean of the accuracy tasks): "
+        + (f"{eff} tokens" if eff is not None else "none — they score 0 at the shortest length")
+        + f"; threshold {summary['threshold']:g} × the shortest length's score"
     )
 
 
@@ -688,6 +697,83 @@ def bench_attention(
     command = " ".join(["memext", *sys.argv[1:]])
     path, png = bench.report(out, records, training, shape, left_out, out_dir, command)
     out.print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
+
+
+StoreOpt = Annotated[Path, typer.Option("--store", help="The store's SQLite file.")]
+EncoderOpt = Annotated[
+    Path | None,
+    typer.Option(help="A local Hugging Face encoder dir (default: all-MiniLM-L6-v2, shipped)."),
+]
+ModeOpt = Annotated[str, typer.Option(help="embedding, bm25 or hybrid.")]
+
+
+def _open_store(store: Path, encoder: Path | None):
+    from memext.pipelines import Encoder, RetrievalStore
+
+    return RetrievalStore(store, encoder=Encoder(encoder))
+
+
+@memory_app.command("add")
+@user_errors
+def memory_add(
+    files: Annotated[list[Path], typer.Argument(help="UTF-8 text files; each is one document.")],
+    store: StoreOpt,
+    encoder: EncoderOpt = None,
+    overlap: Annotated[int, typer.Option(help="Tokens shared by neighbouring chunks.")] = 32,
+) -> None:
+    """Chunk, embed and store documents (re-adding one changes nothing)."""
+    with _open_store(store, encoder) as db:
+        for f in files:
+            try:
+                data = f.read_bytes()
+            except OSError as e:
+                raise MemextError(f"cannot read {f}: {e}") from None
+            new = db.add_text(str(f), data, overlap=overlap, metadata={"path": str(f)})
+            out.print(f"{f}: {new} new chunk(s)")
+        out.print(f"{store}: {len(db)} chunks")
+
+
+@memory_app.command("search")
+@user_errors
+def memory_search(
+    query: Annotated[str, typer.Argument(help="What to look for.")],
+    store: StoreOpt,
+    encoder: EncoderOpt = None,
+    k: Annotated[int, typer.Option("-k", help="How many chunks.")] = 5,
+    mode: ModeOpt = "hybrid",
+) -> None:
+    """The chunks most relevant to a query."""
+    with _open_store(store, encoder) as db:
+        for hit in db.search(query, k=k, mode=mode):
+            text = " ".join(hit.text.split())
+            out.print(f"{hit.score:8.4f}  {hit.doc_id}  {text[:100]}", highlight=False)
+
+
+@app.command()
+@user_errors
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    store: StoreOpt,
+    model: Annotated[Path, typer.Option(help="A memext run or a local HF causal-LM dir.")],
+    encoder: EncoderOpt = None,
+    k: Annotated[int, typer.Option("-k", help="Chunks to consider.")] = 8,
+    mode: ModeOpt = "hybrid",
+    max_new_tokens: Annotated[int, typer.Option(help="Length of the answer.")] = 64,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Answer from a store: the most relevant chunks that fit the model's window, then generate."""
+    from memext.pipelines.ask import ask as run_ask
+
+    with _open_store(store, encoder) as db:
+        r = run_ask(
+            db, model, question, k=k, mode=mode, max_new_tokens=max_new_tokens, device=device
+        )
+    err.print(
+        f"{len(r['used'])} chunk(s), {r['prompt_tokens']} of {r['window']} tokens: "
+        + ", ".join(u["doc_id"] for u in r["used"]),
+        highlight=False,
+    )
+    out.print(r["answer"], highlight=False)
 
 
 def version_callback(value: bool) -> None:

@@ -23,7 +23,7 @@ import dataclasses
 import hashlib
 import json
 import math
-import statistics
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,248 +33,20 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memext.data.tasks import Filler, Sample, make_samples
+from memext.data.tasks import Filler
 from memext.errors import MemextError
 from memext.evals.adapters import ModelAdapter
 from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
+from memext.evals.suite_tasks import (
+    TASKS,
+    AnswerTask,
+    BitsPerByte,
+    Cell,
+    Context,
+    Task,
+    register_task,
+)
 from memext.io import atomic_write_text
-
-# --- tasks --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Cell:
-    task: str
-    length: int
-    depth: float | None
-
-    def key(self) -> str:
-        return f"{self.task}@{self.length}@{self.depth}"
-
-
-@dataclasses.dataclass
-class Context:
-    """What every task may use: the model, the haystack, the suite's settings."""
-
-    adapter: ModelAdapter
-    filler: Filler
-    spec: SuiteSpec
-    longest: int
-    _validation: np.ndarray | None = None
-
-    def validation(self) -> np.ndarray:
-        if self._validation is None:
-            self._validation = self.adapter.validation()[0]
-        return self._validation
-
-
-class Task:
-    """One measurement on a grid of cells. ``run`` returns the cell's fields beyond its
-    coordinates: at least ``score``, ``n`` and ``chance`` (None when it has no meaning)."""
-
-    name: str = ""
-    metric: str = "exact_match"
-    higher_is_better: bool = True
-    uses_depth: bool = True
-
-    def __init__(self, **options: Any):
-        self.options = options
-
-    def cells(self, lengths: list[int], depths: list[float]) -> list[Cell]:
-        return [
-            Cell(self.name, n, d) for n in lengths for d in (depths if self.uses_depth else [None])
-        ]
-
-    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-TASKS: dict[str, type[Task]] = {}
-
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def add(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return add
-
-
-class _Whole(torch.nn.Module):
-    """An adapter as a memext model reading the whole input at once (``evaluate_samples`` and
-    ``score_length`` call ``model(tokens)`` / ``model(tokens, state)``)."""
-
-    def __init__(self, adapter: ModelAdapter):
-        super().__init__()
-        self.adapter = adapter
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, None]:
-        return self.adapter.logits(tokens), None
-
-
-@register_task("bpb")
-class BitsPerByte(Task):
-    """Bits-per-byte of the validation text at each length (memext's definition: windows of L,
-    the second half scored; the same positions at every length of the suite)."""
-
-    metric = "bits_per_byte"
-    higher_is_better = False
-    uses_depth = False
-
-    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
-        from memext.evals.perplexity import score_length
-
-        tokens = ctx.validation()
-        first = ctx.longest // 2
-        n_scored = min(int(self.options.get("max_tokens", 4096)), tokens.size - 1 - first)
-        if n_scored <= 0:
-            raise MemextError(
-                f"the validation text has {tokens.size} tokens: too few for length {ctx.longest}"
-            )
-        r = score_length(
-            _Whole(ctx.adapter),
-            tokens,
-            cell.length,
-            first,
-            n_scored,
-            ctx.adapter.tokenizer.byte_lengths(),
-            int(self.options.get("batch_size", 4)),
-            ctx.adapter.device,
-        )
-        return {"score": r["bits_per_byte"], "n": r["scored_tokens"], "chance": None}
-
-
-class AnswerTask(Task):
-    """A generated prompt whose answer is scored exactly (scikit-learn's accuracy over samples).
-
-    Scoring is teacher-forced, as in ``memext.evals.tasks.evaluate_samples``: a sample is right
-    iff the argmax at every answer position is the answer's token, which equals greedy decoding's
-    exact match."""
-
-    generator = ""
-    in_haystack = True  # False: the task fills its prompt itself (padding with spaces)
-
-    def samples(self, cell: Cell, ctx: Context) -> list[Sample]:
-        opts = {k: v for k, v in self.options.items() if k != "samples"}
-        n = int(self.options.get("samples", ctx.spec.samples))
-        seed = ctx.spec.seed * 1_000_003 + cell.length
-        filler = ctx.filler if self.in_haystack else None
-        return make_samples(
-            self.generator,
-            ctx.adapter.tokenizer,
-            filler,
-            cell.length,
-            cell.depth or 0.0,
-            n,
-            seed,
-            **opts,
-        )
-
-    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
-        from sklearn.metrics import accuracy_score
-
-        from memext.evals.tasks import evaluate_samples
-
-        samples = self.samples(cell, ctx)
-        _check_fits(ctx.adapter, samples)
-        r = evaluate_samples(
-            _Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
-        )
-        exact = float(accuracy_score([True] * len(samples), r["correct"]))
-        out = {"score": exact, "n": r["n"], "chance": r["chance"]}
-        out["token_accuracy"] = r["token_accuracy"]
-        return out | self.extra(samples, r, ctx)
-
-    def extra(self, samples: list[Sample], r: dict[str, Any], ctx: Context) -> dict[str, Any]:
-        """Fields that replace or add to the exact-match ones."""
-        return {}
-
-
-def _check_fits(adapter: ModelAdapter, samples: list[Sample]) -> None:
-    longest = max(s.tokens.size - 1 for s in samples)
-    if adapter.max_context is not None and longest > adapter.max_context:
-        raise MemextError(
-            f"a {longest}-token input exceeds {adapter.name}'s limit of {adapter.max_context} "
-            "tokens (a model without memory reads at most max_seq_len): evaluate shorter "
-            "lengths (--lengths) or use a model that reads in segments"
-        )
-
-
-def _answer_task(name: str, in_haystack: bool = True) -> type[AnswerTask]:
-    attrs = {"generator": name, "uses_depth": in_haystack, "in_haystack": in_haystack}
-    return register_task(name)(type(name, (AnswerTask,), attrs))
-
-
-for _name in ("passkey", "niah", "needle", "multi_value", "variable_tracking"):
-    _answer_task(_name)
-_answer_task("assoc_recall", in_haystack=False)  # pairs fill the prompt: recall, not search
-
-
-@register_task("common_words")
-class CommonWords(AnswerTask):
-    """The most common words of a list: exact match, and the words' F1 (scikit-learn, per
-    sample, over the words read from the teacher-forced argmax at the answer's positions)."""
-
-    generator = "common_words"
-    uses_depth = False
-    in_haystack = False
-    metric = "f1"
-
-    def extra(self, samples: list[Sample], r: dict[str, Any], ctx: Context) -> dict[str, Any]:
-        from sklearn.metrics import f1_score
-        from sklearn.preprocessing import MultiLabelBinarizer
-
-        truth = [set(s.meta["words"]) for s in samples]
-        guess = [set(ctx.adapter.tokenizer.decode(p).split()) for p in r["predicted"]]
-        binarizer = MultiLabelBinarizer().fit(truth + guess)
-        f1 = f1_score(
-            binarizer.transform(truth),
-            binarizer.transform(guess),
-            average="samples",
-            zero_division=0.0,
-        )
-        exact = sum(r["correct"]) / len(samples)
-        return {"exact_match": exact, "score": float(f1), "chance": None}
-
-
-@register_task("speed")
-class Speed(Task):
-    """Forward tokens/s on one L-token sequence (median of ``repeats`` after a warm-up) and the
-    allocator's peak bytes for it, measured in a separate call (the profiler slows CPU calls)."""
-
-    metric = "tokens_per_s"
-    uses_depth = False
-
-    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
-        from memext.bench.memory import peak_memory
-
-        adapter = ctx.adapter
-        _check_fits_length(adapter, cell.length)
-        x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, cell.length))
-        adapter.logits(x)
-        times = []
-        for _ in range(int(self.options.get("repeats", 3))):
-            t0 = time.perf_counter()
-            adapter.logits(x)
-            times.append(time.perf_counter() - t0)
-        rate = cell.length / statistics.median(times)
-        peak = peak_memory(lambda: adapter.logits(x), adapter.device)
-        return {
-            "score": rate,
-            "n": len(times),
-            "chance": None,
-            "tokens_per_s": rate,
-            "peak_bytes": int(peak),
-        }
-
-
-def _check_fits_length(adapter: ModelAdapter, length: int) -> None:
-    if adapter.max_context is not None and length > adapter.max_context:
-        raise MemextError(
-            f"length {length} exceeds {adapter.name}'s limit of {adapter.max_context} tokens"
-        )
-
 
 # --- suites -------------------------------------------------------------------------------------
 
@@ -441,7 +213,7 @@ def run_suite(
     done = _finished(cells_log, key)
     todo = [(t, c) for t, c in grid if c.key() not in done]
     filler = haystack(spec, adapter.tokenizer)
-    ctx = Context(adapter, filler, spec, max(lengths))
+    ctx = Context(adapter, filler, spec.samples, spec.seed, max(lengths))
     corpus, corpus_hash = None, None
     if "bpb" in spec.tasks:
         _, corpus, corpus_hash = adapter.validation()
@@ -543,7 +315,6 @@ def _finished(path: Path, key: str) -> dict[str, dict[str, Any]]:
 
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
-    import os
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as f:

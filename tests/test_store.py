@@ -1,0 +1,243 @@
+"""Retrieval memory: persistence, idempotent adds, deletes, a killed writer, model checks,
+faiss against exact search, BM25 and hybrid ranking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memext.errors import MemextError
+from memext.pipelines.lexical import reciprocal_rank_fusion
+from memext.pipelines.store import Item, RetrievalStore
+
+DIM = 8
+
+
+def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def items(n: int, doc: str = "doc", seed: int = 0) -> list[Item]:
+    vectors = unit(np.random.default_rng(seed), n)
+    return [Item(doc, f"{doc} chunk {i}", vectors[i], {"i": i, "tag": "é"}) for i in range(n)]
+
+
+def open_store(path: Path | str, **kw) -> RetrievalStore:
+    return RetrievalStore(path, model="toy", dim=DIM, **kw)
+
+
+def test_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "memory.sqlite"
+    q = unit(np.random.default_rng(9), 1)[0]
+    with open_store(path) as store:
+        assert store.add(items(20)) == 20
+        before = store.search(q, k=5)
+    with RetrievalStore(path) as store:  # model and dimension come from the file
+        assert (store.model, store.dim, len(store)) == ("toy", DIM, 20)
+        assert store.search(q, k=5) == before
+        assert before[0].metadata["tag"] == "é" and before[0].doc_id == "doc"
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_readding_is_idempotent(tmp_path: Path) -> None:
+    with open_store(tmp_path / "m.sqlite") as store:
+        assert store.add(items(10)) == 10
+        assert store.add(items(10)) == 0
+        assert store.add(items(12)) == 2  # only the two new chunks
+        assert len(store) == 12
+        # the same text in another document is another chunk
+        assert store.add(items(3, doc="other")) == 3 and len(store) == 15
+
+
+def test_delete_removes_a_document_everywhere(tmp_path: Path) -> None:
+    with open_store(tmp_path / "m.sqlite") as store:
+        store.add(items(10, "a", seed=1) + items(10, "b", seed=2))
+        q = items(10, "a", seed=1)[3].vector
+        assert store.search(q, k=1)[0].text == "a chunk 3"
+        assert store.delete("a") == 10 and store.delete("a") == 0
+        assert len(store) == 10
+        assert {h.doc_id for h in store.search(q, k=20)} == {"b"}
+        store.add(items(2, "c", seed=3))  # appended after a delete: found too
+        assert store.search(items(2, "c", seed=3)[1].vector, k=1)[0].text == "c chunk 1"
+        assert store.add(items(10, "a", seed=1)) == 10  # a deleted document can come back
+
+
+def test_exact_search_is_cosine_top_k(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, DIM)).astype(np.float32) * 3  # not unit: cosine anyway
+    with open_store(":memory:") as store:
+        store.add(Item("d", f"t{i}", v) for i, v in enumerate(vectors))
+        q = rng.standard_normal(DIM).astype(np.float32)
+        cos = vectors @ q / np.linalg.norm(vectors, axis=1) / np.linalg.norm(q)
+        hits = store.search(q, k=7)
+        assert [h.text for h in hits] == [f"t{i}" for i in np.argsort(-cos)[:7]]
+        np.testing.assert_allclose([h.score for h in hits], np.sort(cos)[::-1][:7], rtol=1e-5)
+        assert len(store.search(q, k=100)) == 50
+
+
+def test_faiss_index_equals_exact_search(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(1)
+    path = tmp_path / "m.sqlite"
+    with open_store(path) as exact, open_store(path, index="faiss") as approx:
+        exact.add(Item("d", f"t{i}", v) for i, v in enumerate(unit(rng, 300)))
+        for q in unit(rng, 20):
+            want, got = exact.search(q, k=10), approx.search(q, k=10)
+            assert [h.id for h in got] == [h.id for h in want]
+            np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+        exact.add(items(5, "late"))  # the index takes rows added since it was built
+        q = items(5, "late")[2].vector
+        assert approx.search(q, k=1)[0].text == "late chunk 2"
+
+
+def test_refuses_another_model_or_dimension(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite"
+    open_store(path).close()
+    with pytest.raises(MemextError, match="holds embeddings of 'toy' \\(dim 8\\)"):
+        RetrievalStore(path, model="other", dim=DIM)
+    with pytest.raises(MemextError, match="holds embeddings of 'toy'"):
+        RetrievalStore(path, model="toy", dim=16)
+    with open_store(path) as store:
+        with pytest.raises(MemextError, match=r"shape \(16,\)"):
+            store.add([Item("d", "x", np.ones(16, dtype=np.float32))])
+        with pytest.raises(MemextError, match="NaN"):
+            store.add([Item("d", "x", np.full(DIM, np.nan, dtype=np.float32))])
+        with pytest.raises(MemextError, match="need an encoder"):
+            store.add([Item("d", "x")])
+        with pytest.raises(MemextError, match="needs an encoder"):
+            store.search("text query", k=1)
+        with pytest.raises(MemextError, match="needs the query as text"):
+            store.search(np.ones(DIM), mode="bm25")
+        with pytest.raises(MemextError, match="mode='fuzzy' is invalid"):
+            store.search("x", mode="fuzzy")  # type: ignore[arg-type]
+    with pytest.raises(MemextError, match="is a new store: pass encoder="):
+        RetrievalStore(tmp_path / "new.sqlite")
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 100)
+    with pytest.raises(MemextError, match="not a memext retrieval store"):
+        open_store(tmp_path / "junk.sqlite")
+
+
+def test_sees_what_another_connection_wrote(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite"
+    with open_store(path) as reader, open_store(path) as writer:
+        assert reader.search(np.ones(DIM), k=3) == []
+        writer.add(items(4))
+        assert len(reader.search(np.ones(DIM), k=10)) == 4
+        writer.delete("doc")
+        assert reader.search(np.ones(DIM), k=10) == []
+
+
+WRITER = """
+import sys
+import numpy as np
+from memext.pipelines.store import Item, RetrievalStore
+
+store = RetrievalStore(sys.argv[1], model="toy", dim=8)
+rng = np.random.default_rng(0)
+batch = 0
+while True:
+    rows = [Item(f"batch-{batch}", f"row {r}", rng.standard_normal(8)) for r in range(50)]
+    store.add(rows)
+    store.add(rows[:25])  # a retried half batch: changes nothing
+    print(batch, flush=True)
+    batch += 1
+"""
+
+
+def test_a_killed_writer_loses_no_committed_batch(tmp_path: Path) -> None:
+    path = tmp_path / "m.sqlite"
+    script = tmp_path / "writer.py"
+    script.write_text(textwrap.dedent(WRITER))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        committed = [int(proc.stdout.readline()) for _ in range(5)]  # type: ignore[union-attr]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # mid-write, most likely: it writes without pause
+        proc.wait()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    counts = dict(db.execute("SELECT doc_id, COUNT(*) FROM chunks GROUP BY doc_id"))
+    assert all(counts.get(f"batch-{b}") == 50 for b in committed)  # every reported batch
+    assert set(counts.values()) == {50}  # and no partial one
+    texts = db.execute("SELECT COUNT(*), COUNT(DISTINCT doc_id || text) FROM chunks").fetchone()
+    assert texts[0] == texts[1]  # no duplicates
+    with RetrievalStore(path) as store:  # reopens and searches
+        assert len(store) == sum(counts.values())
+        assert len(store.search(np.ones(DIM), k=3)) == 3
+
+
+# --- lexical and hybrid -----------------------------------------------------------------------
+CORPUS = {
+    "python": "Python is a programming language with readable code.",
+    "pasta": "Cook the pasta in salted water and add a fresh tomato sauce.",
+    "paris": "The Eiffel tower stands in Paris, the capital of France.",
+    "gpu": "Training neural networks is faster on a GPU.",
+    "garden": "Water your tomato plants every morning in summer.",
+}
+
+
+@pytest.fixture
+def toy_store() -> RetrievalStore:
+    store = open_store(":memory:")
+    vectors = np.eye(len(CORPUS), DIM, dtype=np.float32)  # one direction per document
+    store.add(Item(doc, text, v) for (doc, text), v in zip(CORPUS.items(), vectors, strict=True))
+    return store
+
+
+def test_bm25_finds_the_document_with_the_words(toy_store: RetrievalStore) -> None:
+    assert toy_store.search("tomato sauce for pasta", k=1, mode="bm25")[0].doc_id == "pasta"
+    assert toy_store.search("eiffel tower", k=1, mode="bm25")[0].doc_id == "paris"
+    assert [h.doc_id for h in toy_store.search("tomato", k=5, mode="bm25")] in (
+        ["pasta", "garden"],
+        ["garden", "pasta"],
+    )  # only matching documents, never the rest
+    assert toy_store.search("zebra", mode="bm25") == []
+    assert toy_store.search("tomato", k=5, mode="bm25", doc_prefix="gar")[0].doc_id == "garden"
+
+
+def test_hybrid_fuses_the_two_rankings(toy_store: RetrievalStore) -> None:
+    near_gpu = np.eye(len(CORPUS), DIM, dtype=np.float32)[3] + 0.1  # embedding says "gpu"
+    hits = toy_store.search("tomato pasta", k=5, mode="hybrid", query_vector=near_gpu)
+    # pasta: BM25 first + embedding some rank; gpu: embedding first, no BM25 rank
+    assert hits[0].doc_id == "pasta"
+    by_vector = [h.id for h in toy_store.search(near_gpu, k=5)]
+    by_words = [h.id for h in toy_store.search("tomato pasta", k=5, mode="bm25")]
+    fused = reciprocal_rank_fusion([by_vector, by_words], k=60)
+    assert [(h.id, h.score) for h in hits] == sorted(fused.items(), key=lambda kv: -kv[1])
+    both = toy_store.search("Eiffel", k=1, mode="hybrid", query_vector=np.eye(5, DIM)[2])
+    assert both[0].doc_id == "paris" and both[0].score == pytest.approx(2 / 61)
+
+
+def test_store_with_an_encoder_chunks_and_embeds(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    from memext.pipelines.encoder import Encoder
+    from test_encoder import write_tiny_bert
+
+    encoder = Encoder(write_tiny_bert(tmp_path / "bert"), cache=False, progress=False)
+    text = "the cat sat on the mat. " * 20 + "\n\nthe passkey number is 42."
+    with RetrievalStore(tmp_path / "m.sqlite", encoder=encoder) as store:
+        n = store.add_text("story", text, overlap=4, metadata={"source": "test"})
+        assert n == len(store) > 1
+        last = store.search("the passkey number is 42.", k=1, mode="bm25")[0]
+        assert last.metadata["source"] == "test" and text[last.metadata["start"] :].startswith(
+            last.text
+        )
+        # a chunk's own text is its own nearest neighbour (cosine 1)
+        hit = store.search(last.text, k=1)[0]
+        assert hit.id == last.id and hit.score == pytest.approx(1.0, abs=1e-5)
+        assert store.add_text("story", text, overlap=4) == 0
+    with pytest.raises(MemextError, match="holds embeddings of"):
+        RetrievalStore(tmp_path / "m.sqlite", model="sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(MemextError, match="empty"):
+        RetrievalStore(tmp_path / "m.sqlite", encoder=encoder).add_text("x", "")
