@@ -106,3 +106,26 @@ def test_scorer_accepts_the_answer_and_rejects_any_change(task: str) -> None:
         wrong[i] = (wrong[i] + 1) % 256
         assert not score_answer(s, wrong)
     assert not score_answer(s, s.answer[:-1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    task=st.sampled_from(["niah", "multi_value", "variable_tracking"]),
+    depth=st.floats(0, 1),
+    gap=st.integers(0, 100),
+    seed=st.integers(0, 2**32),
+)
+def test_every_asked_piece_ends_at_least_gap_before_the_question(
+    task: str, depth: float, gap: int, seed: int
+) -> None:
+    (s,) = make_samples(task, TOK, FILLER, 500 + gap, depth, 1, seed=seed, gap=gap)
+    text = _text(s.prompt)
+    question = text.rindex("\nWh")  # every question starts with a line "What ..."/"Which ..."
+    values = {
+        "niah": [str(s.meta.get("value"))],
+        "multi_value": [str(k) for k in s.meta.get("keys", [])],
+        "variable_tracking": s.meta.get("names", []),
+    }[task]
+    for pos, value in zip(s.key_positions, values, strict=True):
+        assert text[pos : pos + len(value)] == value
+        assert question - (pos + len(value)) >= gap

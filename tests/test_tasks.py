@@ -106,7 +106,8 @@ def test_passkey_is_placed_at_depth_token_exactly(depth: float, gap: int) -> Non
 
 @settings(max_examples=40, deadline=None)
 @given(
-    task=st.sampled_from(sorted(TASKS)),
+    # The RULER-style tasks (tests/test_ruler_tasks.py) hold the same guarantee, tested there.
+    task=st.sampled_from(["assoc_recall", "copy", "needle", "passkey"]),
     depth=st.floats(0.0, 1.0),
     gap=st.integers(0, 120),
     extra=st.integers(0, 150),
@@ -193,7 +194,7 @@ def test_make_samples_seeds_each_sample_by_seed_and_index() -> None:
 def test_bpe_samples_reuse_the_key_ids(tmp_path: Path) -> None:
     bpe = train_bpe([TEXT * 20, "12345 67890 the pass key is " * 50], 300, tmp_path / "t.json")
     filler = Filler.from_text(bpe, TEXT * 4)
-    for task in TASKS:
+    for task in ("passkey", "needle", "assoc_recall", "copy"):  # one value each
         s = TASKS[task](tok=bpe, filler=filler, length=250, depth=0.6, seed=4, gap=15)
         assert s.prompt.size == 250
         pos = s.key_positions[0]

@@ -112,7 +112,8 @@ def multi_value(
     question = _ids(tok, f"\nWhat are all the pass keys of {name}? The pass keys of {name} are ")
     body_len = length - question.size
     start = _start(length, depth, gap, sentences[0].size, question.size, "the first key")
-    regions = [(0, start), (start + sentences[0].size, body_len)]
+    # Every value is asked for, so every one must end ``gap`` tokens before the question.
+    regions = [(0, start), (start + sentences[0].size, body_len - gap)]
     try:
         others = _scatter(rng, [s.size for s in sentences[1:]], regions)
     except ValueError as e:

@@ -68,8 +68,9 @@ class MeanPool(Aggregator):
         return cls()
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        m = mask.unsqueeze(-1).to(x.dtype)  # (B, C, 1)
-        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, dim)
+        m = mask.unsqueeze(-1)  # (B, C, 1)
+        total = torch.where(m, x, 0.0).sum(1)  # (B, dim); where(): 0 * nan would be nan
+        return total / m.sum(1).clamp(min=1).to(x.dtype)
 
 
 @register("max")
@@ -92,25 +93,35 @@ def _masked_softmax(scores: Tensor, mask: Tensor) -> Tensor:
 @register("attention")
 class AttentionPool(Aggregator):
     """Learned attention pooling (Ilse et al., 2018): a small MLP scores each chunk, and the
-    document is the softmax-weighted sum, so training learns which chunks to listen to."""
+    document is the softmax-weighted sum, so training learns which chunks to listen to.
 
-    def __init__(self, dim: int, hidden: int | None = None) -> None:
+    ``n_heads`` independent scorings are pooled and projected back to ``dim``: with one, the
+    scorer can lock onto the chunks of whichever class it learned first and attend to noise in
+    the other documents; several heads let each kind of decisive chunk find a head of its own.
+    """
+
+    def __init__(self, dim: int, n_heads: int = 4, hidden: int | None = None) -> None:
         super().__init__()
         hidden = hidden or dim
-        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.n_heads = n_heads
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, n_heads))
+        self.proj = nn.Linear(n_heads * dim, dim)
 
     @classmethod
     def from_spec(cls, spec: AggregatorSpec) -> AttentionPool:
-        return cls(spec.dim)
+        return cls(spec.dim, spec.n_heads)
 
     def weights(self, x: Tensor, mask: Tensor) -> Tensor:
-        """``(B, C)`` attention over chunks, summing to 1 over the real ones."""
-        return _masked_softmax(self.score(x).squeeze(-1), mask)
+        """``(B, n_heads, C)`` attention over chunks, summing to 1 over the real ones."""
+        scores = self.score(x).transpose(1, 2)  # (B, n_heads, C)
+        return _masked_softmax(scores, mask.unsqueeze(1))
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        w = self.weights(x, mask)  # (B, C)
-        # where() rather than w * x: a padded chunk's inf or nan must not leak in as 0 * inf
-        return torch.where(mask.unsqueeze(-1), w.unsqueeze(-1) * x, 0.0).sum(1)  # (B, dim)
+        w = self.weights(x, mask)  # (B, H, C)
+        # zeroed, not just weighted 0: a padded chunk's inf or nan would leak in as 0 * inf
+        x = torch.where(mask.unsqueeze(-1), x, 0.0)  # (B, C, dim)
+        pooled = w @ x  # (B, H, dim)
+        return self.proj(pooled.flatten(1))  # (B, dim)
 
 
 @register("transformer")
@@ -149,7 +160,7 @@ class TransformerPool(Aggregator):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         B, C, _ = x.shape
-        if C > self.max_chunks:
+        if self.max_chunks < C:
             raise ValueError(f"{C} chunks, but this aggregator has {self.max_chunks} positions")
         # zeroed padding: a nan or inf there would otherwise poison the attention's matmul
         x = torch.where(mask.unsqueeze(-1), x + self.positions[:C], 0.0)  # (B, C, dim)
