@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ pytest.importorskip("sklearn")
 import torch
 
 from memext.pipelines.aggregators import AGGREGATORS, AggregatorSpec, build_aggregator
+from memext.pipelines.chunking import chunk_text
 from memext.pipelines.classify import (
     ClassifierConfig,
     TrainResult,
@@ -189,16 +191,10 @@ def test_transformer_aggregator_refuses_bad_shapes() -> None:
 
 def test_pooled_embeddings_are_the_encoders(bert: Path) -> None:
     enc = Encoder(bert, cache=False, progress=False)
-    chunks = [c for doc in load_chunks(enc, TEST[0][:3]) for c in doc]
+    chunks = [c for t in TEST[0][:3] for c in chunk_text(t, enc.tokenizer, enc.max_tokens)]
     with torch.no_grad():
         got = pooled_embeddings(enc, chunks).numpy()
     np.testing.assert_allclose(got, enc.embed_chunks(chunks), atol=1e-6)
-
-
-def load_chunks(enc: Encoder, texts: list[str]) -> list:
-    from memext.pipelines.chunking import chunk_text
-
-    return [chunk_text(t, enc.tokenizer, enc.max_tokens) for t in texts]
 
 
 def test_fine_tuned_run_saves_and_reloads_its_encoder(bert: Path, tmp_path: Path) -> None:
@@ -265,7 +261,7 @@ def test_reads_jsonl_and_gzip(tmp_path: Path) -> None:
         ([b'{"text": "caf\xe9", "label": 0}'], "line 1: not valid UTF-8"),
         (["[1, 2]"], "line 1: expected a JSON object"),
         ([json.dumps({"text": "ok", "label": [1]})], "line 1: label \\[1\\] is invalid"),
-        ([json.dumps({"text": 5, "label": 1})], "line 1: 'text' is a int"),
+        ([json.dumps({"text": 5, "label": 1})], "line 1: 'text' must be a string, got int"),
         (["", "  "], "holds no documents"),
     ],
     ids=[
@@ -384,3 +380,33 @@ def test_unknown_labels_at_evaluation_are_named(hierarchical: TrainResult) -> No
         evaluate(hierarchical.classifier, TEST[0][:2], labels)
     with pytest.raises(TypeError, match="list of documents"):
         predict(hierarchical.classifier, "one text")
+
+
+def test_classify_commands_train_eval_predict(bert: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from memext.cli import app
+
+    texts, labels = last_paragraph_docs(24, seed=3, paragraphs=2)
+    rows = [
+        {"text": t, "label": y, "split": "train" if i < 18 else "validation"}
+        for i, (t, y) in enumerate(zip(texts, labels, strict=True))
+    ]
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "clf"
+    runner = CliRunner()
+    common = ["--data", str(data), "--split-field", "split"]
+    trained = runner.invoke(
+        app,
+        ["classify", "train", *common, "--out", str(run), "--encoder", str(bert), "--epochs", "2"],
+    )
+    assert trained.exit_code == 0, trained.output
+    scored = runner.invoke(app, ["classify", "eval", str(run), *common])
+    assert scored.exit_code == 0 and "macro-F1" in scored.output, scored.output
+    predicted = runner.invoke(app, ["classify", "predict", str(run), "--data", str(data)])
+    lines = [json.loads(x) for x in re.findall(r'\{"line": .*?\}', predicted.output)]
+    assert predicted.exit_code == 0 and len(lines) == 24
+    assert {x["label"] for x in lines} <= set(labels)
+    missing = runner.invoke(app, ["classify", "eval", str(tmp_path / "nope"), *common])
+    assert missing.exit_code == 2 and "Traceback" not in missing.output

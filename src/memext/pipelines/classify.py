@@ -86,7 +86,9 @@ def read_documents(
             continue
         text = _field(row, text_field, where)
         if not isinstance(text, str):
-            raise MemextError(f"{where}: {text_field!r} is a {type(text).__name__}, not text")
+            raise MemextError(
+                f"{where}: {text_field!r} must be a string, got {type(text).__name__}"
+            )
         if not text.strip():
             raise MemextError(f"{where}: the document is empty or only whitespace")
         if label_field is not None:
@@ -152,9 +154,10 @@ class ClassifierConfig:
         frozen: train only the head on cached embeddings; False fine-tunes the encoder too.
         max_tokens: tokens per chunk, special tokens included; None for the encoder's limit.
         overlap: tokens each chunk shares with the next.
-        max_chunks: the most chunks read per document (memory when fine-tuning, positions of
-            the transformer aggregator); a longer document is read as ``max_chunks`` chunks
-            spread evenly over it, its first and last included.
+        max_chunks: the most chunks read per document; a longer document is read as
+            ``max_chunks`` chunks spread evenly over it, its first and last included. It bounds
+            memory when fine-tuning (a step runs up to ``batch_size * max_chunks`` chunks
+            through the encoder with gradients) and sets the transformer aggregator's positions.
         epochs, lr, weight_decay, batch_size: of AdamW on the head (documents per batch).
         encoder_lr: the encoder's learning rate when fine-tuning.
         dropout: before the linear layer, and inside the transformer aggregator.
@@ -180,6 +183,8 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.encoder, Path):  # stored as JSON: keep it a string
+            object.__setattr__(self, "encoder", str(self.encoder))
         if self.aggregator not in AGGREGATORS:
             raise ValueError(
                 f"aggregator={self.aggregator!r} is unknown; choose one of {sorted(AGGREGATORS)}"
@@ -456,8 +461,9 @@ def train_classifier(
         raise MemextError(f"the training labels hold {len(names)} class ({names}): need >= 2")
     out_dir = Path(out_dir)
     _prepare_out_dir(out_dir, overwrite)
-    # fork_rng: seeding here must not change the caller's random stream
-    with torch.random.fork_rng(devices=[]):
+    # fork_rng: seeding here must not change the caller's random stream (CPU, and CUDA's)
+    cuda = torch.device(device).type == "cuda"
+    with torch.random.fork_rng(devices=[torch.device(device).index or 0] if cuda else []):
         torch.manual_seed(cfg.seed)
         encoder = _open_encoder(cfg, cfg.encoder, progress=progress, cache=cache, device=device)
         clf = Classifier(cfg, names, encoder, build_head(cfg, encoder.dim, len(names)).to(device))
