@@ -37,7 +37,7 @@ def test_console_commands_parse():
     for line in lines:
         words = shlex.split(line[2:].split("  #")[0])[1:]
         # Every subcommand named in the README exists and accepts the options shown.
-        sub = words[:2] if words[0] in ("tokenizer", "bench") else words[:1]
+        sub = words[:2] if words[0] in ("tokenizer", "bench", "memory", "classify") else words[:1]
         result = runner.invoke(app, [*sub, "--help"])
         assert result.exit_code == 0, line
         for option in (w.split("=")[0] for w in words if w.startswith("--")):
