@@ -215,6 +215,14 @@ def test_interrupted_suite_resumes_without_recomputing(
     assert len(run_suite(MemextAdapter(run), spec, out, progress=False)["cells"]) == 6
 
 
+def test_estimate_is_printed_before_a_suite_starts(run: Path, tmp_path: Path) -> None:
+    said: list[str] = []
+    spec = dataclasses.replace(HAY, tasks={"passkey": {}})
+    run_suite(MemextAdapter(run), spec, tmp_path / "e.json", progress=False, log=said.append)
+    assert len(said) == 1 and "4 of 4 cells to run" in said[0]
+    assert "tok/s" in said[0] and "MiB of tensors for one 256-token input" in said[0]
+
+
 def test_a_changed_suite_does_not_reuse_cells(run: Path, tmp_path: Path) -> None:
     out = tmp_path / "s.json"
     spec = dataclasses.replace(HAY, tasks={"passkey": {}})

@@ -175,13 +175,19 @@ def plan(spec: SuiteSpec, adapter: ModelAdapter) -> tuple[list[int], list[tuple[
 
 
 def estimate(adapter: ModelAdapter, spec: SuiteSpec, todo: list[tuple[Task, Cell]]) -> dict:
-    """Seconds for the cells still to run, from a probe's tokens/s; and the longest input."""
-    probe = min(256, max(c.length for _, c in todo))
+    """Seconds for the cells still to run, from a probe's tokens/s, and the tensor memory of
+    the longest input, from the probe's allocator peak scaled linearly (an estimate: attention
+    without memory grows faster, segment-reading memory models stay flat)."""
+    from memext.bench.memory import peak_memory
+
+    longest = max(c.length for _, c in todo)
+    probe = min(256, longest)
     x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, probe))
     adapter.logits(x)
     t0 = time.perf_counter()
     adapter.logits(x)
     rate = probe / max(time.perf_counter() - t0, 1e-9)
+    peak = peak_memory(lambda: adapter.logits(x), adapter.device)
     tokens = 0
     for task, cell in todo:
         if isinstance(task, AnswerTask):
@@ -191,9 +197,15 @@ def estimate(adapter: ModelAdapter, spec: SuiteSpec, todo: list[tuple[Task, Cell
         else:
             tokens += cell.length * (int(task.options.get("repeats", 3)) + 2)
     # Attention cost grows with length: scale the probe's rate by the mean length's excess.
-    mean_len = tokens / max(len(todo), 1)
+    mean_len = sum(c.length for _, c in todo) / len(todo)
     slowdown = max(1.0, mean_len / probe) ** 0.5
-    return {"seconds": tokens / rate * slowdown, "tokens": tokens, "probe_tokens_per_s": rate}
+    return {
+        "seconds": tokens / rate * slowdown,
+        "tokens": tokens,
+        "probe_tokens_per_s": rate,
+        "longest": longest,
+        "peak_bytes_at_longest": peak * longest / probe,
+    }
 
 
 def run_suite(
@@ -222,7 +234,9 @@ def run_suite(
         log(
             f"{len(todo)} of {len(grid)} cells to run ({len(grid) - len(todo)} cached); "
             f"about {_duration(guess['seconds'])} "
-            f"({guess['tokens']:,} tokens at ~{guess['probe_tokens_per_s']:,.0f} tok/s)"
+            f"({guess['tokens']:,} tokens at ~{guess['probe_tokens_per_s']:,.0f} tok/s); "
+            f"~{guess['peak_bytes_at_longest'] / 2**20:,.0f} MiB of tensors for one "
+            f"{guess['longest']:,}-token input"
         )
     t0 = time.perf_counter()
     bar = tqdm(todo, desc=f"{spec.name}", disable=not progress, unit="cell")
