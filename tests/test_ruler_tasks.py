@@ -129,3 +129,11 @@ def test_every_asked_piece_ends_at_least_gap_before_the_question(
     for pos, value in zip(s.key_positions, values, strict=True):
         assert text[pos : pos + len(value)] == value
         assert question - (pos + len(value)) >= gap
+
+
+@pytest.mark.parametrize("task", ["passkey", "needle", "assoc_recall", "copy", *RULER])
+def test_a_length_too_short_for_the_task_is_its_own_error(task: str) -> None:
+    from memext.data.tasks import TooShort
+
+    with pytest.raises(TooShort, match=r"too short|no room"):
+        make_samples(task, TOK, FILLER, 30, 0.5, 1, seed=0, gap=10)

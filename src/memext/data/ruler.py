@@ -18,6 +18,7 @@ from memext.data.tasks import (
     Filler,
     Sample,
     Seed,
+    TooShort,
     _check,
     _haystack,
     _ids,
@@ -49,7 +50,7 @@ def _ordered(rng: np.random.Generator, sizes: list[int], lo: int, hi: int, what:
     """Random non-overlapping starts in [lo, hi) for blocks kept in the given order."""
     slack = hi - lo - sum(sizes)
     if slack < 0:
-        raise ValueError(f"too short: {what} ({sum(sizes)} tokens) need more than {hi - lo}")
+        raise TooShort(f"too short: {what} ({sum(sizes)} tokens) need more than {hi - lo}")
     offsets = np.sort(rng.integers(0, slack + 1, size=len(sizes)))
     starts, used = [], 0
     for size, offset in zip(sizes, offsets, strict=True):
@@ -117,7 +118,7 @@ def multi_value(
     try:
         others = _scatter(rng, [s.size for s in sentences[1:]], regions)
     except ValueError as e:
-        raise ValueError(f"length={length} is too short for {n_values} values: {e}") from None
+        raise TooShort(f"length={length} is too short for {n_values} values: {e}") from None
     starts = [start, *others]
     body = _haystack(filler, rng, body_len, list(zip(starts, sentences, strict=True)))
     order = np.argsort(starts, kind="stable")
@@ -209,7 +210,7 @@ def common_words(
     est = body_len // item
     k = max(2, est // (2 * n_common))
     if n_common * k * item > body_len:
-        raise ValueError(
+        raise TooShort(
             f"length={length} is too short for {n_common} common words repeated {k} times"
         )
     common = _distinct_words(rng, n_common, 5, string.ascii_lowercase)

@@ -54,6 +54,11 @@ COPY_ALPHABET = string.ascii_letters + string.digits
 KEY_LOW, KEY_HIGH = 10_000, 100_000  # 5-digit keys, drawn uniformly from [KEY_LOW, KEY_HIGH)
 
 
+class TooShort(ValueError):
+    """The requested length cannot hold the task's pieces and question: a cell that cannot
+    exist rather than a mistake (suites skip it)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Sample:
     """One prompt and its answer: ``tokens = prompt + answer`` with the prompt ``answer_start`` long.
@@ -215,7 +220,7 @@ def _start(length: int, depth: float, gap: int, block: int, question: int, what:
     """Where a ``block``-token piece starts: ``round(depth * free)`` (Python's round)."""
     free = length - question - gap - block
     if free < 0:
-        raise ValueError(
+        raise TooShort(
             f"length={length} is too short: {what} ({block} tokens), the question "
             f"({question} tokens) and gap={gap} need at least {block + question + gap}"
         )
@@ -338,7 +343,7 @@ def needle(
     try:
         others = _scatter(rng, [s.size for s in sentences[1:]], regions)
     except ValueError as e:
-        raise ValueError(
+        raise TooShort(
             f"length={length} is too short for {n_keys} key sentences at depth={depth}: {e}"
         ) from None
     starts = [start, *others]
@@ -380,13 +385,13 @@ def _fill_pairs(
     """Pairs that fill ``body_len``: the asked ones shuffled among distractors, then at least
     ``gap`` tokens of distractors only. Returns the order and the spaces left at the start."""
     if gap >= body_len:
-        raise ValueError(f"gap={gap} leaves no room in a {body_len}-token body for the pairs")
+        raise TooShort(f"gap={gap} leaves no room in a {body_len}-token body for the pairs")
     tail: list[str] = []
     while sum(map(size, tail)) < gap:
         tail += _draw_pairs(rng, table, 1)
     room = body_len - sum(map(size, tail)) - sum(map(size, asked))
     if room < 0:
-        raise ValueError(
+        raise TooShort(
             f"the prompt is too short for {len(asked)} asked pair(s) and gap={gap}: "
             f"the body holds {body_len} tokens"
         )

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from memext.data.tasks import Filler
+from memext.data.tasks import Filler, TooShort
 from memext.errors import MemextError
 from memext.evals.adapters import ModelAdapter
 from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
@@ -228,7 +228,7 @@ def run_suite(
     ctx = Context(adapter, filler, spec.samples, spec.seed, max(lengths))
     corpus, corpus_hash = None, None
     if "bpb" in spec.tasks:
-        _, corpus, corpus_hash = adapter.validation()
+        _, corpus, corpus_hash = ctx.validation()
     if todo:
         guess = estimate(adapter, spec, todo)
         log(
@@ -245,9 +245,7 @@ def run_suite(
         c0 = time.perf_counter()
         try:
             fields = task.run(cell, ctx)
-        except ValueError as e:  # a generator's "too short for ..." is a cell that cannot exist
-            if "too short" not in str(e):
-                raise
+        except TooShort as e:  # a prompt that cannot hold the task: a cell that cannot exist
             fields = {"skipped": str(e)}
         row = {
             "task": cell.task,

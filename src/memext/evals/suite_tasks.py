@@ -39,12 +39,20 @@ class Context:
     samples: int  # per cell, unless a task's options say otherwise
     seed: int
     longest: int  # the suite's longest length: bits-per-byte scores the same positions at all
-    _validation: np.ndarray | None = None
+    _validation: tuple[np.ndarray, str, str] | None = None
+    _byte_lengths: np.ndarray | None = None
 
-    def validation(self) -> np.ndarray:
+    def validation(self) -> tuple[np.ndarray, str, str]:
+        """The validation tokens, corpus name and hash; read once per suite."""
         if self._validation is None:
-            self._validation = self.adapter.validation()[0]
+            self._validation = self.adapter.validation()
         return self._validation
+
+    def byte_lengths(self) -> np.ndarray:
+        # Once per suite: an HF tokenizer decodes its whole vocabulary to build it.
+        if self._byte_lengths is None:
+            self._byte_lengths = self.adapter.tokenizer.byte_lengths()
+        return self._byte_lengths
 
 
 class Task:
@@ -104,7 +112,8 @@ class BitsPerByte(Task):
     def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
         from memext.evals.perplexity import score_length
 
-        tokens = ctx.validation()
+        tokens = ctx.validation()[0]
+        check_length(ctx.adapter, cell.length)
         first = ctx.longest // 2
         n_scored = min(int(self.options.get("max_tokens", 4096)), tokens.size - 1 - first)
         if n_scored <= 0:
@@ -117,7 +126,7 @@ class BitsPerByte(Task):
             cell.length,
             first,
             n_scored,
-            ctx.adapter.tokenizer.byte_lengths(),
+            ctx.byte_lengths(),
             int(self.options.get("batch_size", 4)),
             ctx.adapter.device,
         )
@@ -156,7 +165,7 @@ class AnswerTask(Task):
         from memext.evals.tasks import evaluate_samples
 
         samples = self.samples(cell, ctx)
-        _check_fits(ctx.adapter, samples)
+        check_length(ctx.adapter, max(s.tokens.size - 1 for s in samples))
         r = evaluate_samples(
             _Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
         )
@@ -170,11 +179,11 @@ class AnswerTask(Task):
         return {}
 
 
-def _check_fits(adapter: ModelAdapter, samples: list[Sample]) -> None:
-    longest = max(s.tokens.size - 1 for s in samples)
-    if adapter.max_context is not None and longest > adapter.max_context:
+def check_length(adapter: ModelAdapter, n_inputs: int) -> None:
+    """Refuse an input longer than a model without memory reads, before it is run."""
+    if adapter.max_context is not None and n_inputs > adapter.max_context:
         raise MemextError(
-            f"a {longest}-token input exceeds {adapter.name}'s limit of {adapter.max_context} "
+            f"a {n_inputs}-token input exceeds {adapter.name}'s limit of {adapter.max_context} "
             "tokens (a model without memory reads at most max_seq_len): evaluate shorter "
             "lengths (--lengths) or use a model that reads in segments"
         )
@@ -229,7 +238,7 @@ class Speed(Task):
         from memext.bench.memory import peak_memory
 
         adapter = ctx.adapter
-        _check_fits_length(adapter, cell.length)
+        check_length(adapter, cell.length)
         x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, cell.length))
         adapter.logits(x)
         times = []
@@ -246,10 +255,3 @@ class Speed(Task):
             "tokens_per_s": rate,
             "peak_bytes": int(peak),
         }
-
-
-def _check_fits_length(adapter: ModelAdapter, length: int) -> None:
-    if adapter.max_context is not None and length > adapter.max_context:
-        raise MemextError(
-            f"length {length} exceeds {adapter.name}'s limit of {adapter.max_context} tokens"
-        )
