@@ -10,6 +10,8 @@ foundation's definition) and passkey exact match at every length, zero-shot and 
 ``--finetune-steps`` steps at ``factor * seq_len`` (same tokens per step, same mix).
 
     python benchmarks/context_extension.py                       # the full experiment
+    python benchmarks/context_extension.py --init runs/extension-base --steps 0 --warm 1500 \\
+        --save-base runs/extension-passkey --out benchmarks/results/context_extension_passkey.json
     python benchmarks/context_extension.py --steps 20 --finetune-steps 2 --lengths 512,1024 \\
         --methods none,yarn --samples 2 --out /tmp/ce.json       # a smoke run
 """
@@ -62,8 +64,11 @@ def passkey_batch(tok, filler, rng: np.random.Generator, batch: int, longest: in
     return x, y, w
 
 
-def train_model(model, train_tokens, tok, filler, t: TrainConfig, seed: int, label: str):
-    """AdamW over ``t.steps`` steps; each step one LM batch and one passkey batch."""
+def train_model(
+    model, train_tokens, tok, filler, t: TrainConfig, seed: int, label: str, lm: bool = True
+):
+    """AdamW over ``t.steps`` steps; each step one LM batch (unless not ``lm``) and one passkey
+    batch."""
     opt = build_optimizer(model, Config(model=ModelConfig(), train=t, eval=EvalConfig()))
     rng = np.random.default_rng(seed)
     model.train()
@@ -71,9 +76,12 @@ def train_model(model, train_tokens, tok, filler, t: TrainConfig, seed: int, lab
     for step in range(t.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, t)
-        x, y = sample_batch(train_tokens, t.batch_size, t.seq_len, seed, step)
-        logits, _ = model(x)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss = torch.zeros(())
+        if lm:
+            x, y = sample_batch(train_tokens, t.batch_size, t.seq_len, seed, step)
+            logits, _ = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            tokens += x.numel()
         px, py, pw = passkey_batch(tok, filler, rng, t.batch_size, t.seq_len, seed * 10**6 + step)
         plogits, _ = model(px)
         nll = F.cross_entropy(
@@ -84,7 +92,7 @@ def train_model(model, train_tokens, tok, filler, t: TrainConfig, seed: int, lab
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        tokens += x.numel() + px.numel()
+        tokens += px.numel()
         if (step + 1) % 25 == 0 or step + 1 == t.steps:
             rate = tokens / (time.perf_counter() - t0)
             print(
@@ -143,6 +151,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/context_extension.json"))
     p.add_argument("--save-base", type=Path, default=Path("runs/extension-base"))
+    p.add_argument("--init", type=Path, default=None, help="start from this run's weights")
+    p.add_argument("--warm", type=int, default=0, help="passkey-only steps after pre-training")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(v) for v in args.lengths.split(",")]
@@ -153,11 +163,27 @@ def main() -> None:
     # quantized-cache target is stated at.
     new_len = round(args.seq_len * args.factor)
     cfg = ModelConfig(n_heads=2, max_seq_len=max(*lengths, new_len))
-    t = TrainConfig(seq_len=args.seq_len, batch_size=args.batch, steps=args.steps, warmup_steps=30)
+    t = TrainConfig(
+        seq_len=args.seq_len, batch_size=args.batch, steps=max(1, args.steps), warmup_steps=30
+    )
     torch.manual_seed(args.seed)
     base = build_model(cfg, seed=args.seed)
-    print(f"== pretraining at {args.seq_len} tokens, {args.steps} steps", flush=True)
-    seconds = train_model(base, store.train, tok, filler, t, args.seed, "pretrain")
+    if args.init:
+        ckpt.load_weights(base, args.init / ckpt.WEIGHTS)
+    seconds = 0.0
+    if args.steps:
+        print(f"== pretraining at {args.seq_len} tokens, {args.steps} steps", flush=True)
+        seconds = train_model(base, store.train, tok, filler, t, args.seed, "pretrain")
+    if args.warm:
+        # Passkey-only steps: in-window retrieval appears as a phase change after ~1,000 of
+        # them (benchmarks/memory_tasks.py), which 800 mixed steps did not reach.
+        warm = dataclasses.replace(t, steps=args.warm, warmup_steps=30)
+        print(f"== passkey warm-up at <= {args.seq_len} tokens, {args.warm} steps", flush=True)
+        seconds += train_model(
+            base, store.train, tok, filler, warm, args.seed + 7, "warm", lm=False
+        )
+        pk = evaluate(base, store, tok, filler, [args.seq_len], 1024, args.samples, args.seed)
+        print(f"  after the warm-up at {args.seq_len}: {pk}", flush=True)
     if args.save_base:  # a run directory, for `memext stream` and benchmarks/streaming.py
         args.save_base.mkdir(parents=True, exist_ok=True)
         Config(model=cfg, train=t, eval=EvalConfig(lengths=tuple(lengths))).save(
@@ -175,7 +201,9 @@ def main() -> None:
     results = {
         "model": dataclasses.asdict(cfg),
         "trained_length": args.seq_len,
+        "init": str(args.init) if args.init else None,
         "pretrain_steps": args.steps,
+        "passkey_warm_steps": args.warm,
         "pretrain_seconds": seconds,
         "factor": args.factor,
         "finetune": {"steps": ft.steps, "seq_len": ft.seq_len, "batch": ft.batch_size, "lr": ft.lr},

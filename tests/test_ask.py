@@ -17,7 +17,7 @@ from memext.config import Config, EvalConfig, ModelConfig
 from memext.errors import MemextError
 from memext.pipelines.ask import assemble
 from memext.pipelines.store import Hit
-from test_encoder import write_tiny_bert
+from tiny_bert import write_tiny_bert
 
 runner = CliRunner()
 

@@ -21,7 +21,7 @@ from memext.pipelines.chunking import (
 from memext.tokenizer import ByteTokenizer, train_bpe
 
 pytest.importorskip("transformers")
-from test_encoder import tiny_bert_tokenizer
+from tiny_bert import tiny_bert_tokenizer
 
 BERT = tiny_bert_tokenizer()
 BYTES = ByteTokenizer()

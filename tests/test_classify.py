@@ -33,7 +33,7 @@ from memext.pipelines.classify import (
     train_classifier,
 )
 from memext.pipelines.encoder import Encoder
-from test_encoder import write_tiny_bert
+from tiny_bert import write_tiny_bert
 
 # The label lives only in a document's last paragraph; every other paragraph is filler drawn
 # from words no class uses. Words are whole tokens of the tiny BERT vocabulary.

@@ -16,7 +16,7 @@ from memext.tokenizer import ByteTokenizer
 
 pytest.importorskip("transformers")
 from memext.pipelines.encoder import Encoder
-from test_encoder import write_tiny_bert
+from tiny_bert import write_tiny_bert
 
 BYTES = ByteTokenizer()
 

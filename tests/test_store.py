@@ -222,7 +222,7 @@ def test_hybrid_fuses_the_two_rankings(toy_store: RetrievalStore) -> None:
 def test_store_with_an_encoder_chunks_and_embeds(tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     from memext.pipelines.encoder import Encoder
-    from test_encoder import write_tiny_bert
+    from tiny_bert import write_tiny_bert
 
     encoder = Encoder(write_tiny_bert(tmp_path / "bert"), cache=False, progress=False)
     text = "the cat sat on the mat. " * 20 + "\n\nthe passkey number is 42."

@@ -262,24 +262,9 @@ def build_head(cfg: ClassifierConfig, dim: int, n_classes: int) -> ClassifierHea
 
 
 def pooled_embeddings(encoder: Encoder, chunks: Sequence[Chunk]) -> Tensor:
-    """``(len(chunks), dim)`` embeddings with gradients: ``Encoder.embed_chunks``' pooling (mean
-    of the last hidden states over real tokens, L2-normalised) on its model, for fine-tuning."""
-    # the very [CLS] ... [SEP] wrapping embed_chunks adds (transformers 5's fast tokenizers
-    # dropped build_inputs_with_special_tokens)
-    seqs = [encoder._prefix + list(c.token_ids) + encoder._suffix for c in chunks]
-    pad = encoder.tokenizer.pad_token_id or 0
-    ids = torch.full((len(seqs), max(map(len, seqs))), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(seqs):
-        ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    device = encoder.model.device
-    hidden = encoder.model(
-        input_ids=ids.to(device), attention_mask=mask.to(device)
-    ).last_hidden_state  # (N, T, dim)
-    m = mask.to(device, hidden.dtype).unsqueeze(-1)  # (N, T, 1)
-    mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (N, dim)
-    return F.normalize(mean.float(), p=2, dim=1)
+    """``(len(chunks), dim)`` embeddings with gradients, pooled as ``Encoder.embed_chunks``
+    pools them, for fine-tuning."""
+    return encoder.pool([encoder.wrap(c.token_ids) for c in chunks])
 
 
 def pad_chunks(vectors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -174,7 +175,7 @@ class Encoder:
     def _embed_ids(self, seqs: list[list[int]]) -> np.ndarray:
         from tqdm.auto import tqdm
 
-        seqs = [self._prefix + ids + self._suffix for ids in seqs]
+        seqs = [self.wrap(ids) for ids in seqs]
         out = np.zeros((len(seqs), self.dim), dtype=np.float32)
         cache = self._open_cache()
         keys = [self._key(ids) for ids in seqs] if cache is not None else []
@@ -200,7 +201,15 @@ class Encoder:
         bar.close()
         return out
 
-    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
+    def wrap(self, token_ids: Sequence[int]) -> list[int]:
+        """The ids the model reads for a chunk's tokens: with the tokenizer's special tokens
+        ([CLS] ... [SEP] for BERT), as ``embed_chunks`` feeds them."""
+        return self._prefix + list(token_ids) + self._suffix
+
+    def pool(self, seqs: Sequence[Sequence[int]]) -> Any:
+        """Embeddings ``(len(seqs), dim)`` float32 tensor of wrapped id sequences (``wrap``):
+        the mean of the last hidden states over real tokens, L2-normalised. Runs with autograd
+        unless the caller disables it, so a fine-tuning loop can train through it."""
         import torch
         import torch.nn.functional as F
 
@@ -209,15 +218,20 @@ class Encoder:
         ids = torch.full((len(seqs), length), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), length), dtype=torch.long)
         for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s)
+            ids[row, : len(s)] = torch.tensor(list(s))
             mask[row, : len(s)] = 1
+        hidden = self.model(
+            input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
+        ).last_hidden_state  # (B, T, dim)
+        m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+        mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, dim)
+        return F.normalize(mean.float(), p=2, dim=1)
+
+    def _forward(self, seqs: list[list[int]]) -> np.ndarray:
+        import torch
+
         with torch.inference_mode():
-            hidden = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).last_hidden_state  # (B, T, dim)
-            m = mask.to(hidden.device, hidden.dtype).unsqueeze(-1)  # (B, T, 1)
-            mean = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, dim)
-            return F.normalize(mean.float(), p=2, dim=1).cpu().numpy()
+            return self.pool(seqs).cpu().numpy()
 
     def _key(self, ids: list[int]) -> bytes:
         h = hashlib.sha256(self.fingerprint.encode())
