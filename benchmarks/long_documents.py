@@ -18,7 +18,7 @@ Parts (``--parts``; results of parts not run are kept from an existing ``--out``
 
 Scores are the last epoch's on ``validation`` (no epoch is picked by its validation score).
 
-    python benchmarks/long_documents.py                           # everything (CPU: ~1 h)
+    python benchmarks/long_documents.py                           # everything (2-core CPU: ~75 min)
     python benchmarks/long_documents.py --parts frozen --seeds 1  # frozen heads only
     python benchmarks/long_documents.py --limit 40 --epochs 1 --seeds 1 --ft-epochs 1 \
         --speed-docs 4 --runs /tmp/ld --out /tmp/ld.json            # a smoke run
@@ -55,11 +55,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, default=DATA / "linux_docs_subsystems.jsonl.gz")
     p.add_argument("--parts", default=",".join(PARTS))
-    p.add_argument("--max-chunks", type=int, default=16)
+    p.add_argument("--max-chunks", type=int, default=8)
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--ft-max-chunks", type=int, default=4)
-    p.add_argument("--ft-epochs", type=int, default=3)
+    p.add_argument("--ft-max-chunks", type=int, default=2)
+    p.add_argument("--ft-epochs", type=int, default=1)
     p.add_argument("--ft-lr", type=float, default=1e-3, help="the head's lr when fine-tuning")
     p.add_argument("--encoder-lr", type=float, default=5e-5)
     p.add_argument("--speed-docs", type=int, default=64)

@@ -19,12 +19,15 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from memext.errors import MemextError
 from memext.pipelines.chunking import Chunk
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 #: Bump when the pooling changes: cached vectors of the old pooling are then never read.
@@ -206,7 +209,7 @@ class Encoder:
         ([CLS] ... [SEP] for BERT), as ``embed_chunks`` feeds them."""
         return self._prefix + list(token_ids) + self._suffix
 
-    def pool(self, seqs: Sequence[Sequence[int]]) -> Any:
+    def pool(self, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
         """Embeddings ``(len(seqs), dim)`` float32 tensor of wrapped id sequences (``wrap``):
         the mean of the last hidden states over real tokens, L2-normalised. Runs with autograd
         unless the caller disables it, so a fine-tuning loop can train through it."""
