@@ -96,7 +96,7 @@ def train_model(
         if (step + 1) % 25 == 0 or step + 1 == t.steps:
             rate = tokens / (time.perf_counter() - t0)
             print(
-                f"  {label} step {step + 1}/{t.steps} loss {float(loss):.3f} ({rate:,.0f} tok/s)",
+                f"  {label} step {step + 1}/{t.steps} loss {loss.item():.3f} ({rate:,.0f} tok/s)",
                 flush=True,
             )
     model.eval()

@@ -26,6 +26,7 @@ import itertools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,18 +79,18 @@ def main() -> None:
     }
     piece = stream[: args.slice + 1]
     if 1 in parts:
-        _stream(results, model, stream, sinks, bl, args)
+        results["stream"] = _stream(model, stream, sinks, bl, args)
     if 2 in parts:
-        _slice(results, model, piece, sinks, seen, bl, args)
+        results["slice"] = _slice(model, piece, sinks, seen, bl, args)
     if 3 in parts:
-        _quantized(results, model, piece, seen, bl, args)
+        results["quantized"] = _quantized(model, piece, seen, bl, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 
-def _stream(results, model, stream, sinks, bl, args) -> None:
-
+def _stream(model: Any, stream: np.ndarray, sinks: dict, bl: Any, args: Any) -> dict[str, Any]:
+    """Part 1: the long sinks stream and its flatness figures."""
     print(f"== 1. sinks {sinks} over {args.tokens:,} tokens, chunk {args.chunk}", flush=True)
     long = streaming_perplexity(
         model, stream, "sinks", args.chunk, cache_options=sinks, byte_lengths=bl, every=args.every
@@ -99,7 +100,7 @@ def _stream(results, model, stream, sinks, bl, args) -> None:
     for a, b in itertools.pairwise(marks):
         rates.append((b["timed_tokens"] - a["timed_tokens"]) / (b["timed_s"] - a["timed_s"]))
     first = marks[0]
-    results["stream"] = {
+    s = {
         **{k: v for k, v in long.items() if k != "checkpoints"},
         "checkpoints": long["checkpoints"],
         "tokens_per_s_between_checkpoints": rates,
@@ -113,13 +114,13 @@ def _stream(results, model, stream, sinks, bl, args) -> None:
         # the tokens read (what "flat" is about) from noise.
         "tokens_per_s_last_vs_first_tenth": _tenths(rates),
     }
-    s = results["stream"]
     print(
         f"  bits/byte {s['bits_per_byte']:.4f}; cache bytes max/min {s['cache_bytes_spread']:.4f}; "
         f"peak max/first {s['peak_bytes_spread_vs_first']:.4f}; tok/s max/min "
         f"{s['tokens_per_s_spread']}; tok/s last/first tenth {s['tokens_per_s_last_vs_first_tenth']}",
         flush=True,
     )
+    return s
 
 
 def _tenths(rates: list[float]) -> float | None:
@@ -129,7 +130,10 @@ def _tenths(rates: list[float]) -> float | None:
     return float(np.median(rates[-n:]) / np.median(rates[:n]))
 
 
-def _slice(results, model, piece, sinks, seen, bl, args) -> None:
+def _slice(
+    model: Any, piece: np.ndarray, sinks: dict, seen: int, bl: Any, args: Any
+) -> dict[str, Any]:
+    """Part 2: sinks against a sliding window with recomputation on the slice."""
     print(f"== 2. {args.slice:,}-token slice: sinks vs sliding window with recompute", flush=True)
     t0 = time.perf_counter()
     sink_slice = streaming_perplexity(
@@ -139,7 +143,7 @@ def _slice(results, model, piece, sinks, seen, bl, args) -> None:
     t0 = time.perf_counter()
     recompute = sliding_recompute_perplexity(model, piece, seen, 1, byte_lengths=bl)
     recompute_s = time.perf_counter() - t0
-    results["slice"] = {
+    out = {
         "tokens": args.slice,
         "sinks": {"perplexity": sink_slice["perplexity"], "seconds": round(sink_s, 2)},
         "sliding_recompute": {
@@ -150,17 +154,18 @@ def _slice(results, model, piece, sinks, seen, bl, args) -> None:
         "perplexity_ratio": sink_slice["perplexity"] / recompute["perplexity"],
         "speedup": recompute_s / sink_s,
     }
-    print(f"  {results['slice']}", flush=True)
+    print(f"  {out}", flush=True)
+    return out
 
 
-def _quantized(results, model, piece, seen, bl, args) -> None:
-
+def _quantized(model: Any, piece: np.ndarray, seen: int, bl: Any, args: Any) -> dict[str, Any]:
+    """Part 3: the int8 cache (token and channel axes) against fp32, window policy."""
     print("== 3. int8 cache vs fp32, window policy, on the slice", flush=True)
     window = {"window": seen}
     base = streaming_perplexity(
         model, piece, "window", args.chunk, cache_options=window, byte_lengths=bl, every=10**9
     )
-    results["quantized"] = {"fp32_window": {"perplexity": base["perplexity"]}}
+    out: dict[str, Any] = {"fp32_window": {"perplexity": base["perplexity"]}}
     for axis in ("token", "channel"):
         q = streaming_perplexity(
             model,
@@ -171,7 +176,7 @@ def _quantized(results, model, piece, seen, bl, args) -> None:
             byte_lengths=bl,
             every=10**9,
         )
-        results["quantized"][axis] = {
+        out[axis] = {
             "perplexity": q["perplexity"],
             "perplexity_change": q["perplexity"] / base["perplexity"] - 1,
             "cache_bytes": q["checkpoints"][0]["cache_nbytes"],
@@ -179,7 +184,8 @@ def _quantized(results, model, piece, seen, bl, args) -> None:
             "bytes_ratio": q["checkpoints"][0]["cache_nbytes"]
             / base["checkpoints"][0]["cache_nbytes"],
         }
-        print(f"  {axis}: {results['quantized'][axis]}", flush=True)
+        print(f"  {axis}: {out[axis]}", flush=True)
+    return out
 
 
 if __name__ == "__main__":
