@@ -38,13 +38,8 @@ import numpy as np
 import torch
 
 from memext.pipelines.aggregators import AGGREGATORS
-from memext.pipelines.classify import (
-    ClassifierConfig,
-    Documents,
-    load_classifier,
-    read_documents,
-    train_classifier,
-)
+from memext.pipelines.classify import ClassifierConfig, load_classifier, train_classifier
+from memext.pipelines.documents import Documents, read_documents
 from memext.runtime import provenance
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"

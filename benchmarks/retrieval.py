@@ -204,9 +204,7 @@ def _scale(
         row["faiss_build_s"] = round(time.perf_counter() - t0, 2)
         row["faiss_ms"] = _latency(lambda q, v: store.search(v, 10), qs, qv)
         found = [{h.id for h in store.search(v, 10)} for v in qv]
-        import faiss
-
-        row["faiss_index_bytes"] = int(faiss.serialize_index(store._faiss).nbytes)
+        row["faiss_index_bytes"] = store.index_nbytes()
     with RetrievalStore(path) as store:
         exact = [{h.id for h in store.search(v, 10)} for v in qv]
     overlap = [len(a & b) / 10 for a, b in zip(exact, found, strict=True)]

@@ -29,9 +29,9 @@ from memext.pipelines.classify import (
     pad_chunks,
     pooled_embeddings,
     predict,
-    read_documents,
     train_classifier,
 )
+from memext.pipelines.documents import read_documents
 from memext.pipelines.encoder import Encoder
 from tiny_bert import write_tiny_bert
 

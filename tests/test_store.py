@@ -94,6 +94,9 @@ def test_faiss_index_equals_exact_search(tmp_path: Path) -> None:
             want, got = exact.search(q, k=10), approx.search(q, k=10)
             assert [h.id for h in got] == [h.id for h in want]
             np.testing.assert_allclose([h.score for h in got], [h.score for h in want], atol=1e-5)
+        # HNSW keeps every vector plus its graph; the exact index only the float32 matrix.
+        assert exact.index_nbytes() == 300 * exact.dim * 4
+        assert approx.index_nbytes() > exact.index_nbytes()
         exact.add(items(5, "late"))  # the index takes rows added since it was built
         q = items(5, "late")[2].vector
         assert approx.search(q, k=1)[0].text == "late chunk 2"

@@ -799,7 +799,7 @@ def classify_train(
     split_field: SplitFieldOpt = None,
     encoder: EncoderOpt = None,
     aggregator: Annotated[str, typer.Option(help="mean, max, attention or transformer.")] = (
-        "attention"
+        "mean"
     ),
     truncate: Annotated[
         bool, typer.Option(help="The baseline: the first chunk (first max_tokens) only.")

@@ -14,10 +14,10 @@ from memext.pipelines.classify import (
     evaluate,
     load_classifier,
     predict,
-    read_documents,
     train_classifier,
 )
 from memext.pipelines.dialogue import Conversation, Turn
+from memext.pipelines.documents import Documents, read_documents
 from memext.pipelines.encoder import Encoder, default_model_dir
 from memext.pipelines.store import Hit, Item, RetrievalStore
 
@@ -27,6 +27,7 @@ __all__ = [
     "Classifier",
     "ClassifierConfig",
     "Conversation",
+    "Documents",
     "Encoder",
     "Hit",
     "Item",

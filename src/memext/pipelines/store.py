@@ -307,6 +307,13 @@ class RetrievalStore:
         if len(new_rows):
             self._faiss.add(np.ascontiguousarray(new_rows))
 
+    def index_nbytes(self) -> int:
+        """Bytes of the in-memory search index as loaded now: the faiss HNSW graph serialised
+        (vectors included), or the exact index's float32 matrix; 0 before the first search."""
+        if self._faiss is not None:
+            return int(_faiss().serialize_index(self._faiss).nbytes)
+        return int(self._matrix.nbytes)
+
     def search(
         self,
         query: str | np.ndarray,

@@ -1,0 +1,128 @@
+"""Suite results files as the report sees them: a ``Run`` per file (its label, path, cells), and
+what a set of runs holds (tasks, lengths, depths)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memext.errors import MemextError
+from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, load_results, summarize
+
+
+@dataclass(frozen=True)
+class Run:
+    """One results file as the report shows it: where it came from and the label it goes by."""
+
+    label: str
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        return self.data["cells"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data.get("model") or {}
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        # Written by every suite run; recomputed only so a hand-trimmed file still reports.
+        return self.data.get("summary") or summarize(
+            self.cells, self.data.get("threshold", DEFAULT_THRESHOLD)
+        )
+
+    def task_cells(self, task: str) -> list[dict[str, Any]]:
+        return [c for c in self.cells if c["task"] == task]
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _is_suite_file(path: Path) -> bool:
+    """Whether a JSON file in RUN_DIR/eval claims the suite format (other evals live there too)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == FORMAT
+
+
+def _results_files(entry: Path) -> list[Path]:
+    if not entry.is_dir():
+        return [entry]
+    found = sorted(p for p in (entry / "eval").glob("*.json") if _is_suite_file(p))
+    if not found:
+        raise MemextError(
+            f"{entry}: no suite results in {entry / 'eval'}; run "
+            f"`memext eval {entry} --suite longctx` first"
+        )
+    return found
+
+
+def _source(path: Path) -> str:
+    """A short name for where a results file came from: its run directory, else its file name."""
+    return path.parent.parent.name if path.parent.name == "eval" else path.stem
+
+
+def _labels(runs: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """The model name, qualified by its source when two runs share it, numbered as a last resort."""
+    names = [str((data.get("model") or {}).get("name") or _source(path)) for path, data in runs]
+    labels = [
+        f"{name} ({_source(path)})" if names.count(name) > 1 else name
+        for name, (path, _) in zip(names, runs, strict=True)
+    ]
+    seen: dict[str, int] = {}
+    unique = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        unique.append(label if labels.count(label) == 1 else f"{label} #{seen[label]}")
+    return unique
+
+
+def load_runs(results: Sequence[str | Path]) -> list[Run]:
+    """Each results file, or each run directory's suite results, labelled for the report."""
+    if not results:
+        raise MemextError("no results to report: give results files or run directories")
+    files = [f for entry in results for f in _results_files(Path(entry))]
+    loaded = [(f, load_results(f)) for f in files]
+    return [
+        Run(label, path, data) for label, (path, data) in zip(_labels(loaded), loaded, strict=True)
+    ]
+
+
+# --- what the runs hold --------------------------------------------------------------------------
+
+
+def run_lengths(runs: Sequence[Run], task: str | None = None) -> list[int]:
+    return sorted(
+        {int(c["length"]) for r in runs for c in r.cells if task is None or c["task"] == task}
+    )
+
+
+def run_tasks(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(c["task"] for r in runs for c in r.cells))
+
+
+def accuracy_tasks(runs: Sequence[Run]) -> list[str]:
+    return list(dict.fromkeys(t for r in runs for t in r.summary.get("accuracy_tasks", [])))
+
+
+def has_depths(runs: Sequence[Run], task: str) -> bool:
+    return any(c["depth"] is not None for r in runs for c in r.task_cells(task))
+
+
+def depth_tasks(runs: Sequence[Run]) -> list[str]:
+    return [t for t in run_tasks(runs) if has_depths(runs, t)]
+
+
+def mean_by_length(cells: Iterable[dict[str, Any]], key: str) -> dict[int, float]:
+    sums: dict[int, list[float]] = {}
+    for c in cells:
+        if c.get(key) is not None:
+            sums.setdefault(int(c["length"]), []).append(float(c[key]))
+    return {n: sum(v) / len(v) for n, v in sorted(sums.items())}
