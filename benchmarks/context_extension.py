@@ -23,6 +23,7 @@ import copy
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +66,20 @@ def passkey_batch(tok, filler, rng: np.random.Generator, batch: int, longest: in
 
 
 def train_model(
-    model, train_tokens, tok, filler, t: TrainConfig, seed: int, label: str, lm: bool = True
+    model,
+    train_tokens,
+    tok,
+    filler,
+    t: TrainConfig,
+    seed: int,
+    label: str,
+    lm: bool = True,
+    monitor: Callable[[int], None] | None = None,
+    every: int = 0,
+    passkey_batch_size: int | None = None,
 ):
     """AdamW over ``t.steps`` steps; each step one LM batch (unless not ``lm``) and one passkey
-    batch."""
+    batch. ``monitor(step)`` runs every ``every`` steps (passkey on held-out seeds, a save)."""
     opt = build_optimizer(model, Config(model=ModelConfig(), train=t, eval=EvalConfig()))
     rng = np.random.default_rng(seed)
     model.train()
@@ -82,7 +93,9 @@ def train_model(
             logits, _ = model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             tokens += x.numel()
-        px, py, pw = passkey_batch(tok, filler, rng, t.batch_size, t.seq_len, seed * 10**6 + step)
+        px, py, pw = passkey_batch(
+            tok, filler, rng, passkey_batch_size or t.batch_size, t.seq_len, seed * 10**6 + step
+        )
         plogits, _ = model(px)
         nll = F.cross_entropy(
             plogits.reshape(-1, plogits.shape[-1]), py.reshape(-1), reduction="none"
@@ -99,6 +112,10 @@ def train_model(
                 f"  {label} step {step + 1}/{t.steps} loss {loss.item():.3f} ({rate:,.0f} tok/s)",
                 flush=True,
             )
+        if monitor and every and (step + 1) % every == 0 and step + 1 < t.steps:
+            model.eval()
+            monitor(step + 1)
+            model.train()
     model.eval()
     return round(time.perf_counter() - t0, 1)
 
@@ -108,6 +125,15 @@ def evaluate(model, store, tok, filler, lengths, max_tokens, n, seed) -> dict:
     bpb = evaluate_lengths(
         model, store.validation, tuple(lengths), max_tokens, tok.byte_lengths(), 4
     )
+    return {
+        "bits_per_byte": {str(r["length"]): r["bits_per_byte"] for r in bpb},
+        "passkey": evaluate_passkey(model, tok, filler, lengths, n, seed),
+    }
+
+
+@torch.no_grad()
+def evaluate_passkey(model, tok, filler, lengths, n, seed) -> dict[str, float]:
+    """Exact match at each length over ``n`` samples at each of the five depths."""
     passkey = {}
     for length in lengths:
         samples = [
@@ -115,12 +141,8 @@ def evaluate(model, store, tok, filler, lengths, max_tokens, n, seed) -> dict:
             for d in DEPTHS
             for s in make_samples("passkey", tok, filler, length - ANSWER + 1, d, n, seed + length)
         ]
-        r = evaluate_samples(model, samples, length, batch_size=4)
-        passkey[str(length)] = r["exact_match"]
-    return {
-        "bits_per_byte": {str(r["length"]): r["bits_per_byte"] for r in bpb},
-        "passkey": passkey,
-    }
+        passkey[str(length)] = evaluate_samples(model, samples, length, batch_size=4)["exact_match"]
+    return passkey
 
 
 def with_rule(model, cfg: ModelConfig, rule: str, factor: float, original: int):
@@ -141,6 +163,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--passkey-batch", type=int, default=None, help="default: --batch")
+    p.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak pre-training lr")
     p.add_argument("--factor", type=float, default=4.0)
     p.add_argument("--finetune-steps", type=int, default=40, help="<= 5%% of --steps")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192")
@@ -153,6 +177,12 @@ def main() -> None:
     p.add_argument("--save-base", type=Path, default=Path("runs/extension-base"))
     p.add_argument("--init", type=Path, default=None, help="start from this run's weights")
     p.add_argument("--warm", type=int, default=0, help="passkey-only steps after pre-training")
+    p.add_argument(
+        "--monitor",
+        type=int,
+        default=0,
+        help="every N pre-training steps: passkey at --seq-len on held-out seeds, and a save",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [int(v) for v in args.lengths.split(",")]
@@ -164,16 +194,49 @@ def main() -> None:
     new_len = round(args.seq_len * args.factor)
     cfg = ModelConfig(n_heads=2, max_seq_len=max(*lengths, new_len))
     t = TrainConfig(
-        seq_len=args.seq_len, batch_size=args.batch, steps=max(1, args.steps), warmup_steps=30
+        seq_len=args.seq_len,
+        batch_size=args.batch,
+        steps=max(1, args.steps),
+        warmup_steps=30,
+        lr=args.lr,
     )
     torch.manual_seed(args.seed)
     base = build_model(cfg, seed=args.seed)
     if args.init:
         ckpt.load_weights(base, args.init / ckpt.WEIGHTS)
+
+    def save_base(step: int) -> None:
+        # A run directory, for `memext stream` and benchmarks/streaming.py; nothing new to save
+        # when this run only evaluates (--steps 0 --warm 0).
+        if not args.save_base or not (args.steps or args.warm):
+            return
+        args.save_base.mkdir(parents=True, exist_ok=True)
+        Config(model=cfg, train=t, eval=EvalConfig(lengths=tuple(lengths))).save(
+            args.save_base / ckpt.CONFIG
+        )
+        ckpt.save_weights(base, args.save_base / ckpt.WEIGHTS, {"step": str(step)})
+
+    def monitor(step: int) -> None:
+        # Held-out seeds (the reported evaluation uses args.seed), so stopping on it is fair.
+        with torch.no_grad():
+            pk = evaluate_passkey(base, tok, filler, [args.seq_len], 4, args.seed + 10**6)
+        print(f"  monitor step {step}: passkey {pk}", flush=True)
+        save_base(step)
+
     seconds = 0.0
     if args.steps:
         print(f"== pretraining at {args.seq_len} tokens, {args.steps} steps", flush=True)
-        seconds = train_model(base, store.train, tok, filler, t, args.seed, "pretrain")
+        seconds = train_model(
+            base,
+            store.train,
+            tok,
+            filler,
+            t,
+            args.seed,
+            "pretrain",
+            monitor=monitor,
+            every=args.monitor,
+        )
     if args.warm:
         # Passkey-only steps: in-window retrieval appears as a phase change after ~1,000 of
         # them (benchmarks/memory_tasks.py), which 800 mixed steps did not reach.
@@ -184,20 +247,17 @@ def main() -> None:
         )
         pk = evaluate(base, store, tok, filler, [args.seq_len], 1024, args.samples, args.seed)
         print(f"  after the warm-up at {args.seq_len}: {pk}", flush=True)
-    if args.save_base:  # a run directory, for `memext stream` and benchmarks/streaming.py
-        args.save_base.mkdir(parents=True, exist_ok=True)
-        Config(model=cfg, train=t, eval=EvalConfig(lengths=tuple(lengths))).save(
-            args.save_base / ckpt.CONFIG
-        )
-        ckpt.save_weights(base, args.save_base / ckpt.WEIGHTS, {"step": str(args.steps)})
+    save_base(args.steps)
     ft = dataclasses.replace(
         t,
         seq_len=new_len,
         batch_size=max(1, args.batch * args.seq_len // new_len),
-        steps=args.finetune_steps,
+        steps=max(1, args.finetune_steps),  # unused when 0
         warmup_steps=max(1, args.finetune_steps // 10),
         lr=t.lr * t.min_lr_ratio,
     )
+    # The pre-training mix at the new length: the same tokens per step in each kind of batch.
+    ft_passkey_batch = max(1, (args.passkey_batch or args.batch) * args.seq_len // new_len)
     results = {
         "model": dataclasses.asdict(cfg),
         "trained_length": args.seq_len,
@@ -206,7 +266,13 @@ def main() -> None:
         "passkey_warm_steps": args.warm,
         "pretrain_seconds": seconds,
         "factor": args.factor,
-        "finetune": {"steps": ft.steps, "seq_len": ft.seq_len, "batch": ft.batch_size, "lr": ft.lr},
+        "finetune": {
+            "steps": args.finetune_steps,
+            "seq_len": ft.seq_len,
+            "batch": ft.batch_size,
+            "passkey_batch": ft_passkey_batch,
+            "lr": ft.lr,
+        },
         "lengths": lengths,
         "passkey_samples_per_length": args.samples * len(DEPTHS),
         "provenance": provenance(torch.device("cpu")),
@@ -227,7 +293,16 @@ def main() -> None:
         print(f"  zero-shot {zero}", flush=True)
         tuned = None
         if args.finetune_steps:
-            train_model(model, store.train, tok, filler, ft, args.seed + 1, f"{rule} fine-tune")
+            train_model(
+                model,
+                store.train,
+                tok,
+                filler,
+                ft,
+                args.seed + 1,
+                f"{rule} fine-tune",
+                passkey_batch_size=ft_passkey_batch,
+            )
             tuned = evaluate(
                 model, store, tok, filler, lengths, args.max_tokens, args.samples, args.seed
             )
