@@ -114,3 +114,13 @@ def test_unreadable_config_is_a_memext_error(tmp_path: Path, tiny_model_cfg) -> 
     (tmp_path / CONFIG).write_text('{"format": "memext-config", "schema_version": 99}')
     with pytest.raises(MemextError, match=r"cannot read the run's config: .*schema_version=99"):
         memext.load(tmp_path)
+
+
+def test_saved_files_get_the_mode_a_plain_open_would(tmp_path: Path, tiny_model_cfg) -> None:
+    # Written through a temporary file (mkstemp: 0600) that safetensors may recreate; the run's
+    # files must still be readable by whoever could read a file the user wrote with open().
+    _run_dir(tmp_path, tiny_model_cfg)
+    mask = os.umask(0)
+    os.umask(mask)
+    for name in (WEIGHTS, CONFIG):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
