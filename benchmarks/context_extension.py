@@ -9,11 +9,14 @@ bits-per-byte on the validation split at every length (full attention over each 
 foundation's definition) and passkey exact match at every length, zero-shot and after
 ``--finetune-steps`` steps at ``factor * seq_len`` (same tokens per step, same mix).
 
-    python benchmarks/context_extension.py                       # the full experiment
-    python benchmarks/context_extension.py --init runs/extension-base --steps 0 --warm 1500 \\
-        --save-base runs/extension-passkey --out benchmarks/results/context_extension_passkey.json
+    python benchmarks/context_extension.py                       # 800 steps, then the sweep
+    python benchmarks/context_extension.py --init runs/extension-passkey --steps 2000 --lr 1e-3 \\
+        --passkey-batch 16 --monitor 100 --methods none --lengths 512 --finetune-steps 0 \\
+        --save-base runs/extension-passkey2                     # one more pre-training stage
+    python benchmarks/context_extension.py --init runs/extension-passkey2 --steps 0 \\
+        --finetune-steps 200 --passkey-batch 16 --out benchmarks/results/context_extension_passkey.json
     python benchmarks/context_extension.py --steps 20 --finetune-steps 2 --lengths 512,1024 \\
-        --methods none,yarn --samples 2 --out /tmp/ce.json       # a smoke run
+        --methods none,yarn --samples 2 --save-base /tmp/ce-base --out /tmp/ce.json   # a smoke run
 """
 
 from __future__ import annotations
@@ -217,7 +220,8 @@ def main() -> None:
         ckpt.save_weights(base, args.save_base / ckpt.WEIGHTS, {"step": str(step)})
 
     def monitor(step: int) -> None:
-        # Held-out seeds (the reported evaluation uses args.seed), so stopping on it is fair.
+        # Held-out seeds: the reported evaluation uses args.seed, so watching this (or stopping
+        # on it) selects nothing on the reported samples.
         with torch.no_grad():
             pk = evaluate_passkey(base, tok, filler, [args.seq_len], 4, args.seed + 10**6)
         print(f"  monitor step {step}: passkey {pk}", flush=True)
