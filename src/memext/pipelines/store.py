@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from memext.errors import MemextError
-from memext.pipelines.lexical import BM25, RRF_K, rank, reciprocal_rank_fusion
+from memext.pipelines.lexical import BM25, RRF_K, rank, reciprocal_rank_fusion, top_fused
 
 if TYPE_CHECKING:
     from memext.pipelines.encoder import Encoder
@@ -370,9 +370,9 @@ class RetrievalStore:
         by_vector = rank(self._matrix @ q, keep)
         scores, matched = self._bm25_scores(text)
         by_words = rank(scores, matched if keep is None else matched & keep)
-        fused = reciprocal_rank_fusion([by_vector, by_words], rrf_k)
-        best = sorted(fused.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
-        return self._hits(np.array([p for p, _ in best]), np.array([s for _, s in best]))
+        fused = reciprocal_rank_fusion([by_vector, by_words], len(self._ids), rrf_k)
+        best = top_fused(fused, k)
+        return self._hits(best, fused[best])
 
     def _query_vector(self, text: str | None, vector: np.ndarray | None) -> np.ndarray:
         if vector is None:
