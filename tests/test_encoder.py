@@ -36,6 +36,19 @@ def test_tiny_encoder_reads_the_folder(tiny: Encoder, tiny_dir: Path) -> None:
     assert tiny.tokenizer.num_special_tokens_to_add() == 2
 
 
+def test_loading_prints_no_weight_bar_and_keeps_the_users_setting(
+    tiny_dir: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    logging = transformers.utils.logging
+    for enabled in (True, False):
+        (logging.enable_progress_bar if enabled else logging.disable_progress_bar)()
+        capfd.readouterr()
+        Encoder(tiny_dir, cache=False, progress=False)
+        assert "Loading weights" not in capfd.readouterr().err
+        assert logging.is_progress_bar_enabled() == enabled
+    logging.enable_progress_bar()
+
+
 def test_embeddings_are_mean_pooled_unit_vectors(tiny: Encoder) -> None:
     got = tiny.embed(TEXTS)
     assert got.shape == (len(TEXTS), 32) and got.dtype == np.float32

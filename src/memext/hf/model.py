@@ -13,9 +13,11 @@ it. Every other rule raises ``max_position_embeddings`` to factor times the orig
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +43,20 @@ class RopeSpec(NamedTuple):
     original_len: int | None = None
     alpha: float = 1.0
     beta: float = 32.0
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Hide transformers' per-load "Loading weights" bar (local loads take well under a second),
+    then restore the user's setting."""
+    logging = _transformers().utils.logging
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
 
 
 def _transformers() -> Any:
@@ -215,9 +231,10 @@ def load_causal_lm(
     if rope is not None:
         _apply_rope(config, RopeSpec(*rope))
     try:
-        model = tf.AutoModelForCausalLM.from_pretrained(
-            Path(path), config=config, dtype=dtype, local_files_only=True
-        )
+        with quiet_loading():
+            model = tf.AutoModelForCausalLM.from_pretrained(
+                Path(path), config=config, dtype=dtype, local_files_only=True
+            )
     except OSError as e:
         raise MemextError(f"cannot load the weights in {str(path)!r}: {e}") from None
     return HFCausalLM(model.eval(), use_cache=use_cache)
@@ -273,7 +290,8 @@ def _write_weights(src: Path, out: Path, config: Any) -> None:
         return
     # Other formats: load once in their own dtype and save as safetensors.
     tf = _transformers()
-    model = tf.AutoModelForCausalLM.from_pretrained(
-        src, config=config, dtype="auto", local_files_only=True
-    )
+    with quiet_loading():
+        model = tf.AutoModelForCausalLM.from_pretrained(
+            src, config=config, dtype="auto", local_files_only=True
+        )
     model.save_pretrained(out)

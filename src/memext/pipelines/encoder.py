@@ -77,7 +77,7 @@ class Encoder:
         progress: bool = True,
         device: str = "cpu",
     ) -> None:
-        from memext.hf.model import _transformers
+        from memext.hf.model import _transformers, quiet_loading
 
         transformers = _transformers()
         if batch_size < 1:
@@ -89,9 +89,10 @@ class Encoder:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(self.path), local_files_only=True
             )
-            self.model = transformers.AutoModel.from_pretrained(
-                str(self.path), local_files_only=True
-            )
+            with quiet_loading():
+                self.model = transformers.AutoModel.from_pretrained(
+                    str(self.path), local_files_only=True
+                )
         except (OSError, ValueError) as e:
             raise MemextError(
                 f"{self.path}: no encoder this memext can load offline: {e}"
