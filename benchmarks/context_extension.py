@@ -77,12 +77,11 @@ def train_model(
     seed: int,
     label: str,
     lm: bool = True,
-    monitor: Callable[[int], None] | None = None,
-    every: int = 0,
+    after_step: Callable[[int], None] | None = None,
     passkey_batch_size: int | None = None,
 ):
     """AdamW over ``t.steps`` steps; each step one LM batch (unless not ``lm``) and one passkey
-    batch. ``monitor(step)`` runs every ``every`` steps (passkey on held-out seeds, a save)."""
+    batch. ``after_step(steps_done)`` runs after every step but the last."""
     opt = build_optimizer(model, Config(model=ModelConfig(), train=t, eval=EvalConfig()))
     rng = np.random.default_rng(seed)
     model.train()
@@ -115,10 +114,8 @@ def train_model(
                 f"  {label} step {step + 1}/{t.steps} loss {loss.item():.3f} ({rate:,.0f} tok/s)",
                 flush=True,
             )
-        if monitor and every and (step + 1) % every == 0 and step + 1 < t.steps:
-            model.eval()
-            monitor(step + 1)
-            model.train()
+        if after_step and step + 1 < t.steps:
+            after_step(step + 1)
     model.eval()
     return round(time.perf_counter() - t0, 1)
 
@@ -220,10 +217,13 @@ def main() -> None:
         ckpt.save_weights(base, args.save_base / ckpt.WEIGHTS, {"step": str(step)})
 
     def monitor(step: int) -> None:
+        if not args.monitor or step % args.monitor:
+            return
         # Held-out seeds: the reported evaluation uses args.seed, so watching this (or stopping
         # on it) selects nothing on the reported samples.
-        with torch.no_grad():
-            pk = evaluate_passkey(base, tok, filler, [args.seq_len], 4, args.seed + 10**6)
+        base.eval()
+        pk = evaluate_passkey(base, tok, filler, [args.seq_len], 4, args.seed + 10**6)
+        base.train()
         print(f"  monitor step {step}: passkey {pk}", flush=True)
         save_base(step)
 
@@ -238,8 +238,7 @@ def main() -> None:
             t,
             args.seed,
             "pretrain",
-            monitor=monitor,
-            every=args.monitor,
+            after_step=monitor,
         )
     if args.warm:
         # Passkey-only steps: in-window retrieval appears as a phase change after ~1,000 of

@@ -45,14 +45,13 @@ class BM25:
             self._bm25 = bm25s.BM25(k1=self.K1, b=self.B, method="lucene")
             self._bm25.index(corpus, show_progress=False)
 
-    def scores(self, query: str) -> tuple[np.ndarray, np.ndarray]:
-        """(n,) float64 score of every text (a repeated query word counts again), and (n,) bool:
-        does it hold any query word."""
+    def scores(self, query: str) -> np.ndarray:
+        """(n,) float64 score of every text; a repeated query word counts again, and a text scores
+        above 0 exactly when it holds a query word."""
         terms = words(query)
         if self._bm25 is None or not terms:
-            return np.zeros(self.n), np.zeros(self.n, dtype=bool)
-        scores = np.asarray(self._bm25.get_scores(terms), dtype=np.float64)
-        return scores, scores > 0
+            return np.zeros(self.n)
+        return np.asarray(self._bm25.get_scores(terms), dtype=np.float64)
 
 
 def rank(scores: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:

@@ -356,8 +356,8 @@ class RetrievalStore:
         )
         if mode == "bm25":
             assert text is not None
-            scores, matched = self._bm25_scores(text)
-            found = rank(scores, matched if keep is None else matched & keep)[:k]
+            scores, by_words = self._bm25_ranking(text, keep)
+            found = by_words[:k]
             return self._hits(found, scores[found])
         assert q is not None
         if mode == "embedding":
@@ -368,8 +368,7 @@ class RetrievalStore:
             return self._hits(found, scores[found])
         assert text is not None
         by_vector = rank(self._matrix @ q, keep)
-        scores, matched = self._bm25_scores(text)
-        by_words = rank(scores, matched if keep is None else matched & keep)
+        _, by_words = self._bm25_ranking(text, keep)
         fused = reciprocal_rank_fusion([by_vector, by_words], len(self._ids), rrf_k)
         best = top_fused(fused, k)
         return self._hits(best, fused[best])
@@ -394,15 +393,18 @@ class RetrievalStore:
         hit = positions[0] >= 0  # faiss pads with -1 when it finds fewer than k
         return self._hits(positions[0][hit], scores[0][hit])
 
-    def _bm25_scores(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """BM25 over every stored chunk, aligned with the in-memory vectors."""
+    def _bm25_ranking(self, text: str, keep: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """BM25 scores of every stored chunk (aligned with the in-memory vectors), and the
+        positions that hold a query word (score > 0) and are kept, best first."""
         if self._bm25 is None or self._bm25[0] != self._seen:
             rows = dict(self.db.execute("SELECT id, text FROM chunks").fetchall())
             # A writer may have committed since _refresh: score only the rows it loaded.
             texts = [rows.get(int(i), "") for i in self._ids]
             assert self._seen is not None
             self._bm25 = (self._seen, BM25(texts))
-        return self._bm25[1].scores(text)
+        scores = self._bm25[1].scores(text)
+        matched = scores > 0
+        return scores, rank(scores, matched if keep is None else matched & keep)
 
     def _hits(self, positions: np.ndarray, scores: np.ndarray) -> list[Hit]:
         ids = [int(self._ids[p]) for p in positions]
