@@ -37,9 +37,10 @@ from memext import build_model
 from memext import checkpoint as ckpt
 from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.data import prepare_data, sample_batch
+from memext.data.sampling import task_batch
 from memext.data.tasks import Filler, make_samples
 from memext.evals.perplexity import evaluate_lengths
-from memext.evals.tasks import evaluate_samples, task_batch
+from memext.evals.tasks import evaluate_samples
 from memext.model import build_rotary
 from memext.runtime import provenance
 from memext.tokenizer import ByteTokenizer

@@ -29,8 +29,9 @@ import torch
 
 from memext import build_model
 from memext.config import Config, EvalConfig, ModelConfig, TrainConfig
+from memext.data.sampling import task_batch
 from memext.data.tasks import PASSKEY_QUESTION, PASSKEY_SENTENCE, Filler, make_samples
-from memext.evals.tasks import evaluate_samples, task_batch
+from memext.evals.tasks import evaluate_samples
 from memext.runtime import provenance
 from memext.tokenizer import ByteTokenizer
 from memext.train import build_optimizer

@@ -18,8 +18,8 @@ from context_extension import ANSWER, CLASSIC, DEPTHS
 from memext import build_model
 from memext import checkpoint as ckpt
 from memext.config import Config
+from memext.data.sampling import task_batch
 from memext.data.tasks import Filler, make_samples
-from memext.evals.tasks import task_batch
 from memext.tokenizer import ByteTokenizer
 
 

@@ -185,3 +185,45 @@ def test_metrics_and_run_info_record_provenance(tmp_path, corpus):
     vals = [r for r in read_metrics(tmp_path / "run") if "val_bits_per_byte" in r]
     assert [r["step"] for r in vals] == [2, 4]
     assert all(0 < r["val_bits_per_byte"] < 12 for r in vals)
+
+
+def test_mixture_run_resumes_exactly(tmp_path, corpus):
+    cfg = _cfg(
+        corpus,
+        **{
+            "model.memory": "xl",
+            "model.mem_len": "32",
+            "train.segment_len": "128",
+            "train.seq_len": "128",
+            "train.steps": "6",
+            "train.save_every": "100",
+            "train.eval_every": "0",
+            "data.mixture": "[{task: lm, batch_size: 2}, "
+            "{task: passkey, batch_size: 2, lengths: [128, 256], near: 0.5, share: 2}]",
+        },
+    )
+    train(cfg, tmp_path / "full", progress=False, log=lambda m: None)
+
+    def stop_at_2(loop):
+        if loop.step == 2:
+            loop.stop_requested = True
+
+    train(cfg, tmp_path / "part", progress=False, callback=stop_at_2, log=lambda m: None)
+    train(cfg, tmp_path / "part", resume=True, progress=False, log=lambda m: None)
+    full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+    assert [r.get("loss/passkey") for r in part] == [r.get("loss/passkey") for r in full]
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
+    assert all("loss/lm" in r for r in full if "loss" in r)
+
+
+def test_non_finite_gradient_is_not_stepped(tmp_path, corpus):
+    cfg = _cfg(corpus, **{"train.steps": "10", "train.save_every": "2", "train.eval_every": "0"})
+
+    def poison(loop):
+        if loop.step == 3:  # the loss stays finite; only the gradient blows up
+            loop.model.embed.weight.register_hook(lambda g: g * float("inf"))
+
+    with pytest.raises(TrainingDiverged, match=r"gradient norm became .* at step 4"):
+        train(cfg, tmp_path / "run", progress=False, callback=poison, log=lambda m: None)
+    model, _ = load(tmp_path / "run")
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -229,6 +229,65 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class Source:
+    """One part of the training batch mixture: language-model text, or a synthetic task.
+
+    Every optimizer step draws one batch from each source active in the step's curriculum
+    stage; the step's loss is the sources' losses weighted by their shares. A task source's
+    batch is a pure function of (train.seed, step, source), like the text's, so resuming stays
+    exact.
+    """
+
+    task: str = doc("lm", "'lm' (the corpus) or a synthetic task by registered name (passkey...).")
+    share: float = doc(1.0, "Weight of this source's loss in the step (shares are normalised).")
+    batch_size: int = doc(0, "Sequences per batch; 0 = the stage's train.batch_size.")
+    lengths: tuple[int, ...] = doc(
+        (), "Sequence lengths, one drawn per step; () = the stage's seq_len."
+    )
+    stages: tuple[int, ...] = doc((), "Curriculum stages it is active in; () = all of them.")
+    near: float = doc(
+        0.0,
+        "Tasks: fraction of samples whose key lies in the last segment (the attention window); "
+        "the others keep it >= train.segment_len tokens before the question, so only memory "
+        "reaches it.",
+    )
+    filler: Literal["corpus", "classic"] = doc(
+        "corpus",
+        "Tasks: the haystack: the training corpus's text, or the classic passkey filler "
+        "('The grass is green. ...').",
+    )
+    answer_weight: float = doc(
+        0.5, "Tasks: share of a sample's loss on its answer tokens (the rest on the prompt)."
+    )
+
+    def __post_init__(self) -> None:
+        from memext.data.tasks import TASKS  # local: data imports config
+
+        if self.task != "lm" and self.task not in TASKS:
+            names = ", ".join(["lm", *sorted(TASKS)])
+            _fail("data.mixture", "task", self.task, f"one of {names}")
+        _check_positive("data.mixture", self, "share")
+        if self.batch_size < 0:
+            _fail("data.mixture", "batch_size", self.batch_size, "0 (the stage's) or > 0")
+        for name in ("lengths", "stages"):
+            if any(
+                not isinstance(n, int) or n < (2 if name == "lengths" else 0)
+                for n in getattr(self, name)
+            ):
+                _fail(
+                    "data.mixture",
+                    name,
+                    getattr(self, name),
+                    "non-negative integers (lengths >= 2)",
+                )
+        if not 0.0 <= self.near <= 1.0:
+            _fail("data.mixture", "near", self.near, "a fraction in [0, 1]")
+        if not 0.0 < self.answer_weight <= 1.0:
+            _fail("data.mixture", "answer_weight", self.answer_weight, "a fraction in (0, 1]")
+        _check_choice("data.mixture", self, "filler")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from and how it becomes tokens."""
 
@@ -248,6 +307,12 @@ class DataConfig:
     )
     raw_bytes: bool = doc(
         False, "Read files that are not valid UTF-8 as raw bytes instead of skipping them."
+    )
+    mixture: tuple[Source, ...] = doc(
+        (),
+        "What each training step reads: a list of sources (see Source: task, share, batch_size, "
+        "lengths, stages, near, filler, answer_weight); () = the corpus alone. On the command "
+        "line, YAML: --set 'data.mixture=[{task: lm}, {task: passkey, lengths: [512]}]'.",
     )
 
     def __post_init__(self) -> None:
@@ -328,8 +393,9 @@ class TrainConfig:
             )
         previous = self.seq_len
         for n in self.curriculum:
-            if not isinstance(n, int) or n <= previous:
-                _fail("train", "curriculum", self.curriculum, "lengths increasing from seq_len")
+            # Equal lengths are allowed: a stage may change only the mixture (data.mixture).
+            if not isinstance(n, int) or n < previous:
+                _fail("train", "curriculum", self.curriculum, "lengths not decreasing from seq_len")
             if self.segment_len and n % self.segment_len:
                 _fail("train", "curriculum", self.curriculum, "multiples of segment_len")
             previous = n
@@ -397,6 +463,7 @@ class Config:
                 self.train.curriculum,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
             )
+        self._check_mixture()
         too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
         if too_long:
             _fail(
@@ -405,6 +472,27 @@ class Config:
                 self.eval.lengths,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
             )
+
+    def _check_mixture(self) -> None:
+        t, n_stages = self.train, 1 + len(self.train.curriculum)
+        seg = t.segment_len
+        for i, src in enumerate(self.data.mixture):
+            where = f"data.mixture[{i}]"
+            for n in src.lengths:
+                if seg and n % seg:
+                    _fail(where, "lengths", src.lengths, f"multiples of train.segment_len={seg}")
+                if not seg and n > self.model.max_seq_len:
+                    _fail(
+                        where,
+                        "lengths",
+                        src.lengths,
+                        f"<= model.max_seq_len={self.model.max_seq_len}",
+                    )
+            if any(k >= n_stages for k in src.stages):
+                _fail(where, "stages", src.stages, f"stage indices < {n_stages} (the curriculum's)")
+        for k in range(n_stages if self.data.mixture else 0):
+            if not any(not s.stages or k in s.stages for s in self.data.mixture):
+                _fail("data", "mixture", "...", f"at least one source active in stage {k}")
 
     # --- construction -------------------------------------------------------------------------
     @staticmethod
@@ -488,7 +576,9 @@ def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -528,6 +618,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if isinstance(value, str) and hint is not str and get_origin(hint) is not Literal:
         return parse_value(key, hint, value)
     origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _coerce_record(key, hint, value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}={value!r} is invalid: expected a list")
@@ -539,6 +631,21 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"{key}={value!r} is invalid: expected {_type_name(hint)}")
     return value
+
+
+def _coerce_record(key: str, cls: Any, value: Any) -> Any:
+    """A mapping (from JSON, YAML or the command line) as the dataclass ``cls``."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}={value!r} is invalid: expected a mapping of {cls.__name__} fields")
+    hints = typing.get_type_hints(cls)
+    bad = sorted(set(value) - set(hints))
+    if bad:
+        raise ValueError(
+            f"{key}: unknown field(s) {', '.join(bad)}; {cls.__name__} has {', '.join(hints)}"
+        )
+    return cls(**{k: _coerce(f"{key}.{k}", hints[k], v) for k, v in value.items()})
 
 
 def _type_name(hint: Any) -> str:
@@ -557,6 +664,12 @@ def parse_value(key: str, hint: Any, raw: Any) -> Any:
     if not isinstance(raw, str):
         return _coerce(key, hint, raw)
     text = raw.strip()
+    if get_origin(hint) is tuple and dataclasses.is_dataclass(get_args(hint)[0]):
+        try:
+            records = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{key}={raw!r} is not valid YAML: {e}") from None
+        return _coerce(key, hint, records or [])
     try:
         if get_origin(hint) is tuple:
             item = get_args(hint)[0]
@@ -590,6 +703,8 @@ def describe_fields() -> list[tuple[str, str, Any, str]]:
             type_str = (
                 "|".join(get_args(typ))
                 if get_origin(typ) is Literal
+                else f"list[{get_args(typ)[0].__name__}]"
+                if get_origin(typ) is tuple and dataclasses.is_dataclass(get_args(typ)[0])
                 else "list[int]"
                 if get_origin(typ) is tuple
                 else getattr(typ, "__name__", str(typ))

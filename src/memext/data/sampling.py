@@ -1,25 +1,47 @@
-"""Training batches: random segments (evaluation windows live in memext.evals.perplexity)."""
+"""Training batches: random spans of the token stream, and synthetic-task samples as batches
+(evaluation windows live in memext.evals.perplexity)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
+from torch import Tensor
+
+from memext.data.tasks import Sample
 
 
 def sample_batch(
-    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int
+    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, stream: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random segments of ``seq_len + 1`` tokens as (inputs, targets), each (B, T) int64.
 
-    The batch is a pure function of (seed, step), so a resumed run draws exactly the batches an
-    uninterrupted one would, without saving sampler state.
+    The batch is a pure function of (seed, step, stream), so a resumed run draws exactly the
+    batches an uninterrupted one would, without saving sampler state; ``stream`` > 0 draws an
+    independent sequence of batches (another text source of a mixture).
     """
     if tokens.size < seq_len + 1:
         raise ValueError(
             f"the token stream ({tokens.size} tokens) is shorter than seq_len+1={seq_len + 1}"
         )
-    rng = np.random.default_rng([seed, step])
+    rng = np.random.default_rng([seed, step, stream] if stream else [seed, step])
     starts = rng.integers(0, tokens.size - seq_len, size=batch_size)
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     seg = torch.from_numpy(tokens[idx].astype(np.int64))
     return seg[:, :-1], seg[:, 1:]
+
+
+def task_batch(samples: Sequence[Sample]) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs (B, T), targets (B, T) (the inputs shifted by one) and a (B, T) bool mask that is
+    True where the target is an answer token, for samples of one length (T = length - 1)."""
+    if not samples:
+        raise ValueError("task_batch needs at least one sample")
+    lengths = {s.tokens.size for s in samples}
+    if len(lengths) > 1:
+        raise ValueError(f"samples in one batch must share a length, got {sorted(lengths)}")
+    tokens = torch.from_numpy(np.stack([s.tokens for s in samples]))
+    positions = torch.arange(tokens.shape[1] - 1)
+    starts = torch.tensor([s.answer_start - 1 for s in samples])  # predicts the first answer token
+    mask = positions[None, :] >= starts[:, None]
+    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask

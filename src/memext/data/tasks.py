@@ -31,6 +31,11 @@ Seed = int | tuple[int, ...]
 
 PASSKEY_SENTENCE = ("\nThe pass key is ", ". Remember it. ", " is the pass key.\n")
 PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is "
+# The classic passkey filler (Mohtashami & Jaggi 2023): prose a small model learns in minutes, so
+# a short budget goes to learning retrieval rather than the haystack.
+CLASSIC_FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
 NEEDLE_NAMES = (
     "red",
     "blue",

@@ -13,11 +13,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor
 from tqdm.auto import tqdm
 
+from memext.data.sampling import task_batch
 from memext.data.tasks import Sample
 
 
@@ -30,21 +29,6 @@ def segments(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
         raise ValueError(f"n_tokens={n_tokens} must be non-negative")
     ends = range(n_tokens, 0, -segment_len)
     return [(max(0, end - segment_len), end) for end in reversed(ends)]
-
-
-def task_batch(samples: Sequence[Sample]) -> tuple[Tensor, Tensor, Tensor]:
-    """Inputs (B, T), targets (B, T) (the inputs shifted by one) and a (B, T) bool mask that is
-    True where the target is an answer token, for samples of one length (T = length - 1)."""
-    if not samples:
-        raise ValueError("task_batch needs at least one sample")
-    lengths = {s.tokens.size for s in samples}
-    if len(lengths) > 1:
-        raise ValueError(f"samples in one batch must share a length, got {sorted(lengths)}")
-    tokens = torch.from_numpy(np.stack([s.tokens for s in samples]))
-    positions = torch.arange(tokens.shape[1] - 1)
-    starts = torch.tensor([s.answer_start - 1 for s in samples])  # predicts the first answer token
-    mask = positions[None, :] >= starts[:, None]
-    return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
 
 
 def _check_fits(sample: Sample, segment_len: int) -> None:

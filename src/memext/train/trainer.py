@@ -13,7 +13,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from memext import checkpoint as ckpt
 from memext.config import Config, TrainConfig
-from memext.data import prepare_data, sample_batch
+from memext.data import prepare_data
+from memext.data.mixture import Batch, BatchSource
 from memext.errors import MemextError
 from memext.evals.perplexity import evaluate_lengths
 from memext.io import atomic_write, atomic_write_text
@@ -151,28 +152,52 @@ def train_step(
     fwd: torch.nn.Module,
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: Sequence[Batch | tuple[torch.Tensor, torch.Tensor]],
     lr: float,
     t: TrainConfig,
     device: torch.device,
     reset_id: int | None = None,
+    losses: dict[str, float] | None = None,
 ) -> tuple[float, float]:
-    """One optimizer step over ``batches`` (micro-batches accumulated); returns (loss, grad norm).
+    """One optimizer step over ``batches``; returns (loss, grad norm).
 
-    ``fwd`` is the module to call (``model`` itself, or its torch.compile wrapper). The step is
-    skipped when the loss is not finite, so the weights stay those of the last good step.
+    ``batches`` are the step's micro-batches: the mixture's ``Batch``es (each source's loss
+    weighted by its share, shares normalised within the step) or plain (inputs, targets) pairs
+    of text, accumulated with equal weights. ``losses``, when given, receives each source's mean
+    loss. ``fwd`` is the module to call (``model`` itself, or its torch.compile wrapper).
+
+    The step is skipped, leaving the weights those of the last good step, when the loss or the
+    gradient norm is not finite.
     """
+    parts = [b if isinstance(b, Batch) else Batch("lm", 1.0, *b, resets=True) for b in batches]
     for group in opt.param_groups:
         group["lr"] = lr
-    total = 0.0
-    for x, y in batches:
-        total += sequence_backward(
-            fwd, x, y, t, device, scale=1.0 / len(batches), reset_id=reset_id
-        ) / len(batches)
+    shares = sum(b.share for b in parts)
+    total, by_name, counts = 0.0, {}, {}
+    for b in parts:
+        weight = b.share / shares
+        loss = sequence_backward(
+            fwd,
+            b.x,
+            b.y,
+            t,
+            device,
+            scale=weight,
+            weights=b.weights,
+            reset_id=reset_id if b.resets else None,
+        )
+        total += weight * loss
+        by_name[b.name] = by_name.get(b.name, 0.0) + loss
+        counts[b.name] = counts.get(b.name, 0) + 1
+    if losses is not None:
+        losses.update({k: v / counts[k] for k, v in by_name.items()})
     if not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
         return total, math.nan
     gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
+    if not math.isfinite(gnorm):
+        opt.zero_grad(set_to_none=True)
+        return total, gnorm
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total, gnorm
@@ -312,6 +337,7 @@ def train(
         f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens"
     )
 
+    source = BatchSource(cfg, tok, store.train)
     loop = _Loop(step=step, model=model)
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -342,36 +368,31 @@ def train(
             stage = _enter_stage(model, cfg, loop.step, stage, log)
             lr = lr_at(loop.step, t)
             batches = [
-                sample_batch(
-                    store.train,
-                    stage.batch_size,
-                    stage.seq_len,
-                    t.seed,
-                    loop.step * t.grad_accum + m,
-                )
+                source.batch(i, loop.step, m, stage.seq_len, stage.batch_size)
                 for m in range(t.grad_accum)
+                for i in source.active(stage.index)
             ]
-            total, gnorm = train_step(fwd, model, opt, batches, lr, t, device, reset_id)
-            if not math.isfinite(total):
+            by_source: dict[str, float] = {}
+            total, gnorm = train_step(
+                fwd, model, opt, batches, lr, t, device, reset_id, losses=by_source
+            )
+            if not (math.isfinite(total) and math.isfinite(gnorm)):
+                what = "loss" if not math.isfinite(total) else "gradient norm"
                 raise TrainingDiverged(
-                    f"the loss became {total} at step {loop.step + 1}; stopped. The last good "
+                    f"the {what} became {total if what == 'loss' else gnorm} at step "
+                    f"{loop.step + 1}; the step was not taken and training stopped. The last good "
                     f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
                 )
             loop.step += 1
-            tokens_done += stage.batch_size * stage.seq_len * t.grad_accum
+            tokens_done += sum(b.x.numel() for b in batches)
             result.losses.append(total)
             bar.update(1)
             if loop.step % t.log_every == 0 or loop.step == t.total_steps:
                 tps = tokens_done / (time.perf_counter() - tic)
-                pending.append(
-                    {
-                        "step": loop.step,
-                        "loss": total,
-                        "lr": lr,
-                        "grad_norm": gnorm,
-                        "tokens_per_s": round(tps, 1),
-                    }
-                )
+                row = {"step": loop.step, "loss": total, "lr": lr, "grad_norm": gnorm}
+                if len(by_source) > 1:
+                    row |= {f"loss/{name}": v for name, v in by_source.items()}
+                pending.append(row | {"tokens_per_s": round(tps, 1)})
                 bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
             if callback is not None:
                 callback(loop)

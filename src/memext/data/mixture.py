@@ -1,0 +1,152 @@
+"""The batch mixture: what each training step reads, built from the config's ``data.mixture``.
+
+Every step takes one batch from each source active in its curriculum stage: corpus text (``lm``)
+or samples of a synthetic task (``memext.data.tasks``). A batch is a pure function of
+(train.seed, step, micro-batch, source), so a resumed run reads exactly what an uninterrupted one
+would, and no sampler state is saved.
+
+Task samples for a model that reads in segments (``train.segment_len`` = W) come in two kinds: a
+fraction ``near`` has its key inside the last segment (in-window retrieval: what teaches the
+attention that memories reuse, since stored keys get no gradient), the others keep the key at
+least W tokens before the question, where only memory reaches it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memext.config import Config, Source
+from memext.data.sampling import sample_batch, task_batch
+from memext.data.tasks import CLASSIC_FILLER, TASKS, Filler, Sample, TooShort, make_samples
+from memext.errors import MemextError
+from memext.tokenizer import Tokenizer
+
+# Corpus tokens a task haystack is cut from (a random span per sample): enough for variety.
+CORPUS_FILLER_TOKENS = 4_000_000
+
+
+@dataclass
+class Batch:
+    """One source's micro-batch: inputs and targets (B, T), per-target ``weights`` (tasks: the
+    answer's share of the loss) or None, and whether document boundaries reset memory (text)."""
+
+    name: str
+    share: float
+    x: Tensor
+    y: Tensor
+    weights: Tensor | None = None
+    resets: bool = False
+
+
+class BatchSource:
+    """The mixture of ``cfg.data.mixture`` over a token store's train split."""
+
+    def __init__(self, cfg: Config, tok: Tokenizer, train_tokens: np.ndarray):
+        self.sources = cfg.data.mixture or (Source(),)
+        self.seed = cfg.train.seed
+        self.segment_len = cfg.train.segment_len
+        self.grad_accum = cfg.train.grad_accum
+        self.tok = tok
+        self.train_tokens = train_tokens
+        self._fillers: dict[str, Filler] = {}
+        self.names = _names(self.sources)
+
+    def active(self, stage: int) -> list[int]:
+        """Indices of the sources active in curriculum stage ``stage``."""
+        return [i for i, s in enumerate(self.sources) if not s.stages or stage in s.stages]
+
+    def batch(self, index: int, step: int, micro: int, seq_len: int, batch_size: int) -> Batch:
+        """Source ``index``'s batch for (step, micro-batch); ``seq_len`` and ``batch_size`` are
+        the stage's, used where the source leaves them unset."""
+        src = self.sources[index]
+        rng = np.random.default_rng([self.seed, step, micro, index, 0x5EED])
+        length = int(rng.choice(src.lengths)) if src.lengths else seq_len
+        size = src.batch_size or batch_size
+        name, share = self.names[index], src.share
+        if src.task == "lm":
+            # Stream 0 (a text source listed first) draws the batches a mixture-free run draws.
+            draw = step * self.grad_accum + micro
+            x, y = sample_batch(self.train_tokens, size, length, self.seed, draw, index)
+            return Batch(name, share, x, y, resets=True)
+        try:
+            samples = [self._sample(src, length, rng) for _ in range(size)]
+        except TooShort as e:
+            raise MemextError(
+                f"data.mixture source {name!r} cannot make a {length}-token sample with its key "
+                f"in a {self.segment_len}-token segment: {e}"
+            ) from None
+        x, y, answer = task_batch(samples)
+        return Batch(name, share, x, y, weights=answer_weights(answer, src.answer_weight))
+
+    def _sample(self, src: Source, length: int, rng: np.random.Generator) -> Sample:
+        """A ``src.task`` sample of exactly ``length + 1`` tokens (inputs and targets of
+        ``length``); its key inside the last segment with probability ``src.near``."""
+        filler = self._filler(src.filler)
+        seed = int(rng.integers(0, 2**62))
+        window = self.segment_len
+        if not window or window >= length:
+            return _fitted(src.task, self.tok, filler, length + 1, float(rng.uniform()), seed, 0)
+        if rng.uniform() < src.near:
+            inner = _fitted(src.task, self.tok, filler, window + 1, float(rng.uniform()), seed, 0)
+            return _after(filler.take(length - window, rng), inner)
+        return _fitted(src.task, self.tok, filler, length + 1, float(rng.uniform()), seed, window)
+
+    def _filler(self, kind: str) -> Filler:
+        if kind not in self._fillers:
+            if kind == "classic":
+                self._fillers[kind] = Filler.from_text(self.tok, CLASSIC_FILLER)
+            else:
+                self._fillers[kind] = Filler(self.train_tokens[:CORPUS_FILLER_TOKENS])
+        return self._fillers[kind]
+
+
+def answer_weights(answer: Tensor, share: float) -> Tensor:
+    """Per-target weights giving a row's answer targets ``share`` of its loss and the rest
+    ``1 - share`` (each row sums to 1: a long filler does not drown a 5-token answer)."""
+    n_answer = answer.sum(dim=1, keepdim=True).clamp(min=1)
+    n_prompt = (~answer).sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.where(answer, share / n_answer, (1.0 - share) / n_prompt).float()
+
+
+def _fitted(
+    task: str, tok: Tokenizer, filler: Filler, total: int, depth: float, seed: int, gap: int
+) -> Sample:
+    """A sample of ``total`` tokens (prompt + answer): the prompt is sized for the answer's
+    token count, which a subword tokenizer may vary (the same seed draws the same answer)."""
+    guess = make_samples(task, tok, filler, max(1, total - 5), depth, 1, seed, gap=gap)[0]
+    if guess.tokens.size == total:
+        return guess
+    size = total - guess.answer.size
+    sample = make_samples(task, tok, filler, size, depth, 1, seed, gap=gap)[0]
+    if sample.tokens.size != total:
+        raise ValueError(f"{task} cannot make a sample of exactly {total} tokens")
+    return sample
+
+
+def _after(prefix: np.ndarray, inner: Sample) -> Sample:
+    """``inner`` preceded by ``prefix`` (more haystack): its key stays near the question."""
+    off = prefix.size
+    meta = {**inner.meta, "length": inner.meta.get("length", 0) + off}
+    return Sample(
+        np.concatenate([prefix, inner.tokens]),
+        inner.answer_start + off,
+        tuple(p + off for p in inner.key_positions),
+        inner.task,
+        meta,
+    )
+
+
+def _names(sources: tuple[Source, ...]) -> list[str]:
+    """A name per source for logs: its task, numbered when a task appears twice."""
+    names = []
+    for i, s in enumerate(sources):
+        twins = sum(o.task == s.task for o in sources)
+        names.append(s.task if twins == 1 else f"{s.task}{i}")
+    return names
+
+
+__all__ = ["TASKS", "Batch", "BatchSource", "answer_weights"]
