@@ -331,3 +331,18 @@ def test_the_same_suite_grades_a_local_hf_model(tmp_path: Path) -> None:
     r = run_suite(adapter, spec, tmp_path / "hf.json", progress=False)
     assert r["model"]["kind"] == "hf" and len(r["cells"]) == 2  # 256 > 128: read anyway
     assert "transformers" in r["provenance"]
+
+
+def test_no_memory_adapter_reads_each_segment_alone(tmp_path: Path, corpus: Path) -> None:
+    run = _save_run(tmp_path / "xl", corpus, memory="xl", mem_len=64)
+    x = torch.randint(0, 256, (2, 192))
+    with_memory = MemextAdapter(run).logits(x)
+    without = MemextAdapter(run, memory=False)
+    alone = without.model(x[:, 128:])[0]  # the last segment read with no state at all
+    assert torch.allclose(without.logits(x)[:, 128:], alone, atol=1e-6)
+    assert not torch.allclose(with_memory[:, 128:], alone, atol=1e-3)  # memory changes it
+    assert torch.allclose(with_memory[:, :64], alone.new_tensor(without.logits(x)[:, :64]))
+    assert without.name.endswith("(no memory)")
+    assert without.fingerprint() != MemextAdapter(run).fingerprint()
+    with pytest.raises(MemextError, match="only memext runs"):
+        load_adapter(tmp_path, memory=False)

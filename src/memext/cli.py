@@ -180,11 +180,18 @@ def train(
         _evaluate(run_dir, None, None, dev, None)
         if suite != "none":
             _run_suite(run_dir, suite, None, dev, None)
+            if cfg.train.segment_len:  # the same weights without memory: what memory adds
+                _run_suite(run_dir, suite, None, dev, None, memory=False)
             _report([run_dir], run_dir / "report")
 
 
 def _run_suite(
-    path: Path, suite: str, lengths: list[int] | None, dev, out_file: Path | None
+    path: Path,
+    suite: str,
+    lengths: list[int] | None,
+    dev,
+    out_file: Path | None,
+    memory: bool = True,
 ) -> Path:
     import dataclasses
 
@@ -194,8 +201,9 @@ def _run_suite(
     spec = get_suite(suite)
     if lengths:
         spec = dataclasses.replace(spec, lengths=tuple(lengths))
-    adapter = load_adapter(path, dev)
-    target = out_file or path / "eval" / f"{spec.name}.json"
+    adapter = load_adapter(path, dev, memory)
+    name = spec.name if memory else f"{spec.name}-no-memory"
+    target = out_file or path / "eval" / f"{name}.json"
     err.print(f"suite {spec.name} on {adapter.name} ({adapter.kind}) -> {target}")
     results = run_suite(adapter, spec, target, log=lambda m: err.print(m, highlight=False))
     _print_suite(results)
@@ -283,6 +291,14 @@ def eval_(
         typer.Option(help="Comma-separated context lengths (default: the run's eval.lengths)."),
     ] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Scored tokens per length.")] = None,
+    memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="With --suite: --no-memory reads a memory model with its memory emptied before "
+            "each segment (the same weights, window only), into RUN/eval/SUITE-no-memory.json.",
+        ),
+    ] = True,
     device: DeviceOpt = "auto",
     output: Annotated[
         Path | None,
@@ -296,8 +312,10 @@ def eval_(
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
+    if not memory and suite is None:
+        raise MemextError("--no-memory applies to suites: add --suite NAME")
     if suite is not None:
-        _run_suite(run_dir, suite, parsed, resolve_device(device), output)
+        _run_suite(run_dir, suite, parsed, resolve_device(device), output, memory)
         out.print(f"next: memext report {run_dir}")
         return
     _evaluate(run_dir, parsed, max_tokens, resolve_device(device), output)

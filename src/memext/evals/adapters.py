@@ -53,13 +53,20 @@ def _files_fingerprint(files: list[Path]) -> str:
 
 
 class MemextAdapter:
+    """A memext run. ``memory=False`` reads a memory model's segments with its memory emptied
+    before each one: the same weights seeing only the current segment (its attention window),
+    the baseline that shows what the memory adds."""
+
     kind = "memext"
 
-    def __init__(self, run_dir: str | Path, device: torch.device | str = "cpu"):
+    def __init__(
+        self, run_dir: str | Path, device: torch.device | str = "cpu", memory: bool = True
+    ):
         from memext.checkpoint import WEIGHTS, load, run_tokenizer
 
         self.path = str(run_dir)
-        self.name = Path(run_dir).resolve().name
+        self.name = Path(run_dir).resolve().name + ("" if memory else " (no memory)")
+        self.memory = memory
         self.device = torch.device(device)
         self.model, self.cfg = load(run_dir, self.device)
         self.tokenizer = run_tokenizer(run_dir)
@@ -79,6 +86,8 @@ class MemextAdapter:
         out, state = [], None
         for s in range(0, tokens.shape[1], self.segment_len):
             step, state = self.model(tokens[:, s : s + self.segment_len], state)
+            if not self.memory:
+                state = None
             out.append(step)
         return torch.cat(out, dim=1)
 
@@ -89,10 +98,14 @@ class MemextAdapter:
         return store.validation, self.cfg.data.corpus, store.corpus_hash
 
     def describe(self) -> dict[str, Any]:
-        return {"config": dataclasses.asdict(self.cfg), "segment_len": self.segment_len}
+        return {
+            "config": dataclasses.asdict(self.cfg),
+            "segment_len": self.segment_len,
+            "memory": self.memory,
+        }
 
     def fingerprint(self) -> str:
-        return _files_fingerprint([self._weights])
+        return _files_fingerprint([self._weights]) + ("" if self.memory else "-no-memory")
 
 
 class HFAdapter:
@@ -133,15 +146,20 @@ class HFAdapter:
         return _files_fingerprint(files)
 
 
-def load_adapter(path: str | Path, device: torch.device | str = "cpu") -> ModelAdapter:
-    """A memext run directory or a local Hugging Face causal-LM directory."""
+def load_adapter(
+    path: str | Path, device: torch.device | str = "cpu", memory: bool = True
+) -> ModelAdapter:
+    """A memext run directory or a local Hugging Face causal-LM directory; ``memory=False``
+    (memext runs only) empties a memory model's memory before each segment."""
     from memext.checkpoint import is_memext_run
 
     path = Path(path)
     if not path.is_dir():
         raise MemextError(f"{path}: not a directory (give a memext run or a local HF model dir)")
     if is_memext_run(path):
-        return MemextAdapter(path, device)
+        return MemextAdapter(path, device, memory)
+    if not memory:
+        raise MemextError(f"{path}: only memext runs have a memory to switch off")
     if (path / "config.json").is_file():
         return HFAdapter(path, device)
     raise MemextError(
