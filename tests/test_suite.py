@@ -344,5 +344,8 @@ def test_no_memory_adapter_reads_each_segment_alone(tmp_path: Path, corpus: Path
     assert torch.allclose(with_memory[:, :64], alone.new_tensor(without.logits(x)[:, :64]))
     assert without.name.endswith("(no memory)")
     assert without.fingerprint() != MemextAdapter(run).fingerprint()
+    # Segments are cut from the end: the last one is whole whatever the length.
+    y = torch.randint(0, 256, (1, 200))
+    assert torch.allclose(without.logits(y)[:, -64:], without.model(y[:, -64:])[0], atol=1e-6)
     with pytest.raises(MemextError, match="only memext runs"):
         load_adapter(tmp_path, memory=False)

@@ -83,9 +83,13 @@ class MemextAdapter:
         tokens = tokens.to(self.device)
         if not self.segment_len:
             return self.model(tokens)[0]
+        from memext.evals.tasks import segments
+
+        # Cut from the end, as training and ``evaluate_samples`` cut: the last segment is whole,
+        # so a question and its answer are never split by a segment boundary.
         out, state = [], None
-        for s in range(0, tokens.shape[1], self.segment_len):
-            step, state = self.model(tokens[:, s : s + self.segment_len], state)
+        for start, end in segments(tokens.shape[1], self.segment_len):
+            step, state = self.model(tokens[:, start:end], state)
             if not self.memory:
                 state = None
             out.append(step)
