@@ -726,7 +726,17 @@ def fields_markdown() -> str:
         )
         for name, p in PRESETS.items()
     )
-    return "\n".join(lines) + "\n\n## Presets\n\n" + presets + "\n"
+    sources = ["| field | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(Source):
+        sources.append(f"| `{f.name}` | `{_plain(f.default)!r}` | {f.metadata['help']} |")
+    return (
+        "\n".join(lines)
+        + "\n\n## A source of `data.mixture`\n\n"
+        + "\n".join(sources)
+        + "\n\n## Presets\n\n"
+        + presets
+        + "\n"
+    )
 
 
 # Presets differ from the field defaults only where they must; `tiny` is the main job.
