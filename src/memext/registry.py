@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import numbers
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, TypeVar
 
 T = TypeVar("T", bound=Callable[..., Any])
@@ -125,23 +125,27 @@ class Registry(Mapping[str, T]):
             raise ValueError(f"{self.kind} variants disagree on the default of {setting}: {found}")
         return values[0]
 
+    def check_names(self, name: str, settings: Iterable[str]) -> None:
+        """Refuse the ``settings`` variant ``name`` does not take (any, if it takes ``**``)."""
+        params = self.parameters(name)
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return
+        unknown = sorted(set(settings) - set(params))
+        if unknown:
+            close = {u: difflib.get_close_matches(u, params, n=1) for u in unknown}
+            hints = "".join(f" (did you mean {c[0]!r} for {u!r}?)" for u, c in close.items() if c)
+            raise ValueError(
+                f"{self.kind} {name!r} takes no {self.noun} {', '.join(unknown)}{hints}; "
+                f"it takes: {', '.join(self.takes(name)) or 'none'}"
+            )
+
     def resolve(
         self, name: str, config: Mapping[str, Any] | None = None, /, **settings: Any
     ) -> dict[str, Any]:
         """The values variant ``name`` would be built with: those of ``config`` it names, then
         ``settings``; a setting it does not take is refused, one it needs and lacks too."""
         params = self.parameters(name)
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            unknown = sorted(set(settings) - set(params))
-            if unknown:
-                close = {u: difflib.get_close_matches(u, params, n=1) for u in unknown}
-                hints = "".join(
-                    f" (did you mean {c[0]!r} for {u!r}?)" for u, c in close.items() if c
-                )
-                raise ValueError(
-                    f"{self.kind} {name!r} takes no {self.noun} {', '.join(unknown)}{hints}; "
-                    f"it takes: {', '.join(self.takes(name)) or 'none'}"
-                )
+        self.check_names(name, settings)
         values = {k: v for k, v in (config or {}).items() if k in params}
         values.update(settings)
         missing = [
