@@ -278,7 +278,7 @@ def test_built_from_model_config() -> None:
     cfg = ModelConfig(
         attention="block_sparse", block_size=32, window=96, random_blocks=1, global_tokens=4
     )
-    ker = build_attention(cfg.attention, **dataclasses.asdict(cfg))
+    ker = build_attention(cfg.attention, dataclasses.asdict(cfg))
     assert isinstance(ker, BlockSparseAttention)
     assert (ker.block_size, ker.window, ker.random_blocks, ker.global_tokens) == (32, 96, 1, 4)
 

@@ -196,7 +196,8 @@ def test_buckets_shape_and_auto_count():
 
 def test_registered_with_shared_qk():
     assert ATTENTION["lsh"] is LSHAttention and LSHAttention.shared_qk
-    kernel = build_attention("lsh", lsh_chunk=32, lsh_buckets=8, lsh_rounds=3, lsh_seed=5, window=9)
+    settings = {"lsh_chunk": 32, "lsh_buckets": 8, "lsh_rounds": 3, "lsh_seed": 5, "window": 9}
+    kernel = build_attention("lsh", settings)  # a pool: window is not an lsh setting
     assert (kernel.chunk, kernel.buckets, kernel.rounds, kernel.seed) == (32, 8, 3, 5)
     # The reference's default self score is the kernel's.
     assert lsh_reference.__kwdefaults__["self_score"] == SELF_SCORE

@@ -48,7 +48,7 @@ def test_variant_is_causal(name: str, tiny_model_cfg) -> None:
 @pytest.mark.parametrize("name", sorted(ATTENTION))
 def test_future_values_never_reach_the_past(name: str) -> None:
     """Holds for every variant, LSH included: no query ever attends to a later key."""
-    kernel = build_attention(name, **SETTINGS).eval()
+    kernel = build_attention(name, SETTINGS).eval()
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 100, 16, generator=gen) for _ in range(3))
     if kernel.shared_qk:

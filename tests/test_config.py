@@ -35,7 +35,7 @@ INVALID = {
     "unknown attention": (
         ModelConfig,
         {"attention": "nope"},
-        ["model.attention='nope'", "one of block_sparse, full, lsh, sliding"],
+        ["model.attention='nope'", "one of block_sparse, chunked, full, lsh, sliding"],
     ),
     "dropout one": (ModelConfig, {"dropout": 1.0}, ["model.dropout=1.0", "[0, 1)"]),
     "negative d_ff": (ModelConfig, {"d_ff": -1}, ["model.d_ff=-1", "positive"]),

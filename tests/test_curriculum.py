@@ -164,6 +164,8 @@ def test_extend_refuses_bad_input(tmp_path, corpus):
         extended_config(cfg, "linear", 0.0)
     with pytest.raises(MemextError, match="rope_scaling"):
         extended_config(cfg, "nope", 2.0)
+    with pytest.raises(MemextError, match="rope scaling 'ntk' takes no setting yarn_beta"):
+        extended_config(cfg, "ntk", 2.0, beta=16.0)
     with pytest.raises(MemextError, match=r"not a memext run|does not exist"):
         extend_run(tmp_path / "missing", tmp_path / "out", "linear", 2.0, log=quiet)
     train(cfg, tmp_path / "src", progress=False, log=quiet)

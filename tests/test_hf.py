@@ -21,6 +21,7 @@ from memext.errors import MemextError  # noqa: E402
 from memext.evals.perplexity import evaluate_lengths  # noqa: E402
 from memext.evals.tasks import evaluate_samples  # noqa: E402
 from memext.hf import HFCausalLM, context_length, extend_hf, load_causal_lm  # noqa: E402
+from memext.nn.rope_scaling import hf_rope_parameters  # noqa: E402
 from memext.nn.rotary import Rotary  # noqa: E402
 from memext.tokenizer import ByteTokenizer  # noqa: E402
 
@@ -236,6 +237,30 @@ def test_extend_refuses_a_non_empty_out_dir_and_rescaling(llama, tmp_path: Path)
         extend_hf(once, tmp_path / "twice", "yarn", 2.0)
     with pytest.raises(ValueError, match="unknown rope scaling 'yarm'"):
         extend_hf(llama[0], tmp_path / "typo", "yarm", 2.0)
+
+
+@pytest.mark.parametrize("rule", ["linear", "ntk", "dynamic", "yarn"])
+def test_cli_extends_a_hf_directory_with_every_rule(llama, tmp_path: Path, rule: str) -> None:
+    """`memext extend HF_DIR --out OUT --scaling RULE --factor 4`, options left at their
+    defaults (YaRN's alpha and beta unset once crashed it), writes a copy that loads with RULE."""
+    from typer.testing import CliRunner
+
+    from memext.cli import app
+
+    out = tmp_path / rule
+    args = ["extend", str(llama[0]), "--out", str(out), "--scaling", rule, "--factor", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    params = json.loads((out / "config.json").read_text())["rope_parameters"]
+    want = hf_rope_parameters(rule, 4.0, MAX_POS, base=BASE, head_dim=HEAD_DIM)
+    assert {k: params[k] for k in want} == want
+    assert load_causal_lm(out).max_seq_len == 4 * MAX_POS
+
+
+def test_extend_refuses_ramp_ends_for_a_rule_without_a_ramp(llama, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rope scaling 'linear' takes no setting yarn_alpha"):
+        extend_hf(llama[0], tmp_path / "out", "linear", 2.0, alpha=2.0)
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_transformers_is_named_with_the_extra(monkeypatch, tmp_path: Path) -> None:

@@ -53,6 +53,15 @@ def test_window_generate_equals_full_while_shorter_than_the_window() -> None:
     assert len(set(full)) > 3
 
 
+def test_full_policy_generates_what_transformers_own_cache_generates() -> None:
+    prompt = _prompt(10, seed=2)
+    cache = PolicyCache(MODEL.config, "full", max_len=64)
+    assert _greedy(MODEL, prompt, 40, cache) == _greedy(MODEL, prompt, 40)
+    assert cache.nbytes() == 2 * 2 * 1 * 4 * 64 * 8 * 4  # 2·L·B·H·max_len·D·4 bytes
+    with pytest.raises(ValueError, match="the KV cache holds 64 positions; 65 were asked for"):
+        _greedy(MODEL, prompt, 60, PolicyCache(MODEL.config, "full", max_len=64))
+
+
 def test_window_generate_stays_bounded_past_the_window_and_positions() -> None:
     prompt, w = _prompt(20, seed=1), 16
     cache = PolicyCache(MODEL.config, "window", window=w)
@@ -119,7 +128,8 @@ def test_quantized_decoding_stays_close_to_full_attention(options: dict) -> None
 @pytest.mark.parametrize(
     ("cache", "options", "message"),
     [
-        ("full", {}, r"unknown cache 'full': expected one of window, sinks, quantized"),
+        ("ful", {}, r"unknown cache 'ful': expected one of .* \(did you mean 'full'\?\)"),
+        ("full", {}, r"the cache needs max_len=N"),
         ("window", {"window": 0}, r"window must be a positive number of tokens, got window=0"),
         ("sinks", {"sinks": 0, "window": 4}, r"sinks must be a positive"),
         ("window", {"window": 4, "sinks": 2}, r"cache 'window' takes no option sinks"),

@@ -264,7 +264,7 @@ def test_gradients_reach_gate_and_queries():
 
 
 def test_built_from_the_config():
-    mem = build_memory("knn", **dataclasses.asdict(_cfg(knn_layer=-2, knn_max=7, mem_len=3)))
+    mem = build_memory("knn", dataclasses.asdict(_cfg(knn_layer=-2, knn_max=7, mem_len=3)))
     assert isinstance(mem, KNNMemory)
     assert (mem.layer, mem.topk, mem.max, mem.mem_len, mem.backend) == (0, 4, 7, 3, "torch")
     assert mem.gate.shape == (2,) and (mem.gate == 0).all()

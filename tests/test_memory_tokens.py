@@ -36,7 +36,7 @@ def run(model: LongLM, segs: list[torch.Tensor], state: State | None = None) -> 
 
 def test_registered_and_built_from_the_model_config() -> None:
     assert MEMORY["tokens"] is TokenMemory
-    memory = build_memory("tokens", **dataclasses.asdict(CFG))
+    memory = build_memory("tokens", dataclasses.asdict(CFG))
     assert isinstance(memory, TokenMemory) and memory.name == "tokens"
     assert (memory.d_model, memory.mem_tokens) == (32, 4)
     assert TokenMemory.unbounded and memory.position_offset(123) == 0

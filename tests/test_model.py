@@ -252,9 +252,12 @@ def test_attention_registry() -> None:
     assert before == ATTENTION  # the failed registration left the registry alone
 
 
-def test_build_attention_passes_only_the_settings_a_kernel_names() -> None:
-    kernel = build_attention("sliding", window=7, lsh_chunk=3, d_model=999)
+def test_build_attention_takes_from_a_config_only_the_settings_a_kernel_names() -> None:
+    kernel = build_attention("sliding", {"window": 7, "lsh_chunk": 3, "d_model": 999})
     assert kernel.window == 7 and not hasattr(kernel, "lsh_chunk")
+    assert build_attention("sliding", {"window": 7}, window=9).window == 9  # explicit wins
+    with pytest.raises(ValueError, match="attention 'sliding' takes no setting lsh_chunk"):
+        build_attention("sliding", window=7, lsh_chunk=3)  # given on purpose: refused
 
 
 def test_full_attention_key_padding_hides_padded_keys() -> None:

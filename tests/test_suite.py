@@ -250,8 +250,13 @@ def test_yaml_suite_with_a_custom_needle(run: Path, tmp_path: Path) -> None:
 
 
 def test_bad_input_is_refused_clearly(run: Path, tmp_path: Path) -> None:
-    with pytest.raises(MemextError, match="unknown task"):
+    with pytest.raises(MemextError, match=r"unknown task\(s\) passkee .*did you mean 'passkey'"):
         SuiteSpec("x", {"passkee": {}})
+    # Misspelt options fail when the suite is read: the generator's, and the task's own.
+    with pytest.raises(MemextError, match=r"task niah: .*takes no setting neddle .*'needle'"):
+        SuiteSpec("x", {"niah": {"neddle": "The word is {value}."}})
+    with pytest.raises(MemextError, match=r"task bpb: .*takes no option max_token\b"):
+        SuiteSpec("x", {"bpb": {"max_token": 10}})
     with pytest.raises(MemextError, match="unknown suite"):
         get_suite("nope")
     bad = tmp_path / "bad.yaml"

@@ -100,7 +100,7 @@ SetOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
 CacheOpt = Annotated[
-    str, typer.Option(help="KV-cache policy: full, window, sinks or quantized (docs/context.md).")
+    str, typer.Option(help="KV-cache policy by name, see `memext info` (docs/context.md).")
 ]
 CacheOptsOpt = Annotated[
     list[str] | None,
@@ -469,7 +469,7 @@ def extend(
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Where the extended copy goes.")],
     scaling: Annotated[
-        str, typer.Option(help="Rotary scaling: linear, ntk, dynamic or yarn.")
+        str, typer.Option(help="Rotary scaling rule by name, see `memext info`.")
     ] = "yarn",
     factor: Annotated[float, typer.Option(help="New length / original length.")] = 4.0,
     original_len: Annotated[
@@ -537,12 +537,13 @@ def info(
     ] = None,
 ) -> None:
     """Describe a run (config, size, progress, results), or list presets and registered variants."""
-    from memext.nn.attention import ATTENTION
+    from memext.variants import registries
 
     if run_dir is None:
         out.print(f"memext {memext.__version__}")
         out.print(f"presets: {', '.join(PRESETS)}")
-        out.print(f"attention: {', '.join(sorted(ATTENTION))}")
+        for registry in registries():
+            out.print(f"{registry.kind}: {', '.join(registry.names())}", soft_wrap=True)
         return
     from memext.checkpoint import WEIGHTS, load_config, read_metrics
     from memext.model import build_model

@@ -1,9 +1,11 @@
 """Typed configuration: the single source of truth for models, data, training and evaluation.
 
 Every field carries its own documentation (``doc(...)``); the CLI's help, ``memext config`` and
-the docs are generated from it, so a default or a description lives in exactly one place.
-Validation happens in ``__post_init__`` and raises ``ValueError`` naming the field, the bad value
-and what is accepted.
+the docs are generated from it, so a default or a description lives in exactly one place. A
+setting of a variant (an attention kernel, a memory, a rotary rule) is declared by the variant:
+its field here reads the default from the variant's registry (``variant_field``), and its checks
+are the variant's own, which ``__post_init__`` runs through the registry. Validation raises
+``ValueError`` naming the field, the bad value and what is accepted.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from memext.nn.attention import ATTENTION
+from memext.nn.memory import MEMORY
+from memext.nn.rope_scaling import ROPE_SCALING, check_rope_args
+from memext.registry import Registry, SettingError
+
 SCHEMA_VERSION = 1
 FORMAT = "memext-config"
 
@@ -27,6 +34,19 @@ def doc(default: Any, help: str) -> Any:
     if isinstance(default, (list, dict, set)):
         raise TypeError("use a tuple for sequence defaults (configs are immutable)")
     return field(default=default, metadata={"help": help})
+
+
+def variant_field(registry: Registry, setting: str, help: str) -> Any:
+    """A field for a setting of ``registry``'s variants: the default they declare, and the help
+    prefixed by the names of the variants that take it."""
+    return doc(registry.default(setting), f"{'/'.join(registry.users(setting))}: {help}")
+
+
+def names_help(registry: Registry, what: str, more: str = "") -> str:
+    """'WHAT, by registered name: a, b, c.' from the registry, then ``more``."""
+    return f"{what}, by registered name: {', '.join(registry.names())}." + (
+        f" {more}" if more else ""
+    )
 
 
 def _fail(section: str, name: str, value: Any, accepted: str) -> None:
@@ -62,28 +82,40 @@ class ModelConfig:
         8192, "Longest sequence (prompt + cache) one forward pass accepts; longer input is refused."
     )
     attention: str = doc(
-        "full",
-        "Attention kernel by registered name: full, sliding, lsh, block_sparse (see `memext info`).",
+        "full", names_help(ATTENTION, "Attention kernel", "See docs/attention.md.")
     )
-    window: int = doc(
-        256,
-        "sliding/block_sparse: keys each query sees. Causal: i-W+1..i; bidirectional: W/2 on each "
-        "side (Hugging Face Longformer's attention_window).",
+    window: int = variant_field(
+        ATTENTION,
+        "window",
+        "keys a query may see. sliding, causal: i-W+1..i; bidirectional: W/2 on each side "
+        "(Hugging Face Longformer's attention_window); block_sparse: the band of blocks covering "
+        "them; chunked: the W-token chunk holding i.",
     )
-    dilation: int = doc(1, "sliding: attend every dilation-th key inside the window.")
-    global_tokens: int = doc(
-        0,
-        "sliding/block_sparse: the first g positions are global. Bidirectional: they see all and "
-        "are seen by all. Causal: every later token sees them (like attention sinks).",
+    dilation: int = variant_field(
+        ATTENTION, "dilation", "attend every dilation-th key inside the window."
     )
-    lsh_chunk: int = doc(
-        64, "lsh: chunk length; each chunk attends to itself and the previous one."
+    global_tokens: int = variant_field(
+        ATTENTION,
+        "global_tokens",
+        "the first g positions are global. Bidirectional: they see all and are seen by all. "
+        "Causal: every later token sees them (like attention sinks).",
     )
-    lsh_buckets: int = doc(0, "lsh: hash buckets per round (even); 0 = 2 * seq_len / lsh_chunk.")
-    lsh_rounds: int = doc(2, "lsh: hashing rounds, combined by log-sum-exp.")
-    lsh_seed: int = doc(0, "lsh: seed of the random rotations used in evaluation (fixed there).")
-    block_size: int = doc(64, "block_sparse: block length (BigBird's block_size).")
-    random_blocks: int = doc(3, "block_sparse: random key blocks per query block.")
+    lsh_chunk: int = variant_field(
+        ATTENTION, "lsh_chunk", "chunk length; each chunk attends to itself and the previous one."
+    )
+    lsh_buckets: int = variant_field(
+        ATTENTION, "lsh_buckets", "hash buckets per round (even); 0 = 2 * seq_len / lsh_chunk."
+    )
+    lsh_rounds: int = variant_field(
+        ATTENTION, "lsh_rounds", "hashing rounds, combined by log-sum-exp."
+    )
+    lsh_seed: int = variant_field(
+        ATTENTION, "lsh_seed", "seed of the random rotations used in evaluation (fixed there)."
+    )
+    block_size: int = variant_field(ATTENTION, "block_size", "block length (BigBird's block_size).")
+    random_blocks: int = variant_field(
+        ATTENTION, "random_blocks", "random key blocks per query block."
+    )
     reversible: bool = doc(
         False, "RevNet-coupled blocks: activations are recomputed in backward, not stored."
     )
@@ -92,23 +124,38 @@ class ModelConfig:
     )
     memory: str = doc(
         "none",
-        "Memory beyond the window by registered name: none, xl, compressive, tokens, knn "
-        "(see docs/memory.md). Memory models read long input in segments.",
+        names_help(
+            MEMORY,
+            "Memory beyond the window",
+            "Memory models read long input in segments (see docs/memory.md).",
+        ),
     )
-    mem_len: int = doc(0, "xl/compressive: keys and values each layer keeps from earlier segments.")
-    cmem_len: int = doc(0, "compressive: compressed memory slots each layer keeps.")
-    cmem_rate: int = doc(4, "compressive: evicted memories per compressed slot (rate c).")
-    compress: Literal["conv", "mean"] = doc(
-        "conv", "compressive: learned strided convolution, or mean-pooling (no parameters)."
+    mem_len: int = variant_field(
+        MEMORY, "mem_len", "keys and values each layer keeps from earlier segments."
     )
-    mem_tokens: int = doc(0, "tokens (RMT): memory tokens read and written each segment.")
-    knn_layer: int = doc(-1, "knn: the layer that retrieves from the memory store (-1 = last).")
-    knn_topk: int = doc(32, "knn: memories retrieved per query.")
-    knn_max: int = doc(
-        0, "knn: most keys the store keeps per row, oldest dropped first (0 = unbounded)."
+    cmem_len: int = variant_field(MEMORY, "cmem_len", "compressed memory slots each layer keeps.")
+    cmem_rate: int = variant_field(
+        MEMORY, "cmem_rate", "evicted memories per compressed slot (rate c)."
     )
-    knn_backend: Literal["torch", "faiss"] = doc(
-        "torch", "knn: exact top-k in torch, or faiss-cpu (pip install faiss-cpu) for large stores."
+    compress: Literal["conv", "mean"] = variant_field(
+        MEMORY, "compress", "learned strided convolution, or mean-pooling (no parameters)."
+    )
+    mem_tokens: int = variant_field(
+        MEMORY, "mem_tokens", "memory tokens (RMT) read and written each segment."
+    )
+    knn_layer: int = variant_field(
+        MEMORY, "knn_layer", "the layer that retrieves from the memory store (-1 = last)."
+    )
+    knn_topk: int = variant_field(MEMORY, "knn_topk", "memories retrieved per query.")
+    knn_max: int = variant_field(
+        MEMORY,
+        "knn_max",
+        "most keys the store keeps per row, oldest dropped first (0 = unbounded).",
+    )
+    knn_backend: Literal["torch", "faiss"] = variant_field(
+        MEMORY,
+        "knn_backend",
+        "exact top-k in torch, or faiss-cpu (pip install faiss-cpu) for large stores.",
     )
     arch: Literal["transformer", "lstm"] = doc(
         "transformer", "transformer (LongLM) or lstm (the recurrent baseline: d_model, n_layers)."
@@ -116,8 +163,11 @@ class ModelConfig:
     rope_base: float = doc(10000.0, "Base of the rotary position embedding's frequencies.")
     rope_scaling: str = doc(
         "none",
-        "Rotary scaling to read beyond the training length, by registered name: none, linear "
-        "(position interpolation), ntk, dynamic (dynamic NTK), yarn (see memext.nn.rope_scaling).",
+        names_help(
+            ROPE_SCALING,
+            "Rotary scaling to read beyond the training length",
+            "memext.nn.rope_scaling says what each rule does.",
+        ),
     )
     rope_factor: float = doc(
         1.0, "Rotary scaling factor s: the extended length over rope_original_len (> 0)."
@@ -127,11 +177,15 @@ class ModelConfig:
         "The length the model was trained at (0 = not scaled); required when rope_scaling is "
         "not none, and at most max_seq_len.",
     )
-    yarn_alpha: float = doc(
-        1.0, "yarn: pairs turning fewer than alpha times over rope_original_len are interpolated."
+    yarn_alpha: float = variant_field(
+        ROPE_SCALING,
+        "yarn_alpha",
+        "pairs turning fewer than alpha times over rope_original_len are interpolated.",
     )
-    yarn_beta: float = doc(
-        32.0, "yarn: pairs turning more than beta times over rope_original_len are kept as is."
+    yarn_beta: float = variant_field(
+        ROPE_SCALING,
+        "yarn_beta",
+        "pairs turning more than beta times over rope_original_len are kept as is.",
     )
     tie_embeddings: bool = doc(True, "Share the input embedding and output projection weights.")
     norm_eps: float = doc(1e-5, "Epsilon of RMSNorm.")
@@ -149,34 +203,26 @@ class ModelConfig:
             _fail("model", "d_ff", self.d_ff, "0 (auto) or a positive width")
         if not 0.0 <= self.dropout < 1.0:
             _fail("model", "dropout", self.dropout, "a probability in [0, 1)")
-        _check_positive("model", self, "window", "dilation", "lsh_chunk", "lsh_rounds")
-        _check_positive("model", self, "block_size")
-        for name in ("global_tokens", "lsh_buckets", "random_blocks", "ff_chunk", "mem_len"):
-            if getattr(self, name) < 0:
-                _fail("model", name, getattr(self, name), "a number >= 0")
-        for name in ("cmem_len", "mem_tokens", "knn_max"):
-            if getattr(self, name) < 0:
-                _fail("model", name, getattr(self, name), "a number >= 0")
-        if self.lsh_buckets % 2:
-            _fail("model", "lsh_buckets", self.lsh_buckets, "0 (auto) or an even number")
-        _check_positive("model", self, "cmem_rate", "knn_topk")
-        _check_choice("model", self, "compress")
-        _check_choice("model", self, "arch")
-        _check_choice("model", self, "knn_backend")
-        from memext.nn.attention import ATTENTION  # local: nn never imports config
-        from memext.nn.memory import MEMORY
-
-        if self.attention not in ATTENTION:
-            _fail("model", "attention", self.attention, "one of " + ", ".join(sorted(ATTENTION)))
-        if self.memory not in MEMORY:
-            _fail("model", "memory", self.memory, "one of " + ", ".join(sorted(MEMORY)))
-        if not -self.n_layers <= self.knn_layer < self.n_layers:
-            _fail(
-                "model",
-                "knn_layer",
-                self.knn_layer,
-                f"a layer index in [-{self.n_layers}, {self.n_layers})",
-            )
+        if self.ff_chunk < 0:
+            _fail("model", "ff_chunk", self.ff_chunk, "a number >= 0")
+        settings = vars(self)
+        for field_, registry in (
+            ("attention", ATTENTION),
+            ("memory", MEMORY),
+            ("rope_scaling", ROPE_SCALING),
+        ):
+            name = getattr(self, field_)
+            if name not in registry:
+                _fail("model", field_, name, registry.accepted(name))
+            # Every variant, not only the chosen one: a config holds them all, and a value one
+            # cannot take fails now rather than on the day that variant is switched on.
+            for variant in registry:
+                try:
+                    registry.check(variant, settings)
+                except SettingError as e:
+                    _fail(
+                        "model", e.setting, e.value, f"{e.accepted} ({registry.kind} {variant!r})"
+                    )
         self._check_rope()
         if self.memory != "none" and self.reversible:
             _fail("model", "memory", self.memory, "'none' with reversible=true")
@@ -184,17 +230,13 @@ class ModelConfig:
             _fail(
                 "model", "memory", self.memory, "'none' for arch='lstm' (its state is its memory)"
             )
+        _check_choice("model", self, "arch")
 
     def _check_rope(self) -> None:
-        from memext.nn.rope_scaling import ROPE_SCALING, accepted_names
-
-        if self.rope_scaling not in ROPE_SCALING:
-            _fail("model", "rope_scaling", self.rope_scaling, accepted_names(self.rope_scaling))
-        _check_positive("model", self, "rope_factor", "yarn_alpha", "yarn_beta")
-        if self.yarn_alpha >= self.yarn_beta:
-            _fail("model", "yarn_alpha", self.yarn_alpha, f"< yarn_beta={self.yarn_beta}")
-        if self.rope_original_len < 0:
-            _fail("model", "rope_original_len", self.rope_original_len, "a number >= 0")
+        try:
+            check_rope_args(self.rope_scaling, None, self.rope_factor, self.rope_original_len)
+        except SettingError as e:
+            _fail("model", e.setting, e.value, e.accepted)
         if self.rope_original_len > self.max_seq_len:
             _fail(
                 "model",
@@ -205,17 +247,13 @@ class ModelConfig:
             )
         if self.rope_scaling == "none":
             return
-        if self.rope_original_len == 0:
-            _fail(
-                "model",
-                "rope_original_len",
-                0,
-                f"the training length (> 0) when rope_scaling={self.rope_scaling!r}",
-            )
         if self.arch == "lstm":
             _fail("model", "rope_scaling", self.rope_scaling, "'none' for arch='lstm' (no rotary)")
-        if self.rope_scaling in ("ntk", "dynamic") and self.head_dim <= 2:
-            _fail("model", "n_heads", self.n_heads, f"a head_dim > 2 for {self.rope_scaling}")
+        least = ROPE_SCALING[self.rope_scaling].min_head_dim
+        if self.head_dim < least:
+            _fail(
+                "model", "n_heads", self.n_heads, f"a head_dim >= {least} for {self.rope_scaling}"
+            )
 
     @property
     def head_dim(self) -> int:

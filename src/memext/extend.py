@@ -15,6 +15,7 @@ from pathlib import Path
 from memext import checkpoint as ckpt
 from memext.config import Config
 from memext.errors import MemextError
+from memext.nn.rope_scaling import build_rule
 
 
 def trained_length(cfg: Config) -> int:
@@ -42,7 +43,9 @@ def extended_config(
     original = original_len or trained_length(cfg)
     new_len = round(original * factor)
     try:
-        return _extended(cfg, scaling, factor, original, new_len, alpha, beta, steps, lr)
+        new = _extended(cfg, scaling, factor, original, new_len, alpha, beta, steps, lr)
+        build_rule(scaling, alpha, beta, strict=True)  # YaRN's ramp ends for another rule: refused
+        return new
     except ValueError as e:
         raise MemextError(str(e)) from None
 

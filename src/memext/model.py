@@ -28,7 +28,7 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
             SelfAttention(
                 cfg.d_model,
                 cfg.n_heads,
-                build_attention(cfg.attention, **settings),
+                build_attention(cfg.attention, settings),
                 cfg.dropout,
             ),
             SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout, chunk=cfg.ff_chunk),
@@ -45,7 +45,7 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
         rotary=build_rotary(cfg),
         max_seq_len=cfg.max_seq_len,
         reversible=cfg.reversible,
-        memory=build_memory(cfg.memory, **settings),
+        memory=build_memory(cfg.memory, settings),
     )
     _init(model, cfg, gen)
     if cfg.tie_embeddings:

@@ -24,21 +24,24 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from memext.nn.attention import build_attention
+from memext.nn.attention import ATTENTION, build_attention
 
 Run = Callable[[], Tensor]
 
 
 @dataclass(frozen=True)
 class Shape:
+    """The inputs every contender gets. The kernels' settings default to the kernels' own, except
+    the window: the published figures (docs/attention.md) are measured at W = 512."""
+
     batch: int = 1
     heads: int = 8
     head_dim: int = 64
     window: int = 512
-    lsh_chunk: int = 64
-    lsh_rounds: int = 2
-    block_size: int = 64
-    random_blocks: int = 3
+    lsh_chunk: int = ATTENTION.default("lsh_chunk")
+    lsh_rounds: int = ATTENTION.default("lsh_rounds")
+    block_size: int = ATTENTION.default("block_size")
+    random_blocks: int = ATTENTION.default("random_blocks")
     seed: int = 0
     device: str = "cpu"
 
@@ -91,7 +94,7 @@ class ProjectedAttention(nn.Module):
 # --- memext ---------------------------------------------------------------------------------------
 def _memext_kernel(name: str, causal: bool) -> Callable:
     def build(s: Shape, t: int) -> tuple[Run, list[Tensor]]:
-        kernel = build_attention(name, **_settings(s)).to(s.device).train()
+        kernel = build_attention(name, _settings(s)).to(s.device).train()
         q, k, v = _qkv(s, t)
         if kernel.shared_qk:
             return (lambda: kernel(q, q, v, causal=causal)), [q, v]
@@ -103,7 +106,7 @@ def _memext_kernel(name: str, causal: bool) -> Callable:
 def _memext_layer(name: str, overrides: Callable[[Shape], dict] | None = None) -> Callable:
     def build(s: Shape, t: int) -> tuple[Run, list[Tensor]]:
         settings = {**_settings(s), **(overrides(s) if overrides else {})}
-        layer = ProjectedAttention(s, build_attention(name, **settings), False).to(s.device)
+        layer = ProjectedAttention(s, build_attention(name, settings), False).to(s.device)
         x = _hidden(s, t)
         return (lambda: layer(x)), _grads(layer, x)
 

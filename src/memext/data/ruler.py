@@ -1,7 +1,8 @@
 """More needle tasks, in the manner of RULER (Hsieh et al. 2024), written from its descriptions:
 a configurable single needle, a multi-value needle, variable tracking and common-words
 extraction. Built like ``memext.data.tasks`` (token space, exact placement, seeded) and
-registered in its ``TASKS`` so ``make_samples`` makes them by name.
+registered in its ``TASKS`` (one registry for every generator) so ``make_samples`` makes them by
+name.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from memext.data.tasks import (
     KEY_HIGH,
     KEY_LOW,
     NEEDLE_NAMES,
-    TASKS,
     Filler,
     Sample,
     Seed,
@@ -28,6 +28,7 @@ from memext.data.tasks import (
     _scatter,
     _spaces,
     _start,
+    register_task,
 )
 from memext.tokenizer import Tokenizer
 
@@ -59,6 +60,7 @@ def _ordered(rng: np.random.Generator, sizes: list[int], lo: int, hi: int, what:
     return starts
 
 
+@register_task("niah")
 def niah(
     tok: Tokenizer,
     filler: Filler,
@@ -89,6 +91,7 @@ def niah(
     return _sample("niah", np.concatenate([body, asked]), digits, (start + head.size,), meta)
 
 
+@register_task("multi_value")
 def multi_value(
     tok: Tokenizer,
     filler: Filler,
@@ -137,6 +140,7 @@ def multi_value(
     return _sample("multi_value", np.concatenate([body, question]), answer, positions, meta)
 
 
+@register_task("variable_tracking")
 def variable_tracking(
     tok: Tokenizer,
     filler: Filler,
@@ -183,6 +187,7 @@ def variable_tracking(
     return _sample("variable_tracking", np.concatenate([body, question]), answer, positions, meta)
 
 
+@register_task("common_words")
 def common_words(
     tok: Tokenizer,
     length: int,
@@ -243,13 +248,3 @@ def common_words(
     meta["chance"] = 0.0
     positions = tuple(first[w] for w in truth)
     return _sample("common_words", np.concatenate([*body, question]), answer, positions, meta)
-
-
-TASKS.update(
-    {
-        "niah": niah,
-        "multi_value": multi_value,
-        "variable_tracking": variable_tracking,
-        "common_words": common_words,
-    }
-)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from memext.data.corpus import read_corpus
+from memext.registry import Registry
 from memext.tokenizer import ByteTokenizer, Tokenizer
 
 Seed = int | tuple[int, ...]
@@ -267,8 +268,12 @@ def _sample(
 
 
 # --- the tasks ----------------------------------------------------------------------------------
+#: Every generator, by name (``memext.data.ruler`` adds its own): one registry for all of them.
+TASKS: Registry[Callable[..., Sample]] = Registry("task")
+register_task = TASKS.register
 
 
+@register_task("passkey")
 def passkey(
     tok: Tokenizer, filler: Filler, length: int, depth: float, seed: Seed, gap: int = 0
 ) -> Sample:
@@ -317,6 +322,7 @@ def _scatter(
     return starts
 
 
+@register_task("needle")
 def needle(
     tok: Tokenizer,
     filler: Filler,
@@ -412,6 +418,7 @@ def _fill_pairs(
     return head + tail, room
 
 
+@register_task("assoc_recall")
 def assoc_recall(
     tok: Tokenizer,
     length: int,
@@ -483,6 +490,7 @@ def assoc_recall(
     )
 
 
+@register_task("copy")
 def copy_task(
     tok: Tokenizer,
     length: int,
@@ -509,14 +517,6 @@ def copy_task(
     return _sample("copy", prompt, ids, (start + head.size,), meta)
 
 
-TASKS: dict[str, Callable[..., Sample]] = {
-    "passkey": passkey,
-    "needle": needle,
-    "assoc_recall": assoc_recall,
-    "copy": copy_task,
-}
-
-
 def make_samples(
     task: str,
     tok: Tokenizer,
@@ -529,13 +529,12 @@ def make_samples(
 ) -> list[Sample]:
     """``n`` samples of ``task``; sample ``i`` is seeded by ``(seed, i)``, so a prefix of a larger
     set is the smaller set."""
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
+    # Checked before the loop, so a bad name or setting fails even when n is 0.
+    TASKS.resolve(task, tok=tok, filler=filler, length=length, depth=depth, seed=seed, **kw)
     if n < 0:
         raise ValueError(f"n={n} must be non-negative")
-    gen = TASKS[task]
     return [
-        gen(tok=tok, filler=filler, length=length, depth=depth, seed=(seed, i), **kw)
+        TASKS.build(task, tok=tok, filler=filler, length=length, depth=depth, seed=(seed, i), **kw)
         for i in range(n)
     ]
 

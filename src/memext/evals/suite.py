@@ -38,13 +38,11 @@ from memext.errors import MemextError
 from memext.evals.adapters import ModelAdapter
 from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
 from memext.evals.suite_tasks import (
-    TASKS,
-    AnswerTask,
-    BitsPerByte,
+    SUITE_TASKS,
     Cell,
     Context,
     Task,
-    register_task,
+    register_suite_task,
 )
 from memext.io import atomic_write_text
 
@@ -64,14 +62,19 @@ class SuiteSpec:
     haystack: str = "stdlib"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        unknown = sorted(set(self.tasks) - set(SUITE_TASKS))
         if unknown:
             raise MemextError(
                 f"unknown task(s) {', '.join(unknown)} in suite {self.name!r}: "
-                f"choose from {', '.join(TASKS)}"
+                f"expected {SUITE_TASKS.accepted(unknown[0])}"
             )
         if not self.tasks:
             raise MemextError(f"suite {self.name!r} has no tasks")
+        for name, options in self.tasks.items():
+            try:  # a misspelt option fails when the suite is read, not hours into its run
+                SUITE_TASKS.build(name, **options)
+            except (TypeError, ValueError) as e:
+                raise MemextError(f"suite {self.name!r}, task {name}: {e}") from None
         if not 0 < self.threshold <= 1:
             raise MemextError(f"threshold={self.threshold} must lie in (0, 1]")
         if self.samples < 1:
@@ -170,7 +173,7 @@ def _spec_hash(spec: SuiteSpec, adapter: ModelAdapter) -> str:
 
 def plan(spec: SuiteSpec, adapter: ModelAdapter) -> tuple[list[int], list[tuple[Task, Cell]]]:
     lengths = spec.resolve_lengths(adapter.trained_length)
-    tasks = [TASKS[name](**opts) for name, opts in spec.tasks.items()]
+    tasks = [SUITE_TASKS.build(name, **opts) for name, opts in spec.tasks.items()]
     return lengths, [(t, c) for t in tasks for c in t.cells(lengths, list(spec.depths))]
 
 
@@ -190,12 +193,7 @@ def estimate(adapter: ModelAdapter, spec: SuiteSpec, todo: list[tuple[Task, Cell
     peak = peak_memory(lambda: adapter.logits(x), adapter.device)
     tokens = 0
     for task, cell in todo:
-        if isinstance(task, AnswerTask):
-            tokens += cell.length * int(task.options.get("samples", spec.samples))
-        elif isinstance(task, BitsPerByte):
-            tokens += 2 * int(task.options.get("max_tokens", 4096))
-        else:
-            tokens += cell.length * (int(task.options.get("repeats", 3)) + 2)
+        tokens += task.tokens(cell, spec.samples)
     # Attention cost grows with length: scale the probe's rate by the mean length's excess.
     mean_len = sum(c.length for _, c in todo) / len(todo)
     slowdown = max(1.0, mean_len / probe) ** 0.5
@@ -341,12 +339,12 @@ def _duration(seconds: float) -> str:
 
 __all__ = [
     "SUITES",
-    "TASKS",
+    "SUITE_TASKS",
     "Cell",
     "SuiteSpec",
     "Task",
     "get_suite",
     "plan",
-    "register_task",
+    "register_suite_task",
     "run_suite",
 ]

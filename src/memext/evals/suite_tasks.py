@@ -1,21 +1,23 @@
-"""The tasks a suite grades a model on, registered by name behind one contract: a task lays
-out its cells (one length, and one depth where the task has depths) and runs one cell on a
-``ModelAdapter``, returning its score."""
+"""The tasks a suite grades a model on, registered by name in ``SUITE_TASKS`` behind one contract:
+a task lays out its cells (one length, and one depth where the task has depths) and runs one cell
+on a ``ModelAdapter``, returning its score. A task's options (a suite file's ``tasks:`` mapping)
+are its ``__init__`` keywords with their defaults; the registry refuses any other. The synthetic
+prompts come from the generators of ``memext.data.tasks.TASKS``."""
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from memext.data.tasks import Filler, Sample, make_samples
+from memext.data.tasks import TASKS, Filler, Sample, make_samples
 from memext.errors import MemextError
 from memext.evals.adapters import ModelAdapter
+from memext.registry import Registry
 
 # --- tasks --------------------------------------------------------------------------------------
 
@@ -64,9 +66,6 @@ class Task:
     higher_is_better: bool = True
     uses_depth: bool = True
 
-    def __init__(self, **options: Any):
-        self.options = options
-
     def cells(self, lengths: list[int], depths: list[float]) -> list[Cell]:
         return [
             Cell(self.name, n, d) for n in lengths for d in (depths if self.uses_depth else [None])
@@ -75,17 +74,13 @@ class Task:
     def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
         raise NotImplementedError
 
+    def tokens(self, cell: Cell, samples: int) -> int:
+        """About how many tokens running ``cell`` reads (the suite's time estimate)."""
+        raise NotImplementedError
 
-TASKS: dict[str, type[Task]] = {}
 
-
-def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
-    def add(cls: type[Task]) -> type[Task]:
-        cls.name = name
-        TASKS[name] = cls
-        return cls
-
-    return add
+SUITE_TASKS: Registry[type[Task]] = Registry("suite task", noun="option")
+register_suite_task = SUITE_TASKS.register
 
 
 class _Whole(torch.nn.Module):
@@ -100,14 +95,21 @@ class _Whole(torch.nn.Module):
         return self.adapter.logits(tokens), None
 
 
-@register_task("bpb")
+@register_suite_task("bpb")
 class BitsPerByte(Task):
     """Bits-per-byte of the validation text at each length (memext's definition: windows of L,
-    the second half scored; the same positions at every length of the suite)."""
+    the second half scored; the same positions at every length of the suite): at most
+    ``max_tokens`` scored tokens, ``batch_size`` windows per forward."""
 
     metric = "bits_per_byte"
     higher_is_better = False
     uses_depth = False
+
+    def __init__(self, max_tokens: int = 4096, batch_size: int = 4) -> None:
+        self.max_tokens, self.batch_size = int(max_tokens), int(batch_size)
+
+    def tokens(self, cell: Cell, samples: int) -> int:
+        return 2 * self.max_tokens
 
     def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
         from memext.evals.perplexity import score_length
@@ -115,7 +117,7 @@ class BitsPerByte(Task):
         tokens = ctx.validation()[0]
         check_length(ctx.adapter, cell.length)
         first = ctx.longest // 2
-        n_scored = min(int(self.options.get("max_tokens", 4096)), tokens.size - 1 - first)
+        n_scored = min(self.max_tokens, tokens.size - 1 - first)
         if n_scored <= 0:
             raise MemextError(
                 f"the validation text has {tokens.size} tokens: too few for length {ctx.longest}"
@@ -127,7 +129,7 @@ class BitsPerByte(Task):
             first,
             n_scored,
             ctx.byte_lengths(),
-            int(self.options.get("batch_size", 4)),
+            self.batch_size,
             ctx.adapter.device,
         )
         return {"score": r["bits_per_byte"], "n": r["scored_tokens"], "chance": None}
@@ -143,9 +145,18 @@ class AnswerTask(Task):
     generator = ""
     in_haystack = True  # False: the task fills its prompt itself (padding with spaces)
 
+    def __init__(self, samples: int | None = None, **settings: Any) -> None:
+        """``samples`` per cell (None: the suite's); ``settings`` go to the generator, which
+        must take them (``gap``, ``needle``...)."""
+        TASKS.check_names(self.generator, settings)
+        self.n_samples, self.settings = samples, settings
+
+    def tokens(self, cell: Cell, samples: int) -> int:
+        return cell.length * int(self.n_samples or samples)
+
     def samples(self, cell: Cell, ctx: Context) -> list[Sample]:
-        opts = {k: v for k, v in self.options.items() if k != "samples"}
-        n = int(self.options.get("samples", ctx.samples))
+        opts = self.settings
+        n = int(self.n_samples or ctx.samples)
         seed = ctx.seed * 1_000_003 + cell.length
         filler = ctx.filler if self.in_haystack else None
         return make_samples(
@@ -191,7 +202,7 @@ def check_length(adapter: ModelAdapter, n_inputs: int) -> None:
 
 def _answer_task(name: str, in_haystack: bool = True) -> type[AnswerTask]:
     attrs = {"generator": name, "uses_depth": in_haystack, "in_haystack": in_haystack}
-    return register_task(name)(type(name, (AnswerTask,), attrs))
+    return register_suite_task(name)(type(name, (AnswerTask,), attrs))
 
 
 for _name in ("passkey", "niah", "needle", "multi_value", "variable_tracking"):
@@ -199,7 +210,7 @@ for _name in ("passkey", "niah", "needle", "multi_value", "variable_tracking"):
 _answer_task("assoc_recall", in_haystack=False)  # pairs fill the prompt: recall, not search
 
 
-@register_task("common_words")
+@register_suite_task("common_words")
 class CommonWords(AnswerTask):
     """The most common words of a list: exact match, and the words' F1 (scikit-learn, per
     sample, over the words read from the teacher-forced argmax at the answer's positions)."""
@@ -226,13 +237,19 @@ class CommonWords(AnswerTask):
         return {"exact_match": exact, "score": float(f1), "chance": None}
 
 
-@register_task("speed")
+@register_suite_task("speed")
 class Speed(Task):
     """Forward tokens/s on one L-token sequence (median of ``repeats`` after a warm-up) and the
     allocator's peak bytes for it, measured in a separate call (the profiler slows CPU calls)."""
 
     metric = "tokens_per_s"
     uses_depth = False
+
+    def __init__(self, repeats: int = 3) -> None:
+        self.repeats = int(repeats)
+
+    def tokens(self, cell: Cell, samples: int) -> int:
+        return cell.length * (self.repeats + 2)  # the repeats, the warm-up, the memory probe
 
     def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
         from memext.bench.memory import peak_memory
@@ -242,7 +259,7 @@ class Speed(Task):
         x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, cell.length))
         adapter.logits(x)
         times = []
-        for _ in range(int(self.options.get("repeats", 3))):
+        for _ in range(self.repeats):
             t0 = time.perf_counter()
             adapter.logits(x)
             times.append(time.perf_counter() - t0)

@@ -1,10 +1,11 @@
-"""memext's KV-cache policies (window, sinks, quantized) as a Hugging Face ``transformers.Cache``.
+"""memext's KV-cache policies (``memext.infer.cache.CACHES``) as a Hugging Face ``transformers.Cache``.
 
 ``PolicyCache(config, "window", window=512)`` gives every decoder layer a ``PolicyLayer`` that
 runs the same ``memext.infer.cache.KVLayer`` (and storage) as ``memext.infer.cache``; pass it to
-``model.generate(..., past_key_values=cache)`` or to a forward. Options are the policies' own:
-``window`` (w), ``sinks`` (s, w), ``quantized`` (policy, max_len/window/sinks, axis, group).
-Needs transformers >= 5 (the layer-based ``Cache``); one sequence per batch row, no padding.
+``model.generate(..., past_key_values=cache)`` or to a forward. The options and their checks are
+the policy's own, and so is what each layer keeps (its ``layout()``); a policy's ``rotary``
+option is memext's alone (see Positions). Needs transformers >= 5 (the layer-based ``Cache``);
+one sequence per batch row, no padding.
 
 Positions. Hugging Face rotates keys before the cache sees them, at the positions the model was
 given (generate: 0, 1, 2, ...). ``window`` keeps that rotation: exactly ours. ``sinks``: RoPE
@@ -32,9 +33,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from memext.infer.cache import KVLayer, band_mask, check_policy, kept, make_kv_layer
+from memext.infer.cache import CACHES, KVLayer, Layout, band_mask, kept, make_kv_layer
 
-_POLICIES = ("window", "sinks", "quantized")
 # Rope types whose frequencies change with the sequence length: a fixed re-rotation is wrong.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
@@ -73,37 +73,17 @@ class PolicyLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(
-        self,
-        *,
-        sinks: int = 0,
-        window: int | None = None,
-        max_len: int | None = None,
-        quantize: str | None = None,
-        group: int = 32,
-        inv_freq: Tensor | None = None,
-    ):
+    def __init__(self, layout: Layout, inv_freq: Tensor | None = None):
         super().__init__()
-        self.sinks, self.window, self.max_len = sinks, window, max_len
-        self.quantize, self.group, self.inv_freq = quantize, group, inv_freq
+        self.layout, self.inv_freq = layout, inv_freq
+        self.sinks, self.window, self.max_len = layout.sinks, layout.window, layout.max_len
         self.kv: KVLayer | None = None
         self.cumulative_length = 0
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.kv = make_kv_layer(
-            batch,
-            heads,
-            dim,
-            sinks=self.sinks,
-            window=self.window,
-            max_len=self.max_len,
-            quantize=self.quantize,
-            group=self.group,
-            dtype=self.dtype,
-            device=self.device,
-        )
+        self.kv = make_kv_layer(batch, heads, dim, self.layout, self.dtype, self.device)
         self.is_initialized = True
 
     def held(self) -> int:
@@ -161,51 +141,17 @@ class PolicyLayer(CacheLayerMixin):
 
 
 class PolicyCache(Cache):
-    """A ``transformers.Cache`` running memext's ``window``, ``sinks`` or ``quantized`` policy.
-
-    ``config`` is the model's (layers, rotary). Options: window: ``window``; sinks: ``sinks``,
-    ``window``; quantized: ``policy`` (full | window | sinks) and its sizes (``max_len`` /
-    ``window`` / ``sinks``), ``axis`` (token | channel), ``group``.
-    """
+    """A ``transformers.Cache`` running the memext policy registered as ``cache``, with its
+    ``options`` (``window=...``; see ``memext.infer.cache``). ``config`` is the model's (layers,
+    rotary)."""
 
     def __init__(self, config: Any, cache: str = "window", **options: Any):
-        if cache not in _POLICIES:
-            raise ValueError(f"unknown cache {cache!r}: expected one of {', '.join(_POLICIES)}")
-        allowed = {
-            "window": {"window"},
-            "sinks": {"sinks", "window"},
-            "quantized": {"policy", "max_len", "window", "sinks", "axis", "group"},
-        }[cache]
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise ValueError(
-                f"cache {cache!r} takes no option {', '.join(unknown)}; "
-                f"it takes: {', '.join(sorted(allowed))}"
-            )
-        policy = options.get("policy", "full") if cache == "quantized" else cache
-        sinks, window, max_len = check_policy(
-            policy, options.get("sinks"), options.get("window"), options.get("max_len")
-        )
-        axis = options.get("axis", "token") if cache == "quantized" else None
-        if cache == "quantized" and axis not in ("token", "channel"):
-            raise ValueError(f"quantized axis must be 'token' or 'channel', got {axis!r}")
-        group = options.get("group", 32)
-        if group < 1:
-            raise ValueError(f"group must be a positive number of tokens, got group={group}")
-        inv_freq = _inv_freq(config) if sinks else None
-        layers = [
-            PolicyLayer(
-                sinks=sinks,
-                window=window,
-                max_len=max_len,
-                quantize=axis,
-                group=group,
-                inv_freq=inv_freq,
-            )
-            for _ in range(config.num_hidden_layers)
-        ]
+        policy = CACHES.build(cache, **options)
+        layout = policy.layout()
+        inv_freq = _inv_freq(config) if layout.sinks else None
+        layers = [PolicyLayer(layout, inv_freq) for _ in range(config.num_hidden_layers)]
         super().__init__(layers=layers)
-        self.policy, self.sinks, self.window = policy, sinks, window
+        self.policy, self.sinks, self.window = cache, layout.sinks, layout.window
 
     def nbytes(self) -> int:
         """Bytes of the tensors held, all layers (the formulas: ``memext.infer.cache``)."""

@@ -6,15 +6,16 @@ on it unchanged. ``rope`` applies a ``memext.nn.rope_scaling`` rule through the 
 ``rope_parameters`` (transformers 5.x). ``extend_hf`` writes a copy of a model folder with such a
 config and the weights as safetensors.
 
-transformers' ``dynamic`` type takes the original length from ``max_position_embeddings``, so a
-dynamic model keeps that at the original length; ``HFCausalLM.max_seq_len`` is then factor times
-it. Every other rule raises ``max_position_embeddings`` to factor times the original length.
+Each rule writes its own ``rope_parameters`` and ``max_position_embeddings``
+(``RopeRule.hf_parameters``, ``hf_max_positions``). transformers' ``dynamic`` type takes the
+original length from ``max_position_embeddings``, so a dynamic model keeps that at the original
+length; ``HFCausalLM.max_seq_len`` is then factor times it. Every other rule raises
+``max_position_embeddings`` to factor times the original length.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from memext.errors import MemextError
-from memext.nn.rope_scaling import check_rope_args, hf_rope_parameters
+from memext.nn.rope_scaling import build_rule, check_rope_args
 from memext.nn.transformer import State
 
 # Weight files that extend_hf copies or rewrites itself; every other top-level file is copied.
@@ -36,13 +37,14 @@ _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json
 
 class RopeSpec(NamedTuple):
     """A rotary scaling rule for a Hugging Face model; a plain tuple in this order works too.
-    ``original_len=None``: the config's ``max_position_embeddings`` (the length trained at)."""
+    ``original_len=None``: the config's ``max_position_embeddings`` (the length trained at).
+    ``alpha``/``beta``: YaRN's ramp ends, None for its defaults; refused by other rules."""
 
     name: str
     factor: float
     original_len: int | None = None
-    alpha: float = 1.0
-    beta: float = 32.0
+    alpha: float | None = None
+    beta: float | None = None
 
 
 @contextlib.contextmanager
@@ -203,16 +205,13 @@ def _apply_rope(config: Any, rope: RopeSpec) -> None:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rotary_dim = int(head_dim * current.get("partial_rotary_factor", 1.0))
     original = rope.original_len or int(config.max_position_embeddings)
-    params = hf_rope_parameters(
-        rope.name, rope.factor, original, rope.alpha, rope.beta, base, head_dim=rotary_dim
-    )
+    check_rope_args(rope.name, rotary_dim, rope.factor, original)
+    rule = build_rule(rope.name, rope.alpha, rope.beta, strict=True)
+    params = rule.hf_parameters(base, rope.factor, original, rotary_dim)
     if "partial_rotary_factor" in current:
         params["partial_rotary_factor"] = current["partial_rotary_factor"]
     config.rope_parameters = params
-    if rope.name in ("none", "dynamic"):
-        config.max_position_embeddings = original
-    else:
-        config.max_position_embeddings = max(original, math.floor(rope.factor * original))
+    config.max_position_embeddings = rule.hf_max_positions(rope.factor, original)
 
 
 def load_causal_lm(
@@ -246,15 +245,16 @@ def extend_hf(
     scaling: str,
     factor: float,
     original_len: int | None = None,
-    alpha: float = 1.0,
-    beta: float = 32.0,
+    alpha: float | None = None,
+    beta: float | None = None,
 ) -> Path:
     """Write a context-extended copy of model folder ``src_dir`` to ``out_dir``: its config with
     the rotary rule (see ``load_causal_lm``'s ``rope``), the weights as safetensors (copied byte
     for byte when they already are), and every other top-level file (tokenizer, generation
     config). ``out_dir`` must not exist or be empty. Returns ``out_dir``."""
     # Refused before any file is read; original_len=None is checked once the config gives it.
-    check_rope_args(scaling, None, factor, original_len or 1, alpha, beta)
+    check_rope_args(scaling, None, factor, original_len or 1)
+    build_rule(scaling, alpha, beta, strict=True)
     out, src = Path(out_dir), Path(src_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MemextError(f"{str(out)!r} exists and is not empty: choose a new folder")

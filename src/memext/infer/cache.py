@@ -20,7 +20,11 @@ Optional, with the default a plain cache gets (``LongLM`` and ``SelfAttention`` 
 - ``unbounded`` (False): the cache reads input of any length, so the model checks only each
   chunk against ``max_seq_len``; a cache without it is held to ``max_seq_len`` in all.
 
-Policies, by the name ``build_cache`` takes (``CACHES``):
+Policies, by the name ``build_cache`` takes (``CACHES``). A policy is its options and checks
+(a ``CachePolicy``): what each layer keeps is its ``layout()``, which ``allocate`` turns into
+memext's cache for a model's shape and ``memext.hf.cache`` into a Hugging Face one, so both take
+the same options. A new policy is a ``CachePolicy`` subclass with ``@register_cache("name")``
+(in this module, or in its own module imported at the end of this one). The policies:
 
 - ``full`` (``max_len``): every token, up to ``max_len``; refuses more.
 - ``window`` (``window`` = w): the newest w - 1 tokens. Each query sees itself and the w - 1
@@ -60,8 +64,8 @@ and the sinks' rotation table (2·(s + w - 1 + T)·D·4 bytes).
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -69,42 +73,76 @@ from torch import Tensor
 
 from memext.infer.kv_store import ChannelGroups, FloatRing, Int8Ring
 from memext.nn.rotary import apply_rotary
+from memext.registry import Registry
 
-CACHES: dict[str, type] = {}
-#: The leading positional arguments every policy takes; ``build_cache`` passes them itself.
-_SHAPE_ARGS = ("self", "n_layers", "batch", "n_heads", "head_dim")
+Rotation = Callable[..., tuple[Tensor, Tensor]]
 
 
-def register_cache(name: str) -> Callable[[type], type]:
-    """Class decorator: make a policy buildable by ``name`` (``build_cache``, ``--cache``)."""
+@dataclass(frozen=True)
+class Layout:
+    """What one layer keeps: the first ``sinks`` tokens, then the newest ``window - 1`` (every
+    token, up to ``max_len``, when ``window`` is None), in full precision or int8 by
+    ``quantize`` ("token" or "channel", in groups of ``group`` tokens)."""
 
-    def deco(cls: type) -> type:
-        if name in CACHES:
-            raise ValueError(f"cache {name!r} is registered twice")
-        CACHES[name] = cls
-        cls.name = name
-        return cls
+    sinks: int = 0
+    window: int | None = None
+    max_len: int | None = None
+    quantize: str | None = None
+    group: int = 32
 
-    return deco
+
+class CachePolicy:
+    """A KV-cache policy: its options (``__init__`` keywords, checked there) and what it keeps."""
+
+    name: str
+
+    def layout(self) -> Layout:
+        raise NotImplementedError
+
+    def rotation(self) -> Rotation | None:
+        """The model's rotary when the cache rotates keys itself (at cache positions)."""
+        return None
+
+    def allocate(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> Any:
+        """memext's cache under this policy for a model of this shape, allocated up front."""
+        lay = self.layout()
+        layers = [
+            make_kv_layer(batch, n_heads, head_dim, lay, dtype, device) for _ in range(n_layers)
+        ]
+        return KeptCache(layers, lay.sinks, lay.window, lay.max_len, self.rotation(), device)
+
+
+CACHES: Registry[type[CachePolicy]] = Registry("cache", noun="option")
+register_cache = CACHES.register
 
 
 def cache_options(name: str) -> tuple[str, ...]:
-    """The keyword options the policy ``name`` takes (besides the shape arguments)."""
-    if name not in CACHES:
-        raise ValueError(f"unknown cache {name!r}: expected one of {', '.join(sorted(CACHES))}")
-    params = inspect.signature(CACHES[name].__init__).parameters
-    return tuple(p for p in params if p not in _SHAPE_ARGS)
+    """The keyword options the policy ``name`` takes."""
+    return CACHES.takes(name)
 
 
-def build_cache(name: str, n_layers: int, batch: int, n_heads: int, head_dim: int, **options: Any):
-    """The cache policy registered as ``name``, for a model of this shape, with ``options``."""
-    allowed = cache_options(name)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"cache {name!r} takes no option {', '.join(unknown)}; it takes: {', '.join(allowed)}"
-        )
-    return CACHES[name](n_layers, batch, n_heads, head_dim, **options)
+def build_cache(
+    name: str,
+    n_layers: int,
+    batch: int,
+    n_heads: int,
+    head_dim: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    **options: Any,
+) -> Any:
+    """The cache policy registered as ``name``, with ``options``, for a model of this shape."""
+    policy = CACHES.build(name, **options)
+    return policy.allocate(n_layers, batch, n_heads, head_dim, dtype, device)
 
 
 def _check_positive(**values: int | None) -> None:
@@ -120,26 +158,38 @@ def _check_fits(end: int, max_len: int) -> None:
         raise ValueError(f"the KV cache holds {max_len} positions; {end} were asked for")
 
 
-def check_policy(
-    policy: str, sinks: int | None, window: int | None, max_len: int | None
-) -> tuple[int, int | None, int | None]:
-    """Validate a policy's sizes; returns (sinks, window, max_len) with the unused ones cleared
-    (0 / None), so one set of options can build any policy."""
-    if policy == "full":
-        _check_positive(max_len=max_len)
-        return 0, None, max_len
-    if policy == "window":
-        _check_positive(window=window)
-        return 0, window, None
-    if policy == "sinks":
-        _check_positive(sinks=sinks, window=window)
-        return sinks, window, None
-    raise ValueError(f"policy must be full, window or sinks, got {policy!r}")
+def _need_rotary(rotary: Rotation | None, who: str) -> Rotation:
+    if rotary is None:
+        raise ValueError(f"{who} rotates keys itself: pass rotary=model.rotary")
+    return rotary
 
 
 @register_cache("full")
+class Full(CachePolicy):
+    """Every key and value, up to ``max_len`` positions; more are refused."""
+
+    def __init__(self, max_len: int | None = None) -> None:
+        _check_positive(max_len=max_len)
+        self.max_len = max_len
+
+    def layout(self) -> Layout:
+        return Layout(max_len=self.max_len)
+
+    def allocate(
+        self,
+        n_layers: int,
+        batch: int,
+        n_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> FullCache:
+        return FullCache(n_layers, batch, n_heads, head_dim, self.max_len, dtype, device)
+
+
 class FullCache:
-    """Keeps every key and value, preallocated to ``max_len`` positions."""
+    """Keeps every key and value, preallocated to ``max_len`` positions: one slice per read, no
+    copy (a ``KeptCache`` of the same layout would concatenate its store on every call)."""
 
     unbounded = False
 
@@ -149,11 +199,10 @@ class FullCache:
         batch: int,
         n_heads: int,
         head_dim: int,
-        max_len: int | None = None,
+        max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        _check_positive(max_len=max_len)
         shape = (n_layers, batch, n_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -243,30 +292,27 @@ def make_kv_layer(
     batch: int,
     n_heads: int,
     head_dim: int,
-    *,
-    sinks: int = 0,
-    window: int | None = None,
-    max_len: int | None = None,
-    quantize: str | None = None,
-    group: int = 32,
+    layout: Layout,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> KVLayer:
-    """One layer's storage for a policy: ``sinks`` full-precision sink slots, then a recent part
-    of ``window - 1`` tokens (``max_len`` when window is None), full precision or int8
+    """One layer's storage for ``layout``: ``sinks`` full-precision sink slots, then a recent
+    part of ``window - 1`` tokens (``max_len`` when window is None), full precision or int8
     (``quantize`` = "token" or "channel", see ``memext.infer.kv_store``)."""
-    capacity = max_len if window is None else window - 1
-    if quantize == "channel":
-        recent: Any = ChannelGroups(batch, n_heads, head_dim, capacity, group, dtype, device)
-    elif quantize == "token":
-        recent = Int8Ring(batch, n_heads, head_dim, capacity, dtype, device)
+    sinks, window = layout.sinks, layout.window
+    capacity = layout.max_len if window is None else window - 1
+    shape = (batch, n_heads, head_dim, capacity)
+    if layout.quantize == "channel":
+        recent: Any = ChannelGroups(*shape, layout.group, dtype, device)
+    elif layout.quantize == "token":
+        recent = Int8Ring(*shape, dtype, device)
     else:
-        recent = FloatRing(batch, n_heads, head_dim, capacity, dtype, device)
+        recent = FloatRing(*shape, dtype, device)
     sink_store = FloatRing(batch, n_heads, head_dim, sinks, dtype, device) if sinks else None
     return KVLayer(recent, sinks, window, sink_store)
 
 
-class _KeptCache:
+class KeptCache:
     """A ``KVLayer`` per model layer behind the cache contract: masks, positions, rotation."""
 
     def __init__(
@@ -275,7 +321,7 @@ class _KeptCache:
         sinks: int,
         window: int | None,
         max_len: int | None = None,
-        rotary: Callable[..., tuple[Tensor, Tensor]] | None = None,
+        rotary: Rotation | None = None,
         device: torch.device | str = "cpu",
     ):
         self.layers, self.sinks, self.window, self.max_len = layers, sinks, window, max_len
@@ -321,103 +367,67 @@ class _KeptCache:
 
 
 @register_cache("window")
-class WindowCache(_KeptCache):
+class Window(CachePolicy):
     """The newest ``window - 1`` tokens: each query sees itself and the ``window - 1`` before it."""
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        n_heads: int,
-        head_dim: int,
-        window: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
+    def __init__(self, window: int | None = None) -> None:
         _check_positive(window=window)
-        shape = (batch, n_heads, head_dim)
-        layers = [
-            make_kv_layer(*shape, window=window, dtype=dtype, device=device)
-            for _ in range(n_layers)
-        ]
-        super().__init__(layers, sinks=0, window=window, device=device)
+        self.window = window
+
+    def layout(self) -> Layout:
+        return Layout(window=self.window)
 
 
 @register_cache("sinks")
-class SinksCache(_KeptCache):
+class Sinks(CachePolicy):
     """StreamingLLM: the first ``sinks`` tokens and the newest ``window - 1``, at cache positions.
 
-    ``rotary`` is the model's ``Rotary`` (called as ``rotary(positions, seq_len=n)``).
+    ``rotary`` is the model's ``Rotary`` (called as ``rotary(positions, seq_len=n)``); memext's
+    cache needs it, a Hugging Face one re-rotates by the model config instead.
     """
 
     def __init__(
-        self,
-        n_layers: int,
-        batch: int,
-        n_heads: int,
-        head_dim: int,
-        sinks: int | None = None,
-        window: int | None = None,
-        rotary: Callable[..., tuple[Tensor, Tensor]] | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
+        self, sinks: int | None = None, window: int | None = None, rotary: Rotation | None = None
+    ) -> None:
         _check_positive(sinks=sinks, window=window)
-        if rotary is None:
-            raise ValueError("the sinks cache rotates keys itself: pass rotary=model.rotary")
-        shape = (batch, n_heads, head_dim)
-        layers = [
-            make_kv_layer(*shape, sinks=sinks, window=window, dtype=dtype, device=device)
-            for _ in range(n_layers)
-        ]
-        super().__init__(layers, sinks=sinks, window=window, rotary=rotary, device=device)
+        self.sinks, self.window, self.rotary = sinks, window, rotary
+
+    def layout(self) -> Layout:
+        return Layout(sinks=self.sinks, window=self.window)
+
+    def rotation(self) -> Rotation:
+        return _need_rotary(self.rotary, "the sinks cache")
 
 
 @register_cache("quantized")
-class QuantizedCache(_KeptCache):
+class Quantized(CachePolicy):
     """The ``full``, ``window`` or ``sinks`` policy over int8 storage (see the module doc).
 
-    Options a policy does not use (``max_len`` for window, ``rotary`` for full...) are ignored,
-    so one set of options can build any policy.
+    The sizes and ``rotary`` go to that policy, which ignores those it does not use
+    (``max_len`` for window...), so one set of options can build any of them.
     """
 
     def __init__(
         self,
-        n_layers: int,
-        batch: int,
-        n_heads: int,
-        head_dim: int,
         policy: str = "full",
         max_len: int | None = None,
         window: int | None = None,
         sinks: int | None = None,
         axis: str = "token",
         group: int = 32,
-        rotary: Callable[..., tuple[Tensor, Tensor]] | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
-        sinks, window, max_len = check_policy(policy, sinks, window, max_len)
+        rotary: Rotation | None = None,
+    ) -> None:
+        if policy not in ("full", "window", "sinks"):
+            raise ValueError(f"policy must be full, window or sinks, got {policy!r}")
+        sizes = {"max_len": max_len, "window": window, "sinks": sinks, "rotary": rotary}
+        self.inner: CachePolicy = CACHES.build(policy, sizes)
         if axis not in ("token", "channel"):
             raise ValueError(f"quantized axis must be 'token' or 'channel', got {axis!r}")
         _check_positive(group=group)
-        if policy == "sinks" and rotary is None:
-            raise ValueError("policy sinks rotates keys itself: pass rotary=model.rotary")
         self.policy, self.axis, self.group = policy, axis, group
-        layers = [
-            make_kv_layer(
-                batch,
-                n_heads,
-                head_dim,
-                sinks=sinks,
-                window=window,
-                max_len=max_len,
-                quantize=axis,
-                group=group,
-                dtype=dtype,
-                device=device,
-            )
-            for _ in range(n_layers)
-        ]
-        rotary = rotary if policy == "sinks" else None
-        super().__init__(layers, sinks, window, max_len=max_len, rotary=rotary, device=device)
+
+    def layout(self) -> Layout:
+        return replace(self.inner.layout(), quantize=self.axis, group=self.group)
+
+    def rotation(self) -> Rotation | None:
+        return self.inner.rotation()

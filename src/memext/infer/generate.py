@@ -9,8 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from memext.infer.cache import build_cache
-from memext.infer.cache import cache_options as policy_options
+from memext.infer.cache import CACHES, build_cache
 from memext.infer.prefill import prefill
 from memext.nn.transformer import LongLM, State
 
@@ -20,22 +19,24 @@ def new_state(
 ) -> State:
     """A fresh State with the KV cache policy ``cache`` (``memext.infer.cache.CACHES``).
 
-    The model supplies what a policy needs from it (``max_len``, default ``model.max_seq_len``;
-    ``rotary``; the parameters' dtype and device); ``options`` are the policy's own (``window``,
-    ``sinks``...) and override those.
+    The model supplies the options a policy takes from it (``max_len``, default
+    ``model.max_seq_len``; ``rotary``) and the parameters' dtype and device; ``options`` are the
+    policy's own (``window``, ``sinks``...) and override those.
     """
     attn = model.blocks[0].attn
     p = next(model.parameters())
-    context = {
-        "max_len": max_len if max_len is not None else model.max_seq_len,
-        "rotary": model.rotary,
-        "dtype": p.dtype,
-        "device": p.device,
-    }
-    wanted = set(policy_options(cache))
-    given = {k: v for k, v in context.items() if k in wanted}
+    context = {"max_len": max_len if max_len is not None else model.max_seq_len}
+    context["rotary"] = model.rotary
+    taken = {k: v for k, v in context.items() if k in CACHES.takes(cache)}
     built = build_cache(
-        cache, len(model.blocks), batch, attn.n_heads, attn.head_dim, **{**given, **options}
+        cache,
+        len(model.blocks),
+        batch,
+        attn.n_heads,
+        attn.head_dim,
+        dtype=p.dtype,
+        device=p.device,
+        **{**taken, **options},
     )
     return State(cache=built)
 

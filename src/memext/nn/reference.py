@@ -146,6 +146,17 @@ def sliding_mask(
     return seen
 
 
+def chunked_mask(
+    tq: int, tk: int, window: int, *, causal: bool = True, device: torch.device | None = None
+) -> Tensor:
+    """(Tq, Tk) mask of chunked local attention (``attention="chunked"``): query i sees key j
+    when both lie in the same chunk of ``window`` positions (i // W == j // W), and j <= i if
+    causal."""
+    i, j = _positions(tq, tk, device)
+    seen = i // window == j // window
+    return seen & (j <= i) if causal else seen
+
+
 def segment_memory_mask(
     t: int, segment_len: int, mem_len: int, device: torch.device | None = None
 ) -> Tensor:

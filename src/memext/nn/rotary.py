@@ -8,15 +8,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from memext.nn.rope_scaling import check_rope_args, get_rope_scaling
+from memext.nn.rope_scaling import build_rule, check_rope_args
 
 
 class Rotary(nn.Module):
     """Produces (cos, sin) for given positions; ``apply_rotary`` rotates q and k with them.
 
     ``scaling`` names a rule of ``memext.nn.rope_scaling`` (``factor``, ``original_len``: the
-    length the model was trained at; ``alpha``/``beta``: YaRN's ramp ends in rotations). cos and
-    sin come multiplied by the rule's attention factor (YaRN's temperature), as in transformers.
+    length the model was trained at; ``alpha``/``beta``: YaRN's ramp ends in rotations, None for
+    its defaults, ignored by other rules). cos and sin come multiplied by the rule's attention
+    factor (YaRN's temperature), as in transformers.
     """
 
     def __init__(
@@ -26,14 +27,14 @@ class Rotary(nn.Module):
         scaling: str = "none",
         factor: float = 1.0,
         original_len: int = 0,
-        alpha: float = 1.0,
-        beta: float = 32.0,
+        alpha: float | None = None,
+        beta: float | None = None,
     ):
         super().__init__()
-        check_rope_args(scaling, head_dim, factor, original_len, alpha, beta)
+        check_rope_args(scaling, head_dim, factor, original_len)
         self.head_dim, self.base, self.scaling = head_dim, base, scaling
-        self.factor, self.original_len, self.alpha, self.beta = factor, original_len, alpha, beta
-        self._rule = get_rope_scaling(scaling)
+        self.factor, self.original_len = factor, original_len
+        self._rule = build_rule(scaling, alpha, beta)
         # For a length-dependent rule this is its value at lengths <= original_len (unscaled).
         inv_freq, self.attention_factor = self._compute(None)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
@@ -41,14 +42,8 @@ class Rotary(nn.Module):
         self._long_len = 0
 
     def _compute(self, seq_len: int | None) -> tuple[Tensor, float]:
-        return self._rule.compute(
-            self.head_dim,
-            self.base,
-            factor=self.factor,
-            original_len=self.original_len,
-            seq_len=seq_len,
-            alpha=self.alpha,
-            beta=self.beta,
+        return self._rule.frequencies(
+            self.head_dim, self.base, self.factor, self.original_len, seq_len
         )
 
     def frequencies(self, seq_len: int) -> Tensor:

@@ -4,31 +4,18 @@ The contract (``Aggregator``): ``forward(x, mask)`` takes chunk embeddings ``x``
 ``(B, C, dim)`` and a ``(B, C)`` bool ``mask`` (True for a real chunk, False for padding) and
 returns ``(B, dim)``. A padded chunk must change nothing, whatever its values. Each aggregator
 registers itself in ``AGGREGATORS`` by the name a classifier config uses; a new one is a new
-class with ``@register("name")`` and nothing else changes.
+class with ``@register("name")`` and nothing else changes. ``build_aggregator`` gives it the
+fields of an ``AggregatorSpec`` its ``__init__`` names, whose defaults are the aggregators'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class AggregatorSpec:
-    """What an aggregator may need to know: the embedding size and the longest chunk sequence.
-
-    ``n_layers``, ``n_heads`` and ``dropout`` are read only by aggregators with layers of their
-    own (``transformer``).
-    """
-
-    dim: int
-    max_chunks: int
-    n_layers: int = 1
-    n_heads: int = 4
-    dropout: float = 0.1
+from memext.registry import Registry
 
 
 class Aggregator(nn.Module):
@@ -38,34 +25,13 @@ class Aggregator(nn.Module):
         raise NotImplementedError
 
 
-AGGREGATORS: dict[str, Callable[[AggregatorSpec], Aggregator]] = {}
-
-
-def register(name: str) -> Callable[[type[Aggregator]], type[Aggregator]]:
-    """Class decorator: make an aggregator buildable by ``name`` (its ``from_spec``)."""
-
-    def add(cls: type[Aggregator]) -> type[Aggregator]:
-        if name in AGGREGATORS:
-            raise ValueError(f"aggregator {name!r} is registered twice")
-        AGGREGATORS[name] = cls.from_spec  # type: ignore[attr-defined]
-        return cls
-
-    return add
-
-
-def build_aggregator(name: str, spec: AggregatorSpec) -> Aggregator:
-    if name not in AGGREGATORS:
-        raise ValueError(f"aggregator={name!r} is unknown; choose one of {sorted(AGGREGATORS)}")
-    return AGGREGATORS[name](spec)
+AGGREGATORS: Registry[type[Aggregator]] = Registry("aggregator")
+register = AGGREGATORS.register
 
 
 @register("mean")
 class MeanPool(Aggregator):
     """The average of the real chunks: a long document read as a bag of chunks."""
-
-    @classmethod
-    def from_spec(cls, spec: AggregatorSpec) -> MeanPool:
-        return cls()
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         m = mask.unsqueeze(-1)  # (B, C, 1)
@@ -76,10 +42,6 @@ class MeanPool(Aggregator):
 @register("max")
 class MaxPool(Aggregator):
     """The feature-wise maximum over real chunks: one chunk can carry the decision alone."""
-
-    @classmethod
-    def from_spec(cls, spec: AggregatorSpec) -> MaxPool:
-        return cls()
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         return x.masked_fill(~mask.unsqueeze(-1), float("-inf")).amax(1)  # (B, dim)
@@ -106,10 +68,6 @@ class AttentionPool(Aggregator):
         self.n_heads = n_heads
         self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, n_heads))
         self.proj = nn.Linear(n_heads * dim, dim)
-
-    @classmethod
-    def from_spec(cls, spec: AggregatorSpec) -> AttentionPool:
-        return cls(spec.dim, spec.n_heads)
 
     def weights(self, x: Tensor, mask: Tensor) -> Tensor:
         """``(B, n_heads, C)`` attention over chunks, summing to 1 over the real ones."""
@@ -154,10 +112,6 @@ class TransformerPool(Aggregator):
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)  # pre-norm layers leave the output unnormalised
 
-    @classmethod
-    def from_spec(cls, spec: AggregatorSpec) -> TransformerPool:
-        return cls(spec.dim, spec.max_chunks, spec.n_layers, spec.n_heads, spec.dropout)
-
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         B, C, _ = x.shape
         if self.max_chunks < C:
@@ -168,3 +122,23 @@ class TransformerPool(Aggregator):
         keep = torch.cat([mask.new_ones(B, 1), mask], dim=1)  # (B, 1 + C)
         h = self.encoder(h, src_key_padding_mask=~keep)  # (B, 1 + C, dim)
         return self.norm(h[:, 0])  # (B, dim)
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    """What an aggregator may need to know: the embedding size and the longest chunk sequence.
+
+    ``n_layers``, ``n_heads`` and ``dropout`` are read only by aggregators with layers of their
+    own (``transformer``, ``attention``); their defaults are those aggregators'.
+    """
+
+    dim: int
+    max_chunks: int
+    n_layers: int = AGGREGATORS.default("n_layers")
+    n_heads: int = AGGREGATORS.default("n_heads")
+    dropout: float = AGGREGATORS.default("dropout")
+
+
+def build_aggregator(name: str, spec: AggregatorSpec) -> Aggregator:
+    """The aggregator registered as ``name``, given the fields of ``spec`` it takes."""
+    return AGGREGATORS.build(name, asdict(spec))

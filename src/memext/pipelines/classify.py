@@ -80,9 +80,10 @@ class ClassifierConfig:
     encoder_lr: float = 2e-5
     weight_decay: float = 0.01
     batch_size: int = 16
-    dropout: float = 0.1
-    n_layers: int = 1
-    n_heads: int = 4
+    # The aggregators' own defaults (the transformer aggregator's, for dropout).
+    dropout: float = AGGREGATORS.default("dropout")
+    n_layers: int = AGGREGATORS.default("n_layers")
+    n_heads: int = AGGREGATORS.default("n_heads")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,7 +91,8 @@ class ClassifierConfig:
             object.__setattr__(self, "encoder", str(self.encoder))
         if self.aggregator not in AGGREGATORS:
             raise ValueError(
-                f"aggregator={self.aggregator!r} is unknown; choose one of {sorted(AGGREGATORS)}"
+                f"aggregator={self.aggregator!r} is unknown: expected "
+                + AGGREGATORS.accepted(self.aggregator)
             )
         positive = ("max_chunks", "epochs", "batch_size", "n_layers", "n_heads")
         for name in positive:

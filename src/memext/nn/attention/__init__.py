@@ -7,21 +7,25 @@ self-attention. ``key_padding`` is an optional ``(B, Tk)`` bool tensor, True for
 kernel that cannot honour it raises ``ValueError`` rather than ignore it.
 
 A new variant is a sibling module that subclasses ``AttentionKernel`` and decorates itself with
-``@register_attention("name")``; the model and trainer do not change. Its settings are keyword
-arguments of ``__init__`` named exactly like ``ModelConfig`` fields (``window``, ``lsh_chunk``...):
-``build_attention`` passes each kernel the fields its signature names and nothing else.
+``@register_attention("name")``, plus its name in the import in the import at the bottom of this file; the model
+and trainer do not change. Its settings are keyword arguments of ``__init__`` named exactly like
+``ModelConfig`` fields (``window``, ``lsh_chunk``...), with their defaults (the config reads them
+from here), and a class method ``check`` validates them (``memext.registry``).
 
 Every variant has a naive twin in ``memext.nn.reference`` (a dense mask and a plain softmax).
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
 
 from torch import Tensor, nn
 
-ATTENTION: dict[str, type[AttentionKernel]] = {}
+from memext.registry import Registry
+
+ATTENTION: Registry[type[AttentionKernel]] = Registry("attention")
+register_attention = ATTENTION.register
 
 
 class AttentionKernel(nn.Module):
@@ -68,31 +72,14 @@ def check_inputs(
         )
 
 
-def register_attention(name: str) -> Callable[[type[AttentionKernel]], type[AttentionKernel]]:
-    def deco(cls: type[AttentionKernel]) -> type[AttentionKernel]:
-        if name in ATTENTION:
-            raise ValueError(f"attention {name!r} is registered twice")
-        ATTENTION[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
-
-
-def build_attention(name: str, **settings) -> AttentionKernel:
-    """The kernel registered as ``name``, given the ``settings`` its ``__init__`` names.
-
-    ``settings`` may hold more than the kernel uses (a whole ``ModelConfig`` as a dict); the rest
-    is ignored, so one config serves every variant.
-    """
-    if name not in ATTENTION:
-        raise ValueError(
-            f"unknown attention {name!r}: expected one of {', '.join(sorted(ATTENTION))}"
-        )
-    cls = ATTENTION[name]
-    params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in settings.items() if k in params and k != "self"})
+def build_attention(
+    name: str, config: Mapping[str, Any] | None = None, /, **settings: Any
+) -> AttentionKernel:
+    """The kernel registered as ``name``: the values of ``config`` (e.g. a whole ``ModelConfig``
+    as a dict) that its ``__init__`` names, overridden by ``settings``, each of which it must
+    take."""
+    return ATTENTION.build(name, config, **settings)
 
 
 # Variants register themselves on import.
-from memext.nn.attention import block_sparse, full, lsh, sliding  # noqa: E402, F401
+from memext.nn.attention import block_sparse, chunked, full, lsh, sliding  # noqa: E402, F401

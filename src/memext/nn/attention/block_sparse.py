@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memext.nn.attention import AttentionKernel, check_inputs, register_attention
+from memext.registry import check_int
 
 _MOD = 1 << 31  # hash arithmetic stays below 2**62, so int64 never overflows on any device
 _CACHED_TABLES = 8  # layouts kept per kernel (train, eval and a decode in flight fit)
@@ -63,12 +64,6 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"block_sparse: {name}={value!r} is invalid: expected an int >= {minimum}")
-    return value
-
-
 @register_attention("block_sparse")
 class BlockSparseAttention(AttentionKernel):
     """Band + global + random key blocks per query block (BigBird), exact causal masking."""
@@ -82,16 +77,24 @@ class BlockSparseAttention(AttentionKernel):
         layout_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.block_size = _check_int("block_size", block_size, 1)
-        self.window = _check_int("window", window, 1)
-        self.random_blocks = _check_int("random_blocks", random_blocks, 0)
-        self.global_tokens = _check_int("global_tokens", global_tokens, 0)
-        self.layout_seed = _check_int("layout_seed", layout_seed, 0)
+        self.check(block_size, window, random_blocks, global_tokens, layout_seed)
+        self.block_size, self.window, self.random_blocks = block_size, window, random_blocks
+        self.global_tokens, self.layout_seed = global_tokens, layout_seed
         # (n_blocks, causal, device) -> (key-block table, validity), least recently used first.
         # Bounded: decoding meets a new n_blocks every block_size tokens, and old ones stay unused.
         self._tables: OrderedDict[tuple[int, bool, torch.device], tuple[Tensor, Tensor]] = (
             OrderedDict()
         )
+
+    @classmethod
+    def check(
+        cls, block_size: int, window: int, random_blocks: int, global_tokens: int, layout_seed: int
+    ) -> None:
+        check_int(cls.name, "block_size", block_size, 1)
+        check_int(cls.name, "window", window, 1)
+        check_int(cls.name, "random_blocks", random_blocks, 0)
+        check_int(cls.name, "global_tokens", global_tokens, 0)
+        check_int(cls.name, "layout_seed", layout_seed, 0)
 
     def extra_repr(self) -> str:
         return (

@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memext.nn.attention import AttentionKernel, check_inputs, register_attention
+from memext.registry import SettingError, check_int
 
 #: The score of a query's own key: large and negative, but finite (see the module docstring).
 SELF_SCORE = -5e4
@@ -78,18 +79,19 @@ class LSHAttention(AttentionKernel):
         lsh_seed: int = 0,
     ):
         super().__init__()
-        for name, value in (("lsh_chunk", lsh_chunk), ("lsh_rounds", lsh_rounds)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"lsh: {name} must be a positive integer, got {value!r}")
-        if not _is_int(lsh_buckets) or lsh_buckets < 0 or lsh_buckets % 2:
-            raise ValueError(
-                f"lsh: lsh_buckets must be 0 (auto) or an even positive integer, got "
-                f"{lsh_buckets!r} (a bucket is argmax over [xR, -xR], so buckets come in pairs)"
-            )
+        self.check(lsh_chunk, lsh_buckets, lsh_rounds)
         self.chunk = lsh_chunk
         self.buckets = lsh_buckets
         self.rounds = lsh_rounds
         self.seed = lsh_seed
+
+    @classmethod
+    def check(cls, lsh_chunk: int, lsh_buckets: int, lsh_rounds: int) -> None:
+        check_int(cls.name, "lsh_chunk", lsh_chunk, 1)
+        check_int(cls.name, "lsh_rounds", lsh_rounds, 1)
+        if not _is_int(lsh_buckets) or lsh_buckets < 0 or lsh_buckets % 2:
+            # A bucket is the argmax over [xR, -xR], so buckets come in pairs.
+            raise SettingError(cls.name, "lsh_buckets", lsh_buckets, "0 (auto) or an even number")
 
     def extra_repr(self) -> str:
         return (

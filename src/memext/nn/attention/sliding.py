@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from memext.nn.attention import AttentionKernel, check_inputs, register_attention
+from memext.registry import SettingError, check_int
 
 
 def _round_up(n: int, m: int) -> int:
@@ -45,16 +46,7 @@ class SlidingWindowAttention(AttentionKernel):
         self, window: int = 256, dilation: int = 1, global_tokens: int = 0, block: int = 0
     ) -> None:
         super().__init__()
-        for name, value, least in (("window", window, 1), ("dilation", dilation, 1)):
-            if not isinstance(value, int) or value < least:
-                raise ValueError(f"sliding attention: {name}={value!r} must be an integer >= 1")
-        if global_tokens < 0:
-            raise ValueError(f"sliding attention: global_tokens={global_tokens} must be >= 0")
-        if dilation > 1 and global_tokens:
-            raise ValueError(
-                "sliding attention: dilation > 1 with global_tokens is not supported "
-                "(global keys do not belong to one residue class); use one or the other"
-            )
+        self.check(window, dilation, global_tokens, block)
         self.window = window
         self.dilation = dilation
         self.global_tokens = global_tokens
@@ -65,6 +57,21 @@ class SlidingWindowAttention(AttentionKernel):
         #: False forces the portable path (plain SDPA + autograd) that other devices take.
         self.fused_cpu = True
         self._plans: dict[tuple[int, bool, torch.device], list[_Piece]] = {}
+
+    @classmethod
+    def check(cls, window: int, dilation: int, global_tokens: int, block: int) -> None:
+        check_int(cls.name, "window", window, 1)
+        check_int(cls.name, "dilation", dilation, 1)
+        check_int(cls.name, "global_tokens", global_tokens, 0)
+        check_int(cls.name, "block", block, 0)
+        if dilation > 1 and global_tokens:
+            raise SettingError(
+                cls.name,
+                "dilation",
+                dilation,
+                "1 with global_tokens > 0 (global keys do not belong to one residue class); "
+                "use one or the other",
+            )
 
     def extra_repr(self) -> str:
         return f"window={self.window}, dilation={self.dilation}, global_tokens={self.global_tokens}"

@@ -23,14 +23,14 @@ Every variant with an empty memory computes exactly what the plain model compute
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-MEMORY: dict[str, type[Memory]] = {}
+from memext.registry import Registry
 
 MemoryState = dict[str, Tensor]
 
@@ -99,30 +99,15 @@ class Memory(nn.Module):
         return state
 
 
-def register_memory(name: str) -> Callable[[type[Memory]], type[Memory]]:
-    def deco(cls: type[Memory]) -> type[Memory]:
-        if name in MEMORY:
-            raise ValueError(f"memory {name!r} is registered twice")
-        MEMORY[name] = cls
-        cls.name = name
-        return cls
-
-    return deco
+MEMORY: Registry[type[Memory]] = Registry("memory")
+register_memory = MEMORY.register
+register_memory("none")(Memory)
 
 
-MEMORY["none"] = Memory
-
-
-def build_memory(name: str, **settings) -> Memory:
-    """The memory registered as ``name``, given the ``settings`` its ``__init__`` names.
-
-    Like ``build_attention``: ``settings`` may be a whole ``ModelConfig`` as a dict.
-    """
-    if name not in MEMORY:
-        raise ValueError(f"unknown memory {name!r}: expected one of {', '.join(sorted(MEMORY))}")
-    cls = MEMORY[name]
-    params = inspect.signature(cls.__init__).parameters
-    return cls(**{k: v for k, v in settings.items() if k in params and k != "self"})
+def build_memory(name: str, config: Mapping[str, Any] | None = None, /, **settings: Any) -> Memory:
+    """The memory registered as ``name``, built like ``build_attention``: the values of
+    ``config`` its ``__init__`` names, overridden by ``settings``, each of which it must take."""
+    return MEMORY.build(name, config, **settings)
 
 
 def keep_rows(mask: Tensor, rows: Tensor) -> Tensor:

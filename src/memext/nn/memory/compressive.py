@@ -31,9 +31,9 @@ from torch import Tensor, nn
 
 from memext.nn.memory import MemoryState, MemoryStep, keep_rows, register_memory
 from memext.nn.memory.xl import XLMemory, read_with_memory
+from memext.registry import SettingError, check_choice, check_int
 
 COMPRESS = ("conv", "mean")
-_CHOICES = ", ".join(map(repr, COMPRESS))
 
 
 @register_memory("compressive")
@@ -51,17 +51,8 @@ class CompressiveMemory(XLMemory):
         cmem_rate: int = 4,
         compress: str = "conv",
     ):
+        self.check(d_model, n_heads, mem_len, cmem_len, cmem_rate, compress)
         super().__init__(mem_len)
-        if cmem_len < 0:
-            raise ValueError(f"cmem_len={cmem_len} is invalid: expected a number >= 0")
-        if isinstance(cmem_rate, bool) or not isinstance(cmem_rate, int) or cmem_rate < 1:
-            raise ValueError(f"cmem_rate={cmem_rate!r} is invalid: expected an integer >= 1")
-        if compress not in COMPRESS:
-            raise ValueError(f"compress={compress!r} is invalid: expected one of {_CHOICES}")
-        if d_model % n_heads:
-            raise ValueError(
-                f"d_model={d_model} is invalid: expected a multiple of n_heads={n_heads}"
-            )
         self.cmem_len = cmem_len
         self.rate = cmem_rate
         self.compress = compress
@@ -77,6 +68,17 @@ class CompressiveMemory(XLMemory):
             nn.Conv1d(d_model, d_model, cmem_rate, stride=cmem_rate, bias=False)
             for _ in range(n_layers if learned else 0)
         )
+
+    @classmethod
+    def check(
+        cls, d_model: int, n_heads: int, mem_len: int, cmem_len: int, cmem_rate: int, compress: str
+    ) -> None:
+        super().check(mem_len)
+        check_int(cls.name, "cmem_len", cmem_len, 0)
+        check_int(cls.name, "cmem_rate", cmem_rate, 1)
+        check_choice(cls.name, "compress", compress, COMPRESS)
+        if d_model % n_heads:
+            raise SettingError(cls.name, "d_model", d_model, f"a multiple of n_heads={n_heads}")
 
     def squeeze(self, x: Tensor, conv: nn.Conv1d | None) -> Tensor:
         """(B, H, n * c, D) memories -> (B, H, n, D) compressed slots, group by group."""

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from memext.nn.memory import MemoryState, MemoryStep, keep_rows, register_memory
 from memext.nn.memory.xl import XLMemory
+from memext.registry import SettingError, check_choice, check_int
 
 BACKENDS = ("torch", "faiss")
 #: Score elements (B * H * queries * N) one top-k chunk may hold: 2^24 fp32 = 64 MiB.
@@ -133,25 +134,8 @@ class KNNMemory(XLMemory):
         knn_max: int = 0,
         knn_backend: str = "torch",
     ):
+        self.check(n_layers, n_heads, mem_len, knn_layer, knn_topk, knn_max, knn_backend)
         super().__init__(mem_len)
-        if n_layers < 1 or n_heads < 1:
-            raise ValueError(
-                f"knn: n_layers={n_layers}, n_heads={n_heads} are invalid: expected numbers >= 1"
-            )
-        if not -n_layers <= knn_layer < n_layers:
-            raise ValueError(
-                f"knn_layer={knn_layer} is invalid: expected a layer index in "
-                f"[-{n_layers}, {n_layers})"
-            )
-        if knn_topk < 1:
-            raise ValueError(f"knn_topk={knn_topk} is invalid: expected a number >= 1")
-        if knn_max < 0:
-            raise ValueError(f"knn_max={knn_max} is invalid: expected 0 (unbounded) or >= 1")
-        if knn_backend not in BACKENDS:
-            raise ValueError(
-                f"knn_backend={knn_backend!r} is invalid: expected one of "
-                + ", ".join(map(repr, BACKENDS))
-            )
         if knn_backend == "faiss":
             _faiss()  # fail at build time, not at the first segment with a store
         self.layer = knn_layer % n_layers
@@ -161,6 +145,27 @@ class KNNMemory(XLMemory):
         # sigmoid(0) = 1/2: memory and local attention start equally weighted. 1-dim, so the
         # model's N(0, std) init leaves it alone.
         self.gate = nn.Parameter(torch.zeros(n_heads))
+
+    @classmethod
+    def check(
+        cls,
+        n_layers: int,
+        n_heads: int,
+        mem_len: int,
+        knn_layer: int,
+        knn_topk: int,
+        knn_max: int,
+        knn_backend: str,
+    ) -> None:
+        super().check(mem_len)
+        check_int(cls.name, "n_layers", n_layers, 1)
+        check_int(cls.name, "n_heads", n_heads, 1)
+        if not -n_layers <= knn_layer < n_layers:
+            accepted = f"a layer index in [-{n_layers}, {n_layers})"
+            raise SettingError(cls.name, "knn_layer", knn_layer, accepted)
+        check_int(cls.name, "knn_topk", knn_topk, 1)
+        check_int(cls.name, "knn_max", knn_max, 0)
+        check_choice(cls.name, "knn_backend", knn_backend, BACKENDS)
 
     def attend(
         self,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from memext.nn.memory import Memory, MemoryState, MemoryStep, register_memory
+from memext.registry import check_int
 
 
 @register_memory("tokens")
@@ -33,15 +34,17 @@ class TokenMemory(Memory):
 
     def __init__(self, d_model: int, mem_tokens: int = 0):
         super().__init__()
-        if d_model <= 0:
-            raise ValueError(f"d_model={d_model} is invalid: expected a number > 0")
-        if mem_tokens < 0:
-            raise ValueError(f"mem_tokens={mem_tokens} is invalid: expected a number >= 0")
+        self.check(d_model, mem_tokens)
         self.d_model = d_model
         self.mem_tokens = mem_tokens
         # No parameter at m = 0, so the state dict is the plain model's. build_model re-draws it
         # as N(0, init_std) like the token embeddings, which the memory tokens stand beside.
         self.initial = nn.Parameter(torch.randn(mem_tokens, d_model) * 0.02) if mem_tokens else None
+
+    @classmethod
+    def check(cls, d_model: int, mem_tokens: int) -> None:
+        check_int(cls.name, "d_model", d_model, 1)
+        check_int(cls.name, "mem_tokens", mem_tokens, 0)
 
     def _initial(self, batch: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         # Expanded, not copied: the graph stays connected to the parameter, so it is learned.

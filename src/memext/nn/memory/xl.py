@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from memext.nn.memory import Memory, MemoryState, MemoryStep, keep_rows, register_memory
+from memext.registry import check_int
 
 
 def read_with_memory(
@@ -37,9 +38,12 @@ class XLMemory(Memory):
 
     def __init__(self, mem_len: int = 0):
         super().__init__()
-        if mem_len < 0:
-            raise ValueError(f"mem_len={mem_len} is invalid: expected a number >= 0")
+        XLMemory.check(mem_len)  # subclasses check it again, in their own name, beforehand
         self.mem_len = mem_len
+
+    @classmethod
+    def check(cls, mem_len: int) -> None:
+        check_int(cls.name, "mem_len", mem_len, 0)
 
     def attend(
         self,
