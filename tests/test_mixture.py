@@ -76,8 +76,8 @@ def test_stages_select_sources() -> None:
     ("mixture", "message"),
     [
         ("[{task: passkey, lengths: [200]}]", "multiples of train.segment_len"),
-        ("[{task: passkey, stages: [1]}]", "stage indices"),
-        ("[{task: lm, stages: [0]}]", None),
+        ("[{task: passkey, stages: [2]}]", "stage indices"),
+        ("[{task: lm, stages: [0, 1]}]", None),
         ("[{task: pasky}]", "one of lm, "),
         ("[{task: passkey, share: 0}]", "> 0"),
     ],
