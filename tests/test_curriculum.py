@@ -22,6 +22,9 @@ SMALL = {
     "model.n_heads": "2",
     "model.max_seq_len": "256",
     "model.memory": "none",
+    "data.mixture": "[]",  # corpus text only (the tiny preset also trains on passkeys)
+    "train.curriculum": "",
+    "train.curriculum_steps": "",
     "train.segment_len": "0",
     "train.seq_len": "32",
     "train.batch_size": "4",

@@ -25,7 +25,7 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
     printed = capsys.readouterr().out
-    assert "completed 40" in printed
+    assert "completed 60" in printed
     assert "torch.Size([1, 64, 264]) 64" in printed
     assert (tmp_path / "runs" / "quickstart" / "eval.json").is_file()
 

@@ -28,6 +28,9 @@ SMALL = {
     "train.seq_len": "32",
     "train.segment_len": "0",  # resumption of the plain model (segments: test_train_segments)
     "model.memory": "none",
+    "data.mixture": "[]",  # corpus text only (the tiny preset also trains on passkeys)
+    "train.curriculum": "",
+    "train.curriculum_steps": "",
     "train.batch_size": "4",
     "train.log_every": "1",
     "train.eval_tokens": "256",

@@ -113,6 +113,9 @@ def test_the_trainer_runs_segments_and_resumes_exactly(tmp_path: Path, model_cha
         "eval.lengths": "32,64",
         "eval.max_tokens": "128",
         "train.log_every": "1",
+        "data.mixture": "[]",
+        "train.curriculum": "",
+        "train.curriculum_steps": "",
         **{f"model.{k}": v for k, v in model_changes.items()},
     }
     cfg = Config.preset("tiny").override(sets)
