@@ -8,11 +8,11 @@ share no code with the library but the model and ``ByteTokenizer``-style byte co
 
 Tolerance (fp32): the library scores a whole window (or segment) per forward pass, the reference
 a prefix per position; a causal model gives the same logits either way up to fp32 rounding of
-different matrix shapes (measured: relative differences in the summed nats of 1e-9 to 7e-8). The bound
-is REL_TOL = 1e-5 relative on nats and bits-per-byte; token and byte counts are exact. Each test
-also checks that the figures it compares move by far more than REL_TOL when the context changes
-(another length, another reach), so a scoring off by one window, one position or one segment
-could not pass.
+different matrix shapes (measured: relative differences in the summed nats of 1e-9 to 7e-8).
+The bound is REL_TOL = 1e-5 relative on nats and bits-per-byte; token and byte counts are exact.
+Each test also checks that the figures it compares move by over 100 x REL_TOL when the context
+changes (another length, another reach), so a scoring off by one window, one position or one
+segment could not pass.
 """
 
 from __future__ import annotations
