@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("transformers", minversion="5")
-
 from memext import build_model
 from memext import checkpoint as ckpt
 from memext.cli import app

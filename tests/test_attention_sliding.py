@@ -1,7 +1,8 @@
 """Sliding-window attention equals its dense-mask reference, forward and backward, at awkward sizes.
 
-Tolerances (fp32): forward max abs error <= 1e-5, gradients <= 1e-4. bf16: the kernel's error
-against an fp64 reference is at most twice the bf16 reference's own error against fp64.
+Tolerances (fp32): forward max abs error <= 1e-5, gradients <= 1e-4. bf16 (`bf16_rule`): the
+kernel's norm-wise error against an fp64 reference is at most twice the bf16 reference's own
+error against fp64, forward and backward.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bf16_rule import assert_within_reference_error
 from memext.model import build_model
 from memext.nn.attention import build_attention
 from memext.nn.reference import attention, causal_mask, sliding_mask
@@ -73,10 +75,10 @@ def test_sliding_equals_reference(case, causal: bool, fused: bool) -> None:
     assert grads <= GRAD_TOL
 
 
-# PyTorch's CPU flash kernel rounds probabilities and dS to bf16 before the dK/dV products, so
-# its gradients come out up to ~2.5x the naive bf16 reference's error (see test_model.py); the
-# forward keeps flash-attention's 2x rule.
-BF16_BWD_FACTOR = 3.0
+# flash-attention's 2x rule, norm-wise for the gradients too: PyTorch's CPU flash kernel rounds
+# the probabilities and dS to bf16 before the dK/dV products, which moves the element-wise ratio
+# from seed to seed (up to 1.5x here, 3.0x in test_model.py) but not the norm-wise one.
+BF16_K = 2.0
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -96,12 +98,8 @@ def test_sliding_bf16_error_within_twice_the_references(causal: bool) -> None:
     exact = run(lambda *x: attention(*x, mask), torch.float64)
     low = run(lambda *x: attention(*x, mask), torch.bfloat16)
     fast = run(lambda *x: kernel(*x, causal=causal), torch.bfloat16)
-    errs = [
-        [(a - e).abs().max().item() for a, e in zip(r, exact, strict=True)] for r in (low, fast)
-    ]
-    assert errs[1][0] <= 2 * errs[0][0]
-    for ref_err, err in zip(errs[0][1:], errs[1][1:], strict=True):
-        assert err <= BF16_BWD_FACTOR * ref_err + 1e-5
+    for name, f, lo, e in zip(["out", "dq", "dk", "dv"], fast, low, exact, strict=True):
+        assert_within_reference_error(name, f, lo, e, BF16_K)
 
 
 def test_window_covering_the_sequence_is_full_attention() -> None:

@@ -19,8 +19,6 @@ from memext.pipelines.chunking import (
     token_spans,
 )
 from memext.tokenizer import ByteTokenizer, train_bpe
-
-pytest.importorskip("transformers")
 from tiny_bert import tiny_bert_tokenizer
 
 BERT = tiny_bert_tokenizer()

@@ -12,13 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from memext.errors import MemextError
-
-pytest.importorskip("transformers")
-pytest.importorskip("sklearn")
 import torch
 
+from memext.errors import MemextError
 from memext.pipelines.aggregators import AGGREGATORS, AggregatorSpec, build_aggregator
 from memext.pipelines.chunking import chunk_text
 from memext.pipelines.classify import (

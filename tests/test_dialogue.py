@@ -11,11 +11,9 @@ from hypothesis import strategies as st
 from memext.errors import MemextError
 from memext.pipelines.chunking import count_tokens
 from memext.pipelines.dialogue import Conversation
+from memext.pipelines.encoder import Encoder
 from memext.pipelines.store import RetrievalStore
 from memext.tokenizer import ByteTokenizer
-
-pytest.importorskip("transformers")
-from memext.pipelines.encoder import Encoder
 from tiny_bert import write_tiny_bert
 
 BYTES = ByteTokenizer()

@@ -13,17 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers  # >= 5 (rope_parameters), in the dev extra
 
-transformers = pytest.importorskip("transformers", minversion="5")  # rope_parameters
-
-from memext.data.tasks import make_samples  # noqa: E402
-from memext.errors import MemextError  # noqa: E402
-from memext.evals.perplexity import evaluate_lengths  # noqa: E402
-from memext.evals.tasks import evaluate_samples  # noqa: E402
-from memext.hf import HFCausalLM, context_length, extend_hf, load_causal_lm  # noqa: E402
-from memext.nn.rope_scaling import hf_rope_parameters  # noqa: E402
-from memext.nn.rotary import Rotary  # noqa: E402
-from memext.tokenizer import ByteTokenizer  # noqa: E402
+from memext.data.tasks import make_samples
+from memext.errors import MemextError
+from memext.evals.perplexity import evaluate_lengths
+from memext.evals.tasks import evaluate_samples
+from memext.hf import HFCausalLM, context_length, extend_hf, load_causal_lm
+from memext.nn.rope_scaling import hf_rope_parameters
+from memext.nn.rotary import Rotary
+from memext.tokenizer import ByteTokenizer
 
 MAX_POS, HEAD_DIM, BASE = 256, 8, 10000.0
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from memext.hf.cache import PolicyCache, prefill  # noqa: E402
+from memext.hf.cache import PolicyCache, prefill
 
 TOL = 1e-4
 

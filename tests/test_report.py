@@ -20,8 +20,6 @@ from memext.errors import MemextError
 from memext.evals.report import build_report, load_runs
 from memext.evals.results import summarize
 
-pytest.importorskip("matplotlib")
-
 FIXTURES = Path(__file__).parent / "fixtures"
 A, B = FIXTURES / "suite_results_a.json", FIXTURES / "suite_results_b.json"
 PLOTS = [

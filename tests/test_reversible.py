@@ -6,6 +6,12 @@ Tolerances (fp32, CPU): loss within 1e-5 and every parameter's gradient within 1
 the twin. The twin runs the same coupled blocks under plain autograd; the custom backward differs
 only by inverting the blocks, whose rounding error is of the order of the stream's ulp (observed
 differences: ~1e-7 at init std 0.1).
+
+bf16 (autocast): no constant. The gradients follow ``bf16_rule``: each parameter's gradient may
+depart from the bf16 twin's by at most the twin's own bf16 error (its distance from the fp32
+twin), measured in the test. And the replay of autocast is checked where it acts: the inputs
+that the backward recovers by inversion must be 100x closer to the true inputs than the bf16
+rounding that the forward accumulates (see the two tests for the reasons and the figures).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bf16_rule import assert_within_reference_error
 from memext import Config, build_model
 from memext.bench.memory import peak_memory
 from memext.checkpoint import CONFIG, WEIGHTS, load, save_weights
 from memext.config import ModelConfig
 from memext.infer.generate import generate_ids
+from memext.nn import reversible
 from memext.nn.feedforward import SwiGLU
 from memext.nn.reversible import couple, invert
 from memext.train.trainer import build_optimizer, train_step
@@ -57,21 +65,20 @@ def _losses_and_grads(model: torch.nn.Module, batches: list[torch.Tensor], bf16:
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def _assert_matches_twin(
-    cfg: ModelConfig, batches: list[torch.Tensor], seed: int = 0, bf16: bool = False
-) -> None:
+def _run_twin(cfg: ModelConfig, batches: list[torch.Tensor], seed: int, custom: bool, bf16: bool):
     # At the default init (std 0.02) the branches add so little to the streams that even a 0.1%
     # error in the inversion would pass unseen; std 0.1 makes them count (such an error then
     # shows as ~4e-4 in the gradients) while the true inversion stays at ~1e-7.
-    cfg = dataclasses.replace(cfg, init_std=0.1)
-    results = []
-    for custom in (True, False):
-        model = build_model(cfg, seed=0).train()
-        model.reversible_backward = custom
-        torch.manual_seed(seed)  # same dropout masks in both runs
-        losses, grads = _losses_and_grads(model, batches, bf16)
-        results.append((losses, grads, torch.get_rng_state()))
-    (losses, grads, rng), (twin_losses, twin_grads, twin_rng) = results
+    model = build_model(dataclasses.replace(cfg, init_std=0.1), seed=0).train()
+    model.reversible_backward = custom
+    torch.manual_seed(seed)  # same dropout masks in both runs
+    losses, grads = _losses_and_grads(model, batches, bf16)
+    return losses, grads, torch.get_rng_state()
+
+
+def _assert_matches_twin(cfg: ModelConfig, batches: list[torch.Tensor], seed: int = 0) -> None:
+    losses, grads, rng = _run_twin(cfg, batches, seed, custom=True, bf16=False)
+    twin_losses, twin_grads, twin_rng = _run_twin(cfg, batches, seed, custom=False, bf16=False)
     assert max(abs(a - b) for a, b in zip(losses, twin_losses, strict=True)) <= LOSS_TOL
     assert grads.keys() == twin_grads.keys()
     for name, g in grads.items():
@@ -156,10 +163,83 @@ def test_dropout_is_replayed_in_the_reversible_backward(rev_cfg: ModelConfig) ->
     assert _loss(model, _tokens(2, 33)).item() != a
 
 
-def test_reversible_backward_replays_autocast(rev_cfg: ModelConfig) -> None:
-    # Recomputed in fp32 instead of the forward's bf16, the inversion would be off by bf16
-    # rounding (gradients off by ~2e-3, measured); replayed, it matches the twin to ~1e-8.
-    _assert_matches_twin(dataclasses.replace(rev_cfg, n_layers=4), [_tokens(2, 41)], bf16=True)
+# bf16: the custom backward replays the twin's own bf16 operations, so it departs from the bf16
+# twin only where the inversion's fp32-ulp residue moves a recomputed value across a bf16
+# rounding boundary. Such a flip changes one rounding among the many that make up the twin's own
+# bf16 error, so k = 1 (`bf16_rule`, norm-wise, against the bf16 twin; by the triangle
+# inequality this is stricter than flash-attention's 2x against the fp32 truth). Measured
+# (torch 2.13, AVX512_BF16 CPU, 12 batches): departure / own error <= 0.42, and ~1e-5 when no
+# rounding flips. The element-wise max that this test used to bound by 1e-4 reached 5.4e-4 here.
+BF16_GRAD_K = 1.0
+
+
+def test_reversible_bf16_gradients_within_the_twins_own_bf16_error(rev_cfg: ModelConfig) -> None:
+    cfg = dataclasses.replace(rev_cfg, n_layers=4)
+    batches = [_tokens(2, 41)]
+    losses, grads, rng = _run_twin(cfg, batches, 0, custom=True, bf16=True)
+    low_losses, low, low_rng = _run_twin(cfg, batches, 0, custom=False, bf16=True)
+    _, truth, _ = _run_twin(cfg, batches, 0, custom=False, bf16=False)
+    # The forward runs the same bf16 operations in the same order on both sides (measured: equal).
+    assert max(abs(a - b) for a, b in zip(losses, low_losses, strict=True)) <= LOSS_TOL
+    assert grads.keys() == low.keys() == truth.keys()
+    for name, g in grads.items():
+        assert g.abs().max().item() > 0, f"{name} got no gradient"
+        assert_within_reference_error(name, g, low[name], truth[name], BF16_GRAD_K, against="low")
+    assert torch.equal(rng, low_rng)
+
+
+# Where the replay of autocast acts: inverting a block subtracts its branches recomputed in the
+# backward. Replayed in bf16, they are the forward's own values, so the recovered inputs are off
+# by fp32 rounding only (measured: 90th percentile ~1e-5 of the yardstick below), except at the
+# rare entries where that rounding moves a recomputed value across a bf16 rounding boundary.
+# Recomputed in fp32 instead, every recovered entry carries every branch's bf16 rounding: the
+# same rounding that separates the bf16 forward from the fp32 one, the yardstick (measured: 1.1
+# to 1.4x it). The gradients cannot tell the two apart (both land within the twin's own bf16
+# error), hence this check on the recovered inputs, with the 90th percentile so that the rare
+# flips do not count, and a factor of 1/100 between the two measured regimes.
+REPLAY_FRACTION = 0.01
+
+
+def _q90(x: torch.Tensor) -> float:
+    return x.detach().abs().flatten().double().quantile(0.9).item()
+
+
+def test_reversible_backward_replays_autocast(
+    rev_cfg: ModelConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = dataclasses.replace(rev_cfg, n_layers=4, init_std=0.1)
+    tokens = _tokens(2, 41)
+    recovered: list[torch.Tensor] = []
+    undo = reversible._undo_branch
+
+    def spy(*args, **kwargs):
+        res, d_inp, grads = undo(*args, **kwargs)
+        recovered.append(res.detach().clone())
+        return res, d_inp, grads
+
+    monkeypatch.setattr(reversible, "_undo_branch", spy)
+
+    def run(custom: bool, bf16: bool) -> dict[str, torch.Tensor]:
+        model = build_model(cfg, seed=0).train()
+        model.reversible_backward = custom
+        seen: dict[str, torch.Tensor] = {}
+        model.embed.register_forward_hook(lambda m, i, out: seen.update(stack_in=out.detach()))
+        model.norm.register_forward_pre_hook(lambda m, i: seen.update(stack_out=i[0].detach()))
+        recovered.clear()
+        _losses_and_grads(model, [tokens], bf16)
+        return seen
+
+    truth = run(custom=False, bf16=False)
+    low = run(custom=False, bf16=True)
+    yardstick = _q90(low["stack_out"] - truth["stack_out"])
+    assert yardstick > 0
+    seen = run(custom=True, bf16=True)
+    # The backward walks the blocks last to first; the last two inversions give block 0's
+    # inputs x1 and x2, which are both the embedded input.
+    assert len(recovered) == 2 * cfg.n_layers
+    for name, x in zip(("x1", "x2"), recovered[:-3:-1], strict=True):
+        err = _q90(x - seen["stack_in"])
+        assert err <= REPLAY_FRACTION * yardstick, f"{name}: {err:.3g} vs {yardstick:.3g}"
 
 
 def test_reversible_gradients_reach_autograd_grad(rev_cfg: ModelConfig) -> None:

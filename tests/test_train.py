@@ -79,37 +79,85 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, corpus):
         assert torch.equal(p, q), name
 
 
+# The CLI in a child process, with a training callback that parks the run at step STOP_AT (its
+# SIGINT handler installed, steps done) and says so in a file, until the signal has arrived. The
+# test then sends a real SIGINT from outside, so the interrupt lands at a known step however fast
+# or slow the machine is: nothing can finish first, and nothing is skipped.
+PARK_AT_STEP = """
+import os, sys, time
+import memext.train
+
+STOP_AT, MARK = int(sys.argv[1]), sys.argv[2]
+plain = memext.train.train
+
+def train(*args, **kwargs):
+    theirs = kwargs.get("callback")
+
+    def park(loop):
+        if theirs is not None:
+            theirs(loop)
+        if loop.step == STOP_AT:
+            open(MARK, "w").close()
+            deadline = time.time() + 120
+            while not loop.stop_requested and time.time() < deadline:
+                time.sleep(0.01)
+
+    kwargs["callback"] = park
+    return plain(*args, **kwargs)
+
+memext.train.train = train  # before the CLI imports it
+from memext.cli import main
+
+sys.argv = ["memext", *sys.argv[3:]]
+main()
+"""
+
+
 def test_real_ctrl_c_saves_and_resume_matches(tmp_path, corpus):
     """SIGINT to the CLI mid-run: exit 130 with a checkpoint; resuming reproduces every loss."""
+    steps, stop_at = 12, 5
     sets = [f"--set={k}={v}" for k, v in SMALL.items()] + [
         f"--set=data.corpus={corpus}",
-        "--set=train.steps=1500",
+        f"--set=train.steps={steps}",
         "--set=train.save_every=100000",
         "--set=train.eval_every=0",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "memext", "train", "--no-eval", "--device", "cpu", *sets]
+    args = ["train", "--no-eval", "--device", "cpu", *sets]
+    mark = tmp_path / "parked"
     proc = subprocess.Popen(
-        [*cmd, "--out", str(tmp_path / "a")],
+        [
+            sys.executable,
+            "-c",
+            PARK_AT_STEP,
+            str(stop_at),
+            str(mark),
+            *args,
+            "--out",
+            str(tmp_path / "a"),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 60
-    while time.time() < deadline and not (tmp_path / "a" / "config.json").exists():
-        time.sleep(0.2)
-    time.sleep(4.0)  # some steps in (start-up is slower on a loaded machine)
+    deadline = time.time() + 120
+    while not mark.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    if not mark.exists():
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"the run never reached step {stop_at} (exit {proc.returncode}): {err}")
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt arrived (machine too fast)")
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
-    stopped = max(s for s, _ in _losses(tmp_path / "a"))
-    assert 0 < stopped < 1500
+    assert "interrupt: finishing this step" in err
+    assert f"interrupted at step {stop_at}" in out
+    assert max(s for s, _ in _losses(tmp_path / "a")) == stop_at
+    cmd = [sys.executable, "-m", "memext"]
     done = subprocess.run(
-        [*cmd[:4], "--no-eval", "--resume", str(tmp_path / "a")],
+        [*cmd, "train", "--no-eval", "--resume", str(tmp_path / "a")],
         env=env,
         capture_output=True,
         text=True,
@@ -117,9 +165,14 @@ def test_real_ctrl_c_saves_and_resume_matches(tmp_path, corpus):
     )
     assert done.returncode == 0, done.stderr
     straight = subprocess.run(
-        [*cmd, "--out", str(tmp_path / "b")], env=env, capture_output=True, text=True, timeout=300
+        [*cmd, *args, "--out", str(tmp_path / "b")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert straight.returncode == 0, straight.stderr
+    assert [s for s, _ in _losses(tmp_path / "b")] == list(range(1, steps + 1))
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
 
 

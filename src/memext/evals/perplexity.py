@@ -6,7 +6,9 @@ so every scored token is predicted from between L/2 + 1 and L tokens of context.
 attends over the whole window (no cache tricks). The *same* token positions are scored at every
 L of one evaluation — positions ``P0 … P0 + N - 1`` with ``P0 = max(L) / 2`` — so differences
 between lengths come from context alone. bits-per-byte = total nats / ln 2 / the UTF-8 bytes of
-the scored target tokens (special tokens score their loss but count no bytes).
+the scored target tokens (special tokens score their loss but count no bytes). An odd L scores
+the last ⌊L/2⌋ positions of each window with stride ⌊L/2⌋, so each position is scored once (the
+first is then ⌈max(L)/2⌉).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ DEFINITION = (
 
 
 def _windows(length: int, first: int, n_scored: int) -> list[tuple[int, int]]:
-    """(start, end) input spans whose second halves tile positions [first, first + n_scored)."""
+    """(start, end) input spans whose last ⌊length/2⌋ positions tile [first, first + n_scored)."""
     half = length // 2
-    spans, start = [], first - half
-    while start + half < first + n_scored:
+    lead = length - half  # unscored context at the start of a window (= half when L is even)
+    spans, start = [], first - lead
+    while start + lead < first + n_scored:
         spans.append((start, min(start + length, first + n_scored)))
         start += half
     return spans
@@ -61,9 +64,11 @@ def score_length(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score positions [first, first + n_scored) of ``tokens`` with windows of ``length``."""
-    half = length // 2
-    if first < half:
-        raise ValueError(f"first={first} must be >= length/2={half}")
+    if length < 2:
+        raise ValueError(f"length={length} must be >= 2")
+    lead = length - length // 2  # the unscored start of each window: length/2 when it is even
+    if first < lead:
+        raise ValueError(f"first={first} must be >= length - length//2 = {lead}")
     spans = _windows(length, first, n_scored)
     nats, n_tok, n_bytes = 0.0, 0, 0
     groups: dict[int, list[tuple[int, int]]] = {}
@@ -76,8 +81,8 @@ def score_length(
             idx = np.array([s for s, _ in batch])[:, None] + np.arange(size + 1)[None, :]
             seg = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
             logits, _ = model(seg[:, :-1])
-            targets = seg[:, half + 1 :]
-            nll, nb = nats_and_bytes(logits[:, half:], targets, byte_lengths)
+            targets = seg[:, lead + 1 :]
+            nll, nb = nats_and_bytes(logits[:, lead:], targets, byte_lengths)
             nats, n_tok, n_bytes = nats + nll, n_tok + targets.numel(), n_bytes + nb
             bar.update(len(batch))
     bar.close()
@@ -103,7 +108,7 @@ def evaluate_lengths(
     progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Bits-per-byte at each context length, on the same scored positions for every length."""
-    first = max(lengths) // 2
+    first = max(n - n // 2 for n in lengths)  # max(lengths) / 2 when they are even
     n_scored = min(max_tokens, tokens.size - 1 - first)
     if n_scored <= 0:
         raise MemextError(
