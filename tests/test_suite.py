@@ -347,7 +347,7 @@ def test_no_memory_adapter_reads_each_segment_alone(tmp_path: Path, corpus: Path
     alone = without.model(x[:, 128:])[0]  # the last segment read with no state at all
     assert torch.allclose(without.logits(x)[:, 128:], alone, atol=1e-6)
     assert not torch.allclose(with_memory[:, 128:], alone, atol=1e-3)  # memory changes it
-    assert torch.allclose(with_memory[:, :64], alone.new_tensor(without.logits(x)[:, :64]))
+    assert torch.allclose(with_memory[:, :64], without.logits(x)[:, :64])  # nothing to recall yet
     assert without.name.endswith("(no memory)")
     assert without.fingerprint() != MemextAdapter(run).fingerprint()
     # Segments are cut from the end: the last one is whole whatever the length.
