@@ -1,0 +1,102 @@
+"""Benchmarks shipped with the library: `memext bench attention`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memext.cli.common import err, out, user_errors
+from memext.config import parse_value
+
+
+@user_errors
+def bench_attention(
+    lengths: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = (
+        "1024,2048,4096,8192,16384"
+    ),
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
+    head_dim: Annotated[int, typer.Option(help="Dimension per head.")] = 64,
+    window: Annotated[int, typer.Option(help="Window W of sliding and local attention.")] = 512,
+    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    lsh_chunk: Annotated[int, typer.Option(help="LSH chunk (reformer-pytorch bucket_size).")] = 64,
+    lsh_rounds: Annotated[int, typer.Option(help="LSH hashing rounds.")] = 2,
+    block_size: Annotated[int, typer.Option(help="block_sparse / BigBird block length.")] = 64,
+    repeats: Annotated[int, typer.Option(help="Timed repeats per contender and length.")] = 3,
+    threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default.")] = 0,
+    only: Annotated[
+        str | None, typer.Option(help="Run contenders whose name contains one of these (a,b).")
+    ] = None,
+    peers: Annotated[bool, typer.Option(help="Include the peers installed from PyPI.")] = True,
+    backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = True,
+    memory: Annotated[bool, typer.Option(help="Also measure allocator peak memory.")] = True,
+    time_limit: Annotated[
+        float, typer.Option(help="Stop growing a contender's length past this many seconds.")
+    ] = 120.0,
+    train_length: Annotated[
+        int, typer.Option(help="Also time tiny-preset training at this context (0 = skip).")
+    ] = 8192,
+    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "cpu",
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the JSON and PNG go.")] = Path(
+        "bench-results"
+    ),
+) -> None:
+    """Time and peak memory of every attention variant against sequence length, vs peers."""
+    import torch
+    from tqdm import tqdm
+
+    from memext.bench import attention as bench
+    from memext.bench.peers import Shape
+    from memext.runtime import resolve_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = str(resolve_device(device))
+    shape = Shape(
+        batch=batch,
+        heads=heads,
+        head_dim=head_dim,
+        window=window,
+        lsh_chunk=lsh_chunk,
+        lsh_rounds=lsh_rounds,
+        block_size=block_size,
+        device=dev,
+    )
+    chosen, left_out = bench.select(only, peers)
+    if not chosen:
+        raise ValueError(f"--only {only!r} matches no contender")
+    for name, why in left_out.items():
+        err.print(f"[yellow]skipping {name}:[/] {why}", highlight=False)
+    sizes = parse_value("--lengths", tuple[int, ...], lengths)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--lengths={lengths!r} is invalid: expected positive integers")
+    bar = tqdm(desc="bench attention", unit="step", leave=False)
+
+    def tick(msg: str) -> None:
+        bar.set_postfix_str(msg, refresh=False)
+        bar.update()
+
+    records = bench.measure(
+        chosen,
+        sizes,
+        shape,
+        repeats=repeats,
+        backward=backward,
+        memory=memory,
+        time_limit=time_limit,
+        progress=tick,
+    )
+    from memext.nn.attention import ATTENTION
+
+    variants = sorted({c.name.split()[1] for c in chosen if c.package == "memext"} & set(ATTENTION))
+    training = (
+        bench.train_tokens_per_s(variants, train_length, device=dev, progress=tick)
+        if train_length
+        else []
+    )
+    bar.close()
+    command = " ".join(["memext", *sys.argv[1:]])
+    path, png = bench.report(out, records, training, shape, left_out, out_dir, command)
+    out.print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))

@@ -1,0 +1,80 @@
+"""What every command group shares: the consoles, the user-error guard, config and cache-option
+parsing, and the common option types."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from memext.config import PRESETS, Config
+from memext.errors import MemextError
+
+out = Console()
+err = Console(stderr=True)
+
+
+def user_errors(fn):
+    """Turn errors a user can fix into one red line and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (MemextError, ValueError) as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def assignments(overrides: list[str]) -> dict[str, str]:
+    result = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r} is invalid: expected SECTION.FIELD=VALUE")
+        result[key.strip()] = value
+    return result
+
+
+def build_config(preset: str, config: Path | None, overrides: list[str]) -> Config:
+    cfg = Config.load(config) if config else Config.preset(preset)
+    return cfg.override(assignments(overrides))
+
+
+PresetOpt = Annotated[str, typer.Option(help=f"Preset: {', '.join(PRESETS)}.")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="A config file (JSON or YAML).")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a setting: SECTION.FIELD=VALUE (repeatable)."),
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
+CacheOpt = Annotated[
+    str, typer.Option(help="KV-cache policy by name, see `memext info` (docs/context.md).")
+]
+CacheOptsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--cache-opt",
+        help="A cache policy option KEY=VALUE, e.g. window=1024, sinks=4, axis=channel, "
+        "policy=sinks (repeatable).",
+    ),
+]
+EncoderOpt = Annotated[
+    Path | None,
+    typer.Option(help="A local Hugging Face encoder dir (default: all-MiniLM-L6-v2, shipped)."),
+]
+
+
+def cache_options(items: list[str] | None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, value in assignments(items or []).items():
+        try:
+            options[key] = int(value)
+        except ValueError:
+            options[key] = value
+    return options

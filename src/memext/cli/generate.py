@@ -1,0 +1,212 @@
+"""Read and extend models: `memext generate`, `stream` and `extend`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import typer
+from rich.table import Table
+
+from memext.cli.common import (
+    CacheOpt,
+    CacheOptsOpt,
+    DeviceOpt,
+    cache_options,
+    err,
+    out,
+    user_errors,
+)
+from memext.cli.run import evaluate_and_print
+from memext.errors import MemextError
+
+
+@user_errors
+def generate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    prompt: Annotated[str | None, typer.Option(help="The prompt text.")] = None,
+    prompt_file: Annotated[
+        Path | None, typer.Option(help="Read the prompt from this file.")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 200,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")] = 0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+    stop: Annotated[
+        list[str] | None, typer.Option(help="Stop at this string (repeatable).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    cache: CacheOpt = "full",
+    cache_opt: CacheOptsOpt = None,
+    chunk: Annotated[
+        int | None, typer.Option(min=1, help="Read the prompt this many tokens per forward.")
+    ] = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Continue a prompt with a trained model (KV-cached; window/sinks read input of any length)."""
+    from memext.checkpoint import load, run_tokenizer
+    from memext.infer.generate import generate_text
+    from memext.runtime import resolve_device
+
+    if (prompt is None) == (prompt_file is None):
+        raise MemextError("give exactly one of --prompt and --prompt-file")
+    if prompt_file is not None:
+        if not prompt_file.is_file():
+            raise MemextError(f"prompt file {str(prompt_file)!r} does not exist")
+        try:
+            prompt = prompt_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise MemextError(f"prompt file {str(prompt_file)!r} is not valid UTF-8") from None
+    model, _ = load(run_dir, resolve_device(device))
+    tok = run_tokenizer(run_dir)
+    for piece in generate_text(
+        model,
+        tok,
+        prompt,
+        max_new_tokens,
+        stop=stop or (),
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        cache=cache,
+        cache_options=cache_options(cache_opt),
+        chunk=chunk,
+    ):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@user_errors
+def stream(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    text: Annotated[
+        str,
+        typer.Option(help="Text to read: 'stdlib' (its validation split), a file or directory."),
+    ] = "stdlib",
+    tokens: Annotated[
+        int, typer.Option(min=2, help="Tokens to feed (at most the text's).")
+    ] = 100_000,
+    cache: CacheOpt = "sinks",
+    cache_opt: CacheOptsOpt = None,
+    chunk: Annotated[int, typer.Option(min=1, help="Tokens per forward.")] = 256,
+    every: Annotated[
+        int, typer.Option(min=1, help="Measure cache bytes and peak memory every N tokens.")
+    ] = 10_000,
+    device: DeviceOpt = "auto",
+    output: Annotated[Path | None, typer.Option("--out", help="Results JSON.")] = None,
+) -> None:
+    """Streaming perplexity: feed a long text through a KV-cache policy in chunks, measuring that
+    memory stays flat."""
+    from memext.checkpoint import load, run_tokenizer
+    from memext.config import DataConfig
+    from memext.data import prepare_data
+    from memext.evals.streaming import streaming_perplexity
+    from memext.io import atomic_write_text
+    from memext.runtime import resolve_device
+
+    model, _ = load(run_dir, resolve_device(device))
+    tok = run_tokenizer(run_dir)
+    store, _ = prepare_data(DataConfig(corpus=text), tok, log=lambda m: err.print(m))
+    ids = store.validation if text == "stdlib" else np.concatenate([store.train, store.validation])
+    if ids.size < 2:
+        raise MemextError(f"the text {text!r} holds {ids.size} tokens: nothing to score")
+    ids = ids[:tokens]
+    r = streaming_perplexity(
+        model,
+        ids,
+        cache,
+        chunk,
+        cache_options=cache_options(cache_opt),
+        byte_lengths=tok.byte_lengths(),
+        every=every,
+    )
+    table = Table(title=f"streaming {ids.size:,} tokens through {cache} — {run_dir}")
+    for col in ("tokens read", "nats/token so far", "cache bytes", "chunk peak bytes"):
+        table.add_column(col, justify="right")
+    for c in r["checkpoints"]:
+        table.add_row(
+            f"{c['tokens']:,}",
+            f"{c['nats_per_token']:.4f}",
+            f"{c['cache_nbytes']:,}",
+            f"{c['chunk_peak_bytes']:,}",
+        )
+    out.print(table)
+    out.print(
+        f"bits/byte {r['bits_per_byte']:.4f}, perplexity {r['perplexity']:.3f}, "
+        f"{r['tokens_per_s']:,.0f} tokens/s"
+    )
+    if output is not None:
+        atomic_write_text(output, json.dumps({"run": str(run_dir), "text": text, **r}, indent=2))
+        out.print(f"results: {output}")
+
+
+@user_errors
+def extend(
+    src: Annotated[
+        Path, typer.Argument(help="A memext run, or a local Hugging Face causal-LM directory.")
+    ],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the extended copy goes.")],
+    scaling: Annotated[
+        str, typer.Option(help="Rotary scaling rule by name, see `memext info`.")
+    ] = "yarn",
+    factor: Annotated[float, typer.Option(help="New length / original length.")] = 4.0,
+    original_len: Annotated[
+        int | None,
+        typer.Option(help="The length the model was trained at (default: read from SRC)."),
+    ] = None,
+    alpha: Annotated[float | None, typer.Option(help="YaRN's alpha (beta_slow).")] = None,
+    beta: Annotated[float | None, typer.Option(help="YaRN's beta (beta_fast).")] = None,
+    steps: Annotated[
+        int, typer.Option(min=0, help="Fine-tune this many steps at the new length (memext runs).")
+    ] = 0,
+    lr: Annotated[
+        float | None, typer.Option(help="Fine-tuning learning rate (default: the source's final).")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    device: DeviceOpt = "auto",
+    evaluate: Annotated[
+        bool, typer.Option("--eval/--no-eval", help="Evaluate the copy (memext runs).")
+    ] = True,
+) -> None:
+    """Write a context-extended copy of a model: rotary scaled by FACTOR, optionally fine-tuned."""
+    from memext.checkpoint import is_memext_run
+    from memext.runtime import resolve_device
+
+    if not src.is_dir():
+        raise MemextError(f"{str(src)!r} is not a directory")
+    if is_memext_run(src):
+        from memext.extend import extend_run
+
+        dev = resolve_device(device)
+        extend_run(
+            src,
+            out_dir,
+            scaling,
+            factor,
+            original_len=original_len,
+            alpha=alpha,
+            beta=beta,
+            steps=steps,
+            lr=lr,
+            overwrite=overwrite,
+            device=str(dev),
+            log=lambda m: err.print(m, highlight=False),
+        )
+        out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
+        if evaluate:
+            evaluate_and_print(out_dir, None, None, dev, None)
+        return
+    from memext.hf import extend_hf
+
+    if steps:
+        raise MemextError(
+            "fine-tuning a Hugging Face checkpoint is not supported yet: drop --steps, or "
+            "fine-tune the written copy with transformers"
+        )
+    extend_hf(src, out_dir, scaling, factor, original_len=original_len, alpha=alpha, beta=beta)
+    out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
