@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from memext.cli.common import err, out, user_errors
+from memext.bench import attention as bench
+from memext.bench.peers import Shape
+from memext.cli.common import default, err, out, user_errors
 from memext.config import parse_value
 
 
@@ -17,24 +19,38 @@ def bench_attention(
     lengths: Annotated[str, typer.Option(help="Sequence lengths, comma-separated.")] = (
         "1024,2048,4096,8192,16384"
     ),
-    heads: Annotated[int, typer.Option(help="Attention heads.")] = 8,
-    head_dim: Annotated[int, typer.Option(help="Dimension per head.")] = 64,
-    window: Annotated[int, typer.Option(help="Window W of sliding and local attention.")] = 512,
-    batch: Annotated[int, typer.Option(help="Batch size.")] = 1,
-    lsh_chunk: Annotated[int, typer.Option(help="LSH chunk (reformer-pytorch bucket_size).")] = 64,
-    lsh_rounds: Annotated[int, typer.Option(help="LSH hashing rounds.")] = 2,
-    block_size: Annotated[int, typer.Option(help="block_sparse / BigBird block length.")] = 64,
-    repeats: Annotated[int, typer.Option(help="Timed repeats per contender and length.")] = 3,
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = default(Shape, "heads"),
+    head_dim: Annotated[int, typer.Option(help="Dimension per head.")] = default(Shape, "head_dim"),
+    window: Annotated[int, typer.Option(help="Window W of sliding and local attention.")] = default(
+        Shape, "window"
+    ),
+    batch: Annotated[int, typer.Option(help="Batch size.")] = default(Shape, "batch"),
+    lsh_chunk: Annotated[
+        int, typer.Option(help="LSH chunk (reformer-pytorch bucket_size).")
+    ] = default(Shape, "lsh_chunk"),
+    lsh_rounds: Annotated[int, typer.Option(help="LSH hashing rounds.")] = default(
+        Shape, "lsh_rounds"
+    ),
+    block_size: Annotated[int, typer.Option(help="block_sparse / BigBird block length.")] = default(
+        Shape, "block_size"
+    ),
+    repeats: Annotated[int, typer.Option(help="Timed repeats per contender and length.")] = default(
+        bench.measure, "repeats"
+    ),
     threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default.")] = 0,
     only: Annotated[
         str | None, typer.Option(help="Run contenders whose name contains one of these (a,b).")
     ] = None,
     peers: Annotated[bool, typer.Option(help="Include the peers installed from PyPI.")] = True,
-    backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = True,
-    memory: Annotated[bool, typer.Option(help="Also measure allocator peak memory.")] = True,
+    backward: Annotated[bool, typer.Option(help="Also time forward+backward.")] = default(
+        bench.measure, "backward"
+    ),
+    memory: Annotated[bool, typer.Option(help="Also measure allocator peak memory.")] = default(
+        bench.measure, "memory"
+    ),
     time_limit: Annotated[
         float, typer.Option(help="Stop growing a contender's length past this many seconds.")
-    ] = 120.0,
+    ] = default(bench.measure, "time_limit"),
     train_length: Annotated[
         int, typer.Option(help="Also time tiny-preset training at this context (0 = skip).")
     ] = 8192,
@@ -47,8 +63,6 @@ def bench_attention(
     import torch
     from tqdm import tqdm
 
-    from memext.bench import attention as bench
-    from memext.bench.peers import Shape
     from memext.runtime import resolve_device
 
     if threads:

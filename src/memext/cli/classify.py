@@ -8,7 +8,9 @@ from typing import Annotated
 
 import typer
 
-from memext.cli.common import DeviceOpt, EncoderOpt, out, user_errors
+from memext.cli.common import DeviceOpt, EncoderOpt, default, out, user_errors
+from memext.pipelines.classify import ClassifierConfig, train_classifier
+from memext.pipelines.documents import read_documents
 
 DataOpt = Annotated[Path, typer.Option("--data", help="JSONL (or .jsonl.gz) documents.")]
 TextFieldOpt = Annotated[str, typer.Option(help="The field holding each document's text.")]
@@ -22,26 +24,34 @@ SplitFieldOpt = Annotated[
 def classify_train(
     data: DataOpt,
     out_dir: Annotated[Path, typer.Option("--out", help="The classifier's run directory.")],
-    text_field: TextFieldOpt = "text",
-    label_field: LabelFieldOpt = "label",
+    text_field: TextFieldOpt = default(read_documents, "text_field"),
+    label_field: LabelFieldOpt = default(read_documents, "label_field"),
     split_field: SplitFieldOpt = None,
     encoder: EncoderOpt = None,
-    aggregator: Annotated[str, typer.Option(help="mean, max, attention or transformer.")] = (
-        "mean"
+    aggregator: Annotated[str, typer.Option(help="mean, max, attention or transformer.")] = default(
+        ClassifierConfig, "aggregator"
     ),
     truncate: Annotated[
         bool, typer.Option(help="The baseline: the first chunk (first max_tokens) only.")
-    ] = False,
-    fine_tune: Annotated[bool, typer.Option(help="Train the encoder's weights too.")] = False,
-    epochs: Annotated[int, typer.Option(help="Passes over the training documents.")] = 10,
-    max_chunks: Annotated[int, typer.Option(help="Chunks read per document.")] = 32,
-    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
-    overwrite: Annotated[bool, typer.Option(help="Replace a classifier already in --out.")] = False,
-    device: DeviceOpt = "cpu",
+    ] = default(ClassifierConfig, "truncate"),
+    fine_tune: Annotated[bool, typer.Option(help="Train the encoder's weights too.")] = not default(
+        ClassifierConfig, "frozen"
+    ),
+    epochs: Annotated[int, typer.Option(help="Passes over the training documents.")] = default(
+        ClassifierConfig, "epochs"
+    ),
+    max_chunks: Annotated[int, typer.Option(help="Chunks read per document.")] = default(
+        ClassifierConfig, "max_chunks"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = default(
+        ClassifierConfig, "seed"
+    ),
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace a classifier already in --out.")
+    ] = default(train_classifier, "overwrite"),
+    device: DeviceOpt = default(train_classifier, "device"),
 ) -> None:
     """Train a hierarchical long-document classifier (or the truncation baseline)."""
-    from memext.pipelines import ClassifierConfig, read_documents, train_classifier
-
     fields = {"text_field": text_field, "label_field": label_field, "split_field": split_field}
     docs = read_documents(data, **fields, split="train" if split_field else None)
     val = None
@@ -67,15 +77,15 @@ def classify_train(
 def classify_eval(
     run_dir: Annotated[Path, typer.Argument(help="A classifier run directory.")],
     data: DataOpt,
-    text_field: TextFieldOpt = "text",
-    label_field: LabelFieldOpt = "label",
+    text_field: TextFieldOpt = default(read_documents, "text_field"),
+    label_field: LabelFieldOpt = default(read_documents, "label_field"),
     split_field: SplitFieldOpt = None,
     split: Annotated[str, typer.Option(help="The split to score, with --split-field.")] = (
         "validation"
     ),
 ) -> None:
     """Accuracy and macro-F1 (scikit-learn) on labelled documents."""
-    from memext.pipelines import evaluate, load_classifier, read_documents
+    from memext.pipelines import evaluate, load_classifier
 
     docs = read_documents(
         data,
@@ -95,10 +105,10 @@ def classify_eval(
 def classify_predict(
     run_dir: Annotated[Path, typer.Argument(help="A classifier run directory.")],
     data: DataOpt,
-    text_field: TextFieldOpt = "text",
+    text_field: TextFieldOpt = default(read_documents, "text_field"),
 ) -> None:
     """One predicted label per document, as JSON lines."""
-    from memext.pipelines import load_classifier, read_documents
+    from memext.pipelines import load_classifier
 
     docs = read_documents(data, text_field=text_field, label_field=None)
     for line, label in zip(docs.lines, load_classifier(run_dir).predict(docs.texts), strict=True):

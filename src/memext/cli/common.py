@@ -1,9 +1,12 @@
 """What every command group shares: the consoles, the user-error guard, config and cache-option
-parsing, and the common option types."""
+parsing, the common option types, and `default`, which reads an option's default from the
+library."""
 
 from __future__ import annotations
 
 import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +32,16 @@ def user_errors(fn):
             raise typer.Exit(2) from None
 
     return wrapper
+
+
+def default(source: Callable[..., Any], name: str) -> Any:
+    """The library's default of ``name``, a parameter of ``source`` (a function, or a dataclass
+    whose field it is). Options that the library also takes declare no default of their own, so
+    the command and the library cannot drift apart."""
+    value = inspect.signature(source).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise TypeError(f"{source.__qualname__} gives {name!r} no default")
+    return value
 
 
 def assignments(overrides: list[str]) -> dict[str, str]:

@@ -16,12 +16,16 @@ from memext.cli.common import (
     CacheOptsOpt,
     DeviceOpt,
     cache_options,
+    default,
     err,
     out,
     user_errors,
 )
 from memext.cli.run import evaluate_and_print
 from memext.errors import MemextError
+from memext.evals.streaming import streaming_perplexity
+from memext.extend import extend_run
+from memext.infer.generate import generate_ids, generate_text
 
 
 @user_errors
@@ -32,14 +36,20 @@ def generate(
         Path | None, typer.Option(help="Read the prompt from this file.")
     ] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 200,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")] = 0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")] = 0.95,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = default(
+        generate_ids, "temperature"
+    ),
+    top_k: Annotated[
+        int, typer.Option(min=0, help="Keep the k most likely tokens; 0 = all.")
+    ] = default(generate_ids, "top_k"),
+    top_p: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass; 1 = all.")
+    ] = default(generate_ids, "top_p"),
     stop: Annotated[
         list[str] | None, typer.Option(help="Stop at this string (repeatable).")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    cache: CacheOpt = "full",
+    cache: CacheOpt = default(generate_ids, "cache"),
     cache_opt: CacheOptsOpt = None,
     chunk: Annotated[
         int | None, typer.Option(min=1, help="Read the prompt this many tokens per forward.")
@@ -48,7 +58,6 @@ def generate(
 ) -> None:
     """Continue a prompt with a trained model (KV-cached; window/sinks read input of any length)."""
     from memext.checkpoint import load, run_tokenizer
-    from memext.infer.generate import generate_text
     from memext.runtime import resolve_device
 
     if (prompt is None) == (prompt_file is None):
@@ -96,7 +105,7 @@ def stream(
     chunk: Annotated[int, typer.Option(min=1, help="Tokens per forward.")] = 256,
     every: Annotated[
         int, typer.Option(min=1, help="Measure cache bytes and peak memory every N tokens.")
-    ] = 10_000,
+    ] = default(streaming_perplexity, "every"),
     device: DeviceOpt = "auto",
     output: Annotated[Path | None, typer.Option("--out", help="Results JSON.")] = None,
 ) -> None:
@@ -105,7 +114,6 @@ def stream(
     from memext.checkpoint import load, run_tokenizer
     from memext.config import DataConfig
     from memext.data import prepare_data
-    from memext.evals.streaming import streaming_perplexity
     from memext.io import atomic_write_text
     from memext.runtime import resolve_device
 
@@ -163,11 +171,13 @@ def extend(
     beta: Annotated[float | None, typer.Option(help="YaRN's beta (beta_fast).")] = None,
     steps: Annotated[
         int, typer.Option(min=0, help="Fine-tune this many steps at the new length (memext runs).")
-    ] = 0,
+    ] = default(extend_run, "steps"),
     lr: Annotated[
         float | None, typer.Option(help="Fine-tuning learning rate (default: the source's final).")
     ] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = default(
+        extend_run, "overwrite"
+    ),
     device: DeviceOpt = "auto",
     evaluate: Annotated[
         bool, typer.Option("--eval/--no-eval", help="Evaluate the copy (memext runs).")
@@ -180,8 +190,6 @@ def extend(
     if not src.is_dir():
         raise MemextError(f"{str(src)!r} is not a directory")
     if is_memext_run(src):
-        from memext.extend import extend_run
-
         dev = resolve_device(device)
         extend_run(
             src,

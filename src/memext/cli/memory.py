@@ -7,15 +7,17 @@ from typing import Annotated
 
 import typer
 
-from memext.cli.common import DeviceOpt, EncoderOpt, err, out, user_errors
+from memext.cli.common import DeviceOpt, EncoderOpt, default, err, out, user_errors
 from memext.errors import MemextError
+from memext.pipelines.ask import ask as run_ask
+from memext.pipelines.store import RetrievalStore
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store's SQLite file.")]
 ModeOpt = Annotated[str, typer.Option(help="embedding, bm25 or hybrid.")]
 
 
 def _open_store(store: Path, encoder: Path | None):
-    from memext.pipelines import Encoder, RetrievalStore
+    from memext.pipelines import Encoder
 
     return RetrievalStore(store, encoder=Encoder(encoder))
 
@@ -44,8 +46,10 @@ def memory_search(
     query: Annotated[str, typer.Argument(help="What to look for.")],
     store: StoreOpt,
     encoder: EncoderOpt = None,
-    k: Annotated[int, typer.Option("-k", help="How many chunks.")] = 5,
-    mode: ModeOpt = "hybrid",
+    k: Annotated[int, typer.Option("-k", help="How many chunks.")] = default(
+        RetrievalStore.search, "k"
+    ),
+    mode: ModeOpt = default(run_ask, "mode"),  # text queries search as `ask` does
 ) -> None:
     """The chunks most relevant to a query."""
     with _open_store(store, encoder) as db:
@@ -60,14 +64,14 @@ def ask(
     store: StoreOpt,
     model: Annotated[Path, typer.Option(help="A memext run or a local HF causal-LM dir.")],
     encoder: EncoderOpt = None,
-    k: Annotated[int, typer.Option("-k", help="Chunks to consider.")] = 8,
-    mode: ModeOpt = "hybrid",
-    max_new_tokens: Annotated[int, typer.Option(help="Length of the answer.")] = 64,
-    device: DeviceOpt = "cpu",
+    k: Annotated[int, typer.Option("-k", help="Chunks to consider.")] = default(run_ask, "k"),
+    mode: ModeOpt = default(run_ask, "mode"),
+    max_new_tokens: Annotated[int, typer.Option(help="Length of the answer.")] = default(
+        run_ask, "max_new_tokens"
+    ),
+    device: DeviceOpt = default(run_ask, "device"),
 ) -> None:
     """Answer from a store: the most relevant chunks that fit the model's window, then generate."""
-    from memext.pipelines.ask import ask as run_ask
-
     with _open_store(store, encoder) as db:
         r = run_ask(
             db, model, question, k=k, mode=mode, max_new_tokens=max_new_tokens, device=device

@@ -19,18 +19,20 @@ from memext.cli.common import (
     SetOpt,
     assignments,
     build_config,
+    default,
     err,
     out,
     user_errors,
 )
 from memext.config import PRESETS, describe_fields, parse_value
 from memext.errors import MemextError
+from memext.train import train as run_training
 
 
 def fields_epilog() -> str:
     lines = ["Settings for --set SECTION.FIELD=VALUE (defaults of the tiny preset):\n\n"]
-    for name, typ, default, help_ in describe_fields():
-        lines.append(f"  {name} ({typ}, default {default!r}): {help_}\n\n")
+    for name, typ, value, help_ in describe_fields():
+        lines.append(f"  {name} ({typ}, default {value!r}): {help_}\n\n")
     return "".join(lines)
 
 
@@ -57,7 +59,9 @@ def train(
         Path | None, typer.Option("--out", help="Run directory (default: runs/PRESET-TIMESTAMP).")
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = default(
+        run_training, "overwrite"
+    ),
     device: DeviceOpt = "auto",
     evaluate: Annotated[
         bool,
@@ -76,7 +80,6 @@ def train(
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
     from memext.runtime import resolve_device
-    from memext.train import train as run_training
 
     dev = resolve_device(device)
     if resume is not None:
