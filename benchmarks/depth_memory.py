@@ -4,7 +4,7 @@ Four ways to train the same width at each depth: ``ordinary`` (autograd keeps ev
 activations), ``checkpointed`` (``activation_checkpointing``: each block keeps only its input and
 recomputes the rest in backward), ``reversible`` (RevNet-coupled blocks whose backward inverts
 them, ``model.reversible``) and ``reversible+ff_chunk`` (the same, with the feed-forward
-recomputed ``ff_chunk`` tokens at a time). Memory comes from ``memext.bench.memory.peak_memory``:
+recomputed ``ff_chunk`` tokens at a time). Memory comes from ``memext.profiling.peak_memory``:
 the allocator's peak above what was live before the call (parameters and the batch were), so it
 includes the parameters' gradients, which are allocated during the call; ``param_bytes`` is
 printed alongside to make that visible. Times come from separate, unprofiled runs of the same
@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 
 import memext
-from memext.bench.memory import peak_memory
 from memext.config import ModelConfig
 from memext.model import build_model
+from memext.profiling import peak_memory
 
 VARIANTS = ("ordinary", "checkpointed", "reversible", "reversible+ff_chunk")
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ff_chunk": args.ff_chunk,
         },
         "measure": "peak allocator bytes of one forward+backward above what was live before it "
-        "(memext.bench.memory.peak_memory); includes the parameters' gradients",
+        "(memext.profiling.peak_memory); includes the parameters' gradients",
         "rows": rows,
     }
     if args.out:

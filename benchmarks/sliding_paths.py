@@ -7,7 +7,7 @@
 - ``flex``: FlexAttention with a sliding-window block mask, forward only (no CPU backward in torch
   2.13), compiled; its mask creation and first call are timed separately.
 
-Peak memory is the allocator's (``memext.bench.memory``), in runs separate from the timings.
+Peak memory is the allocator's (``memext.profiling``), in runs separate from the timings.
 
     python benchmarks/sliding_paths.py --length 16384 --out benchmarks/results/sliding_paths.json
 """
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from memext.bench.memory import peak_memory
 from memext.nn.attention import build_attention
+from memext.profiling import peak_memory
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:

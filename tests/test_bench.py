@@ -12,8 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from memext.bench.attention import Record, comparisons, slopes
-from memext.bench.memory import peak_memory
 from memext.cli import app
+from memext.profiling import peak_memory
 
 
 def test_slope_of_a_power_law_is_its_exponent() -> None:

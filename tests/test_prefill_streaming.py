@@ -16,13 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memext.bench.memory import peak_memory
 from memext.config import ModelConfig
 from memext.evals.streaming import sliding_recompute_perplexity, streaming_perplexity
 from memext.infer.generate import generate_ids, new_state
 from memext.infer.prefill import prefill
 from memext.model import build_model
 from memext.nn.transformer import LongLM
+from memext.profiling import peak_memory
 
 TOL = 2e-5
 BYTES = np.array([1] * 256 + [0] * 8)  # a byte tokenizer's lengths: specials count no bytes

@@ -24,13 +24,13 @@ import torch.nn.functional as F
 
 from bf16_rule import assert_within_reference_error
 from memext import Config, build_model
-from memext.bench.memory import peak_memory
 from memext.checkpoint import CONFIG, WEIGHTS, load, save_weights
 from memext.config import ModelConfig
 from memext.infer.generate import generate_ids
 from memext.nn import reversible
 from memext.nn.feedforward import SwiGLU
 from memext.nn.reversible import couple, invert
+from memext.profiling import peak_memory
 from memext.train.trainer import build_optimizer, train_step
 
 LOSS_TOL = 1e-5

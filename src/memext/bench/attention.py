@@ -8,7 +8,7 @@ Protocol (why each step is there):
 - "forward" runs under ``torch.no_grad()`` (inference); "forward+backward" runs the forward with
   autograd and a backward of a fixed random gradient, then drops the gradients;
 - peak memory is measured in separate runs (the CPU measurement uses the profiler, which slows the
-  call down) and is the allocator's peak above what was live before: ``memext.bench.memory``;
+  call down) and is the allocator's peak above what was live before: ``memext.profiling``;
 - a contender whose warm-up forward+backward exceeds ``time_limit`` seconds is not run at longer
   lengths (recorded as skipped), so quadratic peers cannot stall the run;
 - the slope of log(time) against log(length) is fitted per contender over lengths >= 2048 (all
@@ -33,9 +33,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import Tensor
 
-from memext.bench.memory import peak_memory
 from memext.bench.peers import Contender, Shape, contenders
 from memext.io import atomic_write_text
+from memext.profiling import peak_memory
 
 #: (ours, theirs): each row of the comparison table; ratio = their time / our time.
 COMPARISONS = [

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from memext.bench.memory import peak_memory
 from memext.evals.perplexity import nats_and_bytes
 from memext.infer.generate import new_state
+from memext.profiling import peak_memory
 
 
 def _as_ids(ids: Any, device: torch.device) -> torch.Tensor:

@@ -181,7 +181,7 @@ def estimate(adapter: ModelAdapter, spec: SuiteSpec, todo: list[tuple[Task, Cell
     """Seconds for the cells still to run, from a probe's tokens/s, and the tensor memory of
     the longest input, from the probe's allocator peak scaled linearly (an estimate: attention
     without memory grows faster, segment-reading memory models stay flat)."""
-    from memext.bench.memory import peak_memory
+    from memext.profiling import peak_memory
 
     longest = max(c.length for _, c in todo)
     probe = min(256, longest)

@@ -252,7 +252,7 @@ class Speed(Task):
         return cell.length * (self.repeats + 2)  # the repeats, the warm-up, the memory probe
 
     def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
-        from memext.bench.memory import peak_memory
+        from memext.profiling import peak_memory
 
         adapter = ctx.adapter
         check_length(adapter, cell.length)

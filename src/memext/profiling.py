@@ -5,6 +5,9 @@ call runs under the profiler with memory tracking, and the peak is the running s
 allocation and free the allocator reported, in time order (the same event tree torch's own memory
 timeline is built from). The profiler slows the call down: measure time and memory in separate
 runs.
+
+It sits at the bottom of the layers (beside ``runtime``) because evaluations measure memory too,
+not only ``memext bench``.
 """
 
 from __future__ import annotations
