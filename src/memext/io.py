@@ -1,10 +1,13 @@
-"""Atomic file writes: a reader (or a resumed run) never sees a half-written file."""
+"""Atomic writes: a reader (or a resumed run) never sees a half-written file, nor a
+half-applied change to an SQLite database."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -33,6 +36,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error, on an autocommit
+    connection. IMMEDIATE takes the write lock up front, so two writers wait rather than fail
+    half-way with "database is locked"."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 def _umask() -> int:

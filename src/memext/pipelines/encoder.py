@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from memext.errors import MemextError
+from memext.io import transaction
 from memext.pipelines.chunking import Chunk
 
 if TYPE_CHECKING:
@@ -293,8 +294,6 @@ class _EmbeddingCache:
             (k, np.ascontiguousarray(v, dtype=np.float32).tobytes())
             for k, v in zip(keys, vectors, strict=True)
         ]
-        from memext.pipelines.store import transaction
-
         with transaction(self.db):
             self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", rows)
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from memext.errors import MemextError
+from memext.io import transaction
 from memext.pipelines.lexical import BM25, RRF_K, rank, reciprocal_rank_fusion, top_fused
 
 if TYPE_CHECKING:
@@ -71,20 +71,6 @@ class Hit:
     text: str
     score: float
     metadata: dict[str, Any]
-
-
-@contextmanager
-def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` on any error, on an autocommit
-    connection. IMMEDIATE takes the write lock up front, so two writers wait rather than fail
-    half-way with "database is locked"."""
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
 
 
 def content_key(doc_id: str, text: str) -> bytes:
