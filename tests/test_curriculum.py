@@ -10,10 +10,10 @@ import torch
 
 from memext import Config, load
 from memext.checkpoint import read_metrics
+from memext.curriculum import stage_at, stages
 from memext.errors import MemextError
 from memext.extend import extend_run, extended_config
 from memext.train import train
-from memext.train.curriculum import stage_at, stages
 from memext.train.schedule import lr_at
 
 SMALL = {

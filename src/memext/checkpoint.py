@@ -15,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
 from memext.config import Config
+from memext.curriculum import stage_at
 from memext.errors import MemextError
 from memext.io import atomic_write
 from memext.model import build_model
@@ -112,8 +113,6 @@ def load_weights(model: LongLM, path: Path) -> None:
 def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LongLM, Config]:
     """Load a run's model (in eval mode) and its config."""
     run_dir = Path(run_dir)
-    from memext.train.curriculum import stage_at  # local: the trainer imports this module
-
     cfg = load_config(run_dir)
     # A curriculum run's rotary scaling is that of the stage its last saved step belonged to.
     model = build_model(stage_at(cfg, max(0, _saved_step(run_dir / WEIGHTS) - 1)).model, seed=None)

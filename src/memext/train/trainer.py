@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from memext import checkpoint as ckpt
 from memext.config import Config, TrainConfig
+from memext.curriculum import Stage, stage_at
 from memext.data import prepare_data
 from memext.data.mixture import Batch, BatchSource
 from memext.errors import MemextError
@@ -32,7 +33,6 @@ from memext.io import atomic_write, atomic_write_text
 from memext.model import build_model, build_rotary
 from memext.runtime import autocast, provenance
 from memext.tokenizer import load_tokenizer
-from memext.train.curriculum import Stage, stage_at
 from memext.train.schedule import lr_at
 
 RUN_INFO = "run.json"

@@ -5,6 +5,9 @@ Stage 0 trains at ``train.seq_len`` for ``train.steps``; stage i >= 1 at ``train
 for ``train.curriculum_steps[i-1]``. Tokens per step stay those of stage 0 (the batch shrinks as
 the length grows). With ``model.rope_scaling`` set, stage i's rotary factor is its length divided
 by ``model.rope_original_len`` (stage 0 keeps the model's own factor, usually 1).
+
+The stages live beside the config, below ``checkpoint`` and ``train``: loading a run rebuilds the
+rotary of the stage its last saved step belonged to, and the trainer switches stages by them.
 """
 
 from __future__ import annotations
