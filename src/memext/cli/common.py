@@ -8,7 +8,7 @@ import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -16,15 +16,18 @@ from rich.console import Console
 from memext.config import PRESETS, Config
 from memext.errors import MemextError
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 out = Console()
 err = Console(stderr=True)
 
 
-def user_errors(fn):
+def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
     """Turn errors a user can fix into one red line and exit code 2, never a traceback."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
         except (MemextError, ValueError) as e:
