@@ -21,6 +21,7 @@ from memext.cli import app
 from memext.evals.runner import evaluate_run
 from memext.evals.streaming import streaming_perplexity
 from memext.extend import extend_run
+from memext.hf import extend_hf
 from memext.infer.generate import generate_ids
 from memext.pipelines.ask import ask
 from memext.pipelines.classify import ClassifierConfig, load_classifier, train_classifier
@@ -34,7 +35,7 @@ DRIVES: dict[str, tuple[Callable[..., Any], ...]] = {
     "eval": (evaluate_run,),
     "generate": (generate_ids,),
     "stream": (streaming_perplexity,),
-    "extend": (extend_run,),
+    "extend": (extend_run, extend_hf),
     "bench attention": (Shape, measure, train_tokens_per_s),
     "memory add": (RetrievalStore.add_text,),
     "memory search": (RetrievalStore.search,),
