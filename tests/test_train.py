@@ -84,12 +84,13 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, corpus):
 # test then sends a real SIGINT from outside, so the interrupt lands at a known step however fast
 # or slow the machine is: nothing can finish first, and nothing is skipped.
 PARK_AT_STEP = """
-import os, sys, time
+import functools, os, sys, time
 import memext.train
 
 STOP_AT, MARK = int(sys.argv[1]), sys.argv[2]
 plain = memext.train.train
 
+@functools.wraps(plain)  # the CLI reads the library's defaults from this signature
 def train(*args, **kwargs):
     theirs = kwargs.get("callback")
 
