@@ -26,7 +26,7 @@ from memext.cli.common import (
 )
 from memext.config import PRESETS, describe_fields, parse_value
 from memext.errors import MemextError
-from memext.train import train as run_training
+from memext.train import trainer
 
 
 def fields_epilog() -> str:
@@ -60,7 +60,7 @@ def train(
     ] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue the run in this directory.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = default(
-        run_training, "overwrite"
+        trainer.train, "overwrite"
     ),
     device: DeviceOpt = "auto",
     evaluate: Annotated[
@@ -80,6 +80,7 @@ def train(
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
     from memext.runtime import resolve_device
+    from memext.train import train as run_training  # looked up per call: a test wraps it
 
     dev = resolve_device(device)
     if resume is not None:
