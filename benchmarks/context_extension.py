@@ -42,7 +42,7 @@ from memext.data.tasks import Filler, make_samples
 from memext.evals.perplexity import evaluate_lengths
 from memext.evals.tasks import evaluate_samples
 from memext.model import build_rotary
-from memext.runtime import provenance
+from memext.runtime import command_line, provenance
 from memext.tokenizer import ByteTokenizer
 from memext.train import build_optimizer
 from memext.train.schedule import lr_at
@@ -280,12 +280,7 @@ def main() -> None:
         "lengths": lengths,
         "passkey_samples_per_length": args.samples * len(DEPTHS),
         "provenance": provenance(torch.device("cpu")),
-        "command": "python benchmarks/context_extension.py "
-        + " ".join(
-            f"--{k.replace('_', '-')}={v}"
-            for k, v in vars(args).items()
-            if k not in ("out", "save_base")
-        ),
+        "command": command_line("benchmarks/context_extension.py", args, ("out", "save_base")),
         "methods": {},
     }
     for rule in args.methods.split(","):

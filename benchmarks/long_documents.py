@@ -40,7 +40,7 @@ import torch
 from memext.pipelines.aggregators import AGGREGATORS
 from memext.pipelines.classify import ClassifierConfig, load_classifier, train_classifier
 from memext.pipelines.documents import Documents, read_documents
-from memext.runtime import provenance
+from memext.runtime import command_line, provenance
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 PARTS = ("frozen", "finetune", "speed")
@@ -81,8 +81,7 @@ def main() -> None:
         "n_validation": len(val.texts),
         "n_classes": len(set(train.labels)),
         "provenance": provenance(torch.device("cpu")),
-        "command": "python benchmarks/long_documents.py "
-        + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+        "command": command_line("benchmarks/long_documents.py", args, ("out",)),
     }
 
     def fit(name: str, cfg: ClassifierConfig) -> dict[str, Any]:

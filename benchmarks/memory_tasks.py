@@ -32,7 +32,7 @@ from memext.config import Config, EvalConfig, ModelConfig, TrainConfig
 from memext.data.sampling import task_batch
 from memext.data.tasks import PASSKEY_QUESTION, PASSKEY_SENTENCE, Filler, make_samples
 from memext.evals.tasks import evaluate_samples
-from memext.runtime import provenance
+from memext.runtime import command_line, provenance
 from memext.tokenizer import ByteTokenizer
 from memext.train import build_optimizer
 from memext.train.schedule import lr_at
@@ -279,8 +279,7 @@ def main() -> None:
         "depths": DEPTHS,
         "samples_per_cell": args.samples,
         "provenance": provenance(torch.device("cpu")),
-        "command": "python benchmarks/memory_tasks.py "
-        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k != "out"),
+        "command": command_line("benchmarks/memory_tasks.py", args, ("out",)),
         "variants": {},
     }
     if args.out.is_file():  # keep variants measured by an earlier call with --only

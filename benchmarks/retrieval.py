@@ -35,7 +35,7 @@ import torch
 from memext.pipelines.chunking import chunk_text
 from memext.pipelines.encoder import Encoder
 from memext.pipelines.store import Item, RetrievalStore
-from memext.runtime import provenance
+from memext.runtime import command_line, provenance
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 MODES = ("bm25", "embedding", "hybrid")
@@ -129,8 +129,7 @@ def main() -> None:
         "max_tokens": encoder.max_tokens,
         "query_embedding_ms": round(query_embed_ms, 2),
         "provenance": provenance(torch.device("cpu")),
-        "command": "python benchmarks/retrieval.py "
-        + " ".join(f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "out"),
+        "command": command_line("benchmarks/retrieval.py", args, ("out",)),
     }
     print(
         f"embedded in {embed_s:.0f} s; a query's embedding {query_embed_ms:.1f} ms "

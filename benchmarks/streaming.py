@@ -36,7 +36,7 @@ from memext.checkpoint import run_tokenizer
 from memext.config import DataConfig
 from memext.data import prepare_data
 from memext.evals.streaming import sliding_recompute_perplexity, streaming_perplexity
-from memext.runtime import provenance
+from memext.runtime import command_line, provenance
 
 
 def main() -> None:
@@ -74,8 +74,7 @@ def main() -> None:
         "provenance": provenance(torch.device("cpu")),
         "validation_tokens": int(store.validation.size),
         "validation_cycles": round(cycles, 3),
-        "command": "python benchmarks/streaming.py "
-        + " ".join(f"--{k}={v}" for k, v in vars(args).items() if k not in ("out", "parts")),
+        "command": command_line("benchmarks/streaming.py", args, ("out", "parts")),
     }
     piece = stream[: args.slice + 1]
     if 1 in parts:

@@ -530,7 +530,10 @@ class Config:
                 _fail(where, "stages", src.stages, f"stage indices < {n_stages} (the curriculum's)")
         for k in range(n_stages if self.data.mixture else 0):
             if not any(not s.stages or k in s.stages for s in self.data.mixture):
-                _fail("data", "mixture", "...", f"at least one source active in stage {k}")
+                raise ValueError(
+                    f"data.mixture is invalid: no source is active in stage {k}; give one "
+                    f"with no stages, or with stage {k} among its stages"
+                )
 
     # --- construction -------------------------------------------------------------------------
     @staticmethod

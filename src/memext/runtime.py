@@ -56,3 +56,21 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
         if device.type == "cuda":
             info["gpu"] = torch.cuda.get_device_name(device)
     return info
+
+
+def command_line(script: str, args: Any, leave_out: tuple[str, ...] = ()) -> str:
+    """The command that reproduces a benchmark: ``python SCRIPT --opt=value ...`` from parsed
+    ``args`` (an argparse Namespace). Paths are written relative to the working directory (the
+    repository root the benchmarks run from), never as this machine's absolute path."""
+    import os
+    from pathlib import Path
+
+    def shown(value: Any) -> Any:
+        if isinstance(value, Path):
+            return Path(os.path.relpath(value.resolve(), Path.cwd().resolve())).as_posix()
+        return value
+
+    opts = (
+        f"--{k.replace('_', '-')}={shown(v)}" for k, v in vars(args).items() if k not in leave_out
+    )
+    return " ".join([f"python {script}", *opts])

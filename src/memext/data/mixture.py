@@ -21,12 +21,15 @@ from torch import Tensor
 
 from memext.config import Config, Source
 from memext.data.sampling import sample_batch, task_batch
-from memext.data.tasks import CLASSIC_FILLER, TASKS, Filler, Sample, TooShort, make_samples
+from memext.data.tasks import CLASSIC_FILLER, Filler, Sample, TooShort, make_samples
 from memext.errors import MemextError
 from memext.tokenizer import Tokenizer
 
 # Corpus tokens a task haystack is cut from (a random span per sample): enough for variety.
 CORPUS_FILLER_TOKENS = 4_000_000
+# The answer length a sample is first sized for (a passkey's 5 digits); a task whose answer
+# encodes to another length is drawn once more at the corrected size.
+ANSWER_GUESS = 5
 
 
 @dataclass
@@ -117,7 +120,9 @@ def _fitted(
 ) -> Sample:
     """A sample of ``total`` tokens (prompt + answer): the prompt is sized for the answer's
     token count, which a subword tokenizer may vary (the same seed draws the same answer)."""
-    guess = make_samples(task, tok, filler, max(1, total - 5), depth, 1, seed, gap=gap)[0]
+    guess = make_samples(task, tok, filler, max(1, total - ANSWER_GUESS), depth, 1, seed, gap=gap)[
+        0
+    ]
     if guess.tokens.size == total:
         return guess
     size = total - guess.answer.size
@@ -149,4 +154,4 @@ def _names(sources: tuple[Source, ...]) -> list[str]:
     return names
 
 
-__all__ = ["TASKS", "Batch", "BatchSource", "answer_weights"]
+__all__ = ["Batch", "BatchSource", "answer_weights"]

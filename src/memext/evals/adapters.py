@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from memext.errors import MemextError
+from memext.evals.tasks import segments
 from memext.tokenizer import Tokenizer
 
 
@@ -52,6 +53,10 @@ def _files_fingerprint(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+#: How a memext run reads long input; changing it must change the fingerprint (suite cell cache).
+READ_RULE = "segments-from-end"
+
+
 class MemextAdapter:
     """A memext run. ``memory=False`` reads a memory model's segments with its memory emptied
     before each one: the same weights seeing only the current segment (its attention window),
@@ -83,8 +88,6 @@ class MemextAdapter:
         tokens = tokens.to(self.device)
         if not self.segment_len:
             return self.model(tokens)[0]
-        from memext.evals.tasks import segments
-
         # Cut from the end, as training and ``evaluate_samples`` cut: the last segment is whole,
         # so a question and its answer are never split by a segment boundary.
         out, state = [], None
@@ -109,7 +112,9 @@ class MemextAdapter:
         }
 
     def fingerprint(self) -> str:
-        return _files_fingerprint([self._weights]) + ("" if self.memory else "-no-memory")
+        # The reading rule is part of the identity: cached suite cells read another way are stale.
+        read = READ_RULE + ("" if self.memory else "-no-memory")
+        return f"{_files_fingerprint([self._weights])}-{read}"
 
 
 class HFAdapter:

@@ -1,0 +1,37 @@
+"""Benchmark commands are recorded so a fresh clone can rerun them: relative paths, real flags."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from memext.runtime import command_line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_command_line_writes_paths_relative_and_flags_as_argparse_reads_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    args = argparse.Namespace(
+        data=tmp_path / "data" / "x.jsonl", passkey_batch=16, out=tmp_path / "o.json"
+    )
+    cmd = command_line("benchmarks/b.py", args, ("out",))
+    assert cmd == "python benchmarks/b.py --data=data/x.jsonl --passkey-batch=16"
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", type=Path)
+    p.add_argument("--passkey-batch", type=int)
+    parsed = p.parse_args(cmd.split()[2:])
+    assert parsed.data == Path("data/x.jsonl") and parsed.passkey_batch == 16
+
+
+def test_no_recorded_result_or_doc_names_an_absolute_machine_path() -> None:
+    files = [*(ROOT / "benchmarks" / "results").glob("*.json"), *(ROOT / "docs").glob("*.md")]
+    pattern = re.compile(r"(?<![\w.])/(?:work|root|home|tmp|Users)/")
+    hits = [f"{f.name}: {m.group(0)}" for f in files for m in pattern.finditer(f.read_text())]
+    assert not hits, hits
