@@ -1,8 +1,10 @@
 """Long-input inference in flat memory (issue 5's streaming and quantized-cache results).
 
 Reads the built-in corpus's validation split (text the model did not train on; read again from
-its start when shorter than ``--tokens``) with a trained
-plain model (default: the base that benchmarks/context_extension.py saves in runs/extension-base):
+its start when shorter than ``--tokens``) with a trained plain model (memory none). The figures
+on the results page read ``runs/extension-base``, the 512-token base of the former
+``context_extension.py`` (``git show b1da94e:benchmarks/context_extension.py``); any plain run
+works, e.g. ``--run runs/bench/extend-none-s0`` from ``python benchmarks/seeds.py extend-none``:
 
 1. ``sinks`` streaming over ``--tokens`` tokens in chunks: cache bytes, the chunk's peak tensor
    memory and tokens/s at checkpoints from 10k tokens on (flat = within 5% of the first).
