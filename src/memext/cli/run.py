@@ -24,8 +24,10 @@ from memext.cli.common import (
     out,
     user_errors,
 )
-from memext.config import PRESETS, describe_fields, parse_value
+from memext.config_docs import describe_fields
 from memext.errors import MemextError
+from memext.fields import parse_value
+from memext.presets import PRESETS
 from memext.train import trainer
 
 
@@ -325,7 +327,7 @@ def config_(
 ) -> None:
     """Show every setting with its value and documentation (or save it to a file)."""
     if markdown:
-        from memext.config import fields_markdown
+        from memext.config_docs import fields_markdown
 
         print(fields_markdown(), end="")
         return

@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memext.config import Config, Source
+from memext.config import Config
 from memext.data.sampling import sample_batch, task_batch
 from memext.data.tasks import CLASSIC_FILLER, Filler, Sample, TooShort, make_samples
 from memext.errors import MemextError
+from memext.source import Source
 from memext.tokenizer import Tokenizer
 
 # Corpus tokens a task haystack is cut from (a random span per sample): enough for variety.
