@@ -62,8 +62,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 
 # (importer's layer name, imported layer name) -> why the upward import stays for now.
 UPWARD_ALLOWED: dict[tuple[str, str], str] = {
-    ("train", "evals"): "the trainer's validation and stage evaluations call evals.perplexity; "
-    "being fixed by the lead (the trainer rewrite)",
     ("source", "data"): "data.mixture's Source checks its task name against data.tasks.TASKS "
     "(a function-local import, because data imports config); to go when task names are checked "
     "where the mixture is built, or the task registry sits below config",

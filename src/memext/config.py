@@ -15,16 +15,23 @@ settings reference generated from the field docs).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from memext.fields import check_choice as _check_choice
 from memext.fields import check_positive as _check_positive
-from memext.fields import doc, names_help, parse_setting, plain, read_sections, variant_field
+from memext.fields import (
+    check_variants,
+    doc,
+    names_help,
+    parse_setting,
+    plain,
+    read_mapping,
+    read_sections,
+    variant_field,
+    write_mapping,
+)
 from memext.fields import fail as _fail
 from memext.nn.attention import ATTENTION
 from memext.nn.memory import MEMORY
@@ -175,24 +182,9 @@ class ModelConfig:
             _fail("model", "dropout", self.dropout, "a probability in [0, 1)")
         if self.ff_chunk < 0:
             _fail("model", "ff_chunk", self.ff_chunk, "a number >= 0")
-        settings = vars(self)
-        for field_, registry in (
-            ("attention", ATTENTION),
-            ("memory", MEMORY),
-            ("rope_scaling", ROPE_SCALING),
-        ):
-            name = getattr(self, field_)
-            if name not in registry:
-                _fail("model", field_, name, registry.accepted(name))
-            # Every variant, not only the chosen one: a config holds them all, and a value one
-            # cannot take fails now rather than on the day that variant is switched on.
-            for variant in registry:
-                try:
-                    registry.check(variant, settings)
-                except SettingError as e:
-                    _fail(
-                        "model", e.setting, e.value, f"{e.accepted} ({registry.kind} {variant!r})"
-                    )
+        check_variants(
+            "model", self, {"attention": ATTENTION, "memory": MEMORY, "rope_scaling": ROPE_SCALING}
+        )
         self._check_rope()
         if self.memory != "none" and self.reversible:
             _fail("model", "memory", self.memory, "'none' with reversible=true")
@@ -312,7 +304,9 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile the model.")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
     eval_every: int = doc(
-        200, "Validate every this many steps (and at the end); 0 = only at the end."
+        200,
+        "Run the training probes (validation bits-per-byte, eval.probes) every this many steps "
+        "and at the end; 0 = only at the end.",
     )
     eval_tokens: int = doc(16384, "Validation tokens scored at each periodic validation.")
     save_every: int = doc(200, "Checkpoint every this many steps (and at the end).")
@@ -371,13 +365,36 @@ class EvalConfig:
         "Memory reach: how many training segments of earlier text precede each scored segment, "
         "read with the memory carried vs in one pass (models trained with train.segment_len).",
     )
+    probes: tuple[str, ...] = doc(
+        (),
+        "Held-out task probes during training, each TASK@LENGTH (e.g. passkey@512): every "
+        "train.eval_every steps and at the end, the exact match on probe_samples samples of TASK "
+        "of LENGTH input tokens (keys at evenly spread depths), cut from the validation text and "
+        "seeded apart from the training samples; logged as probe/TASK@LENGTH. `memext train` "
+        "runs them.",
+    )
+    probe_samples: int = doc(16, "Samples per held-out task probe (eval.probes).")
 
     def __post_init__(self) -> None:
         if any(not isinstance(n, int) or n < 1 for n in self.reach):
             _fail("eval", "reach", self.reach, "a list of integers >= 1 (may be empty)")
         if not self.lengths or any(not isinstance(n, int) or n < 2 or n % 2 for n in self.lengths):
             _fail("eval", "lengths", self.lengths, "a non-empty list of even integers >= 2")
-        _check_positive("eval", self, "max_tokens", "batch_size")
+        _check_positive("eval", self, "max_tokens", "batch_size", "probe_samples")
+        for spec in self.probes:
+            task, sep, length = spec.partition("@")
+            if not (task and sep and length.isdecimal() and int(length) >= 2):
+                _fail(
+                    "eval",
+                    "probes",
+                    self.probes,
+                    "TASK@LENGTH entries (LENGTH >= 2), e.g. passkey@512",
+                )
+
+    @property
+    def probe_cells(self) -> tuple[tuple[str, int], ...]:
+        """``eval.probes`` as (task, length) pairs."""
+        return tuple((task, int(n)) for task, _, n in (p.partition("@") for p in self.probes))
 
 
 @dataclass(frozen=True)
@@ -418,6 +435,15 @@ class Config:
             n_stages=1 + len(self.train.curriculum),
             max_seq_len=self.model.max_seq_len,
         )
+        too_long = [n for _, n in self.eval.probe_cells if n > self.model.max_seq_len]
+        if too_long and not self.train.segment_len:
+            _fail(
+                "eval",
+                "probes",
+                self.eval.probes,
+                f"lengths <= model.max_seq_len={self.model.max_seq_len} (a model that reads in "
+                "segments may probe longer)",
+            )
         too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
         if too_long:
             _fail(
@@ -450,30 +476,12 @@ class Config:
 
     # --- files --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from memext.io import atomic_write_text
-
-        path = Path(path)
-        payload = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **to_dict(self)}
-        if path.suffix in (".yaml", ".yml"):
-            atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False))
-        else:
-            atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+        """Write the config as YAML (``.yaml``/``.yml``) or JSON, atomically."""
+        write_mapping(path, {"format": FORMAT, "schema_version": SCHEMA_VERSION, **to_dict(self)})
 
     @staticmethod
     def load(path: str | Path) -> Config:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(
-                f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} does not hold a mapping")
-        return from_dict(data, source=str(path))
+        return from_dict(read_mapping(path), source=str(path))
 
 
 SECTIONS: dict[str, type] = {

@@ -24,8 +24,6 @@ def describe_fields() -> list[tuple[str, str, Any, str]]:
                 "|".join(get_args(typ))
                 if get_origin(typ) is Literal
                 else f"list[{get_args(typ)[0].__name__}]"
-                if get_origin(typ) is tuple and dataclasses.is_dataclass(get_args(typ)[0])
-                else "list[int]"
                 if get_origin(typ) is tuple
                 else getattr(typ, "__name__", str(typ))
             )

@@ -3,7 +3,9 @@
 A field is declared with its default and its help (``doc``), or, for a setting that a registry's
 variants declare, with the variants' default (``variant_field``). The checks raise ``ValueError``
 naming ``SECTION.FIELD``, the bad value and what is accepted. ``parse_value`` and ``coerce`` read a
-value from the command line or from JSON/YAML as the field's type; ``plain`` writes it back.
+value from the command line or from JSON/YAML as the field's type; ``plain`` writes it back;
+``read_sections``, ``parse_setting``, ``read_mapping`` and ``write_mapping`` read and write whole
+configs.
 Shared by ``memext.config`` (the sections and the whole ``Config``) and ``memext.source`` (a
 mixture source).
 """
@@ -12,13 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import typing
 from dataclasses import field
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
-from memext.registry import Registry
+from memext.io import atomic_write_text
+from memext.registry import Registry, SettingError
 
 
 def doc(default: Any, help: str) -> Any:
@@ -188,3 +193,47 @@ def parse_setting(classes: dict[str, type], key: str, raw: Any) -> tuple[str, st
         hint = f" (did you mean {', '.join(section + '.' + c for c in close)}?)" if close else ""
         raise ValueError(f"unknown setting {key!r}{hint}; see `memext config` for all fields")
     return section, name, parse_value(key, hints[name], raw)
+
+
+def write_mapping(path: str | Path, payload: dict[str, Any]) -> None:
+    """``payload`` as YAML (a ``.yaml``/``.yml`` path) or JSON, written atomically."""
+    path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False))
+    else:
+        atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+
+
+def read_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a config file (YAML or JSON, by suffix) holds; a missing, unreadable or
+    non-mapping file is refused with its name."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(
+            f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} does not hold a mapping")
+    return data
+
+
+def check_variants(section: str, obj: Any, registries: dict[str, Registry]) -> None:
+    """For each (field, registry): the name ``obj``'s field chooses is registered, and every
+    registered variant accepts ``obj``'s settings (its own ``check``)."""
+    settings = vars(obj)
+    for name, registry in registries.items():
+        chosen = getattr(obj, name)
+        if chosen not in registry:
+            fail(section, name, chosen, registry.accepted(chosen))
+        # Every variant, not only the chosen one: a config holds them all, and a value one
+        # cannot take fails now rather than on the day that variant is switched on.
+        for variant in registry:
+            try:
+                registry.check(variant, settings)
+            except SettingError as e:
+                fail(section, e.setting, e.value, f"{e.accepted} ({registry.kind} {variant!r})")

@@ -81,6 +81,7 @@ def train(
 ) -> None:
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
+    from memext.evals.probes import training_probes
     from memext.runtime import resolve_device
     from memext.train import train as run_training  # looked up per call: a test wraps it
 
@@ -101,6 +102,7 @@ def train(
         resume=resume is not None,
         overwrite=overwrite,
         log=lambda m: err.print(m, highlight=False),
+        probes=training_probes(cfg),
     )
     out.print(
         f"{result.status} at step {result.step} in {time.perf_counter() - t0:.0f}s: {run_dir}"
