@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from memext.checkpoint import read_metrics
 from memext.cli import app
 
 runner = CliRunner()
@@ -32,6 +33,8 @@ SMALL = [
     "train.eval_tokens=128",
     "eval.lengths=16,32,64",
     "eval.max_tokens=256",
+    "eval.probes=passkey@128",  # a held-out task probe at the end (train.eval_every=0)
+    "eval.probe_samples=2",
 ]
 
 
@@ -80,6 +83,9 @@ def test_train_eval_generate_info_end_to_end(run_dir: Path):
         "run.json",
         "eval.json",
     }
+    # The command hands the trainer its probes: validation and the held-out task, at the end.
+    (probed,) = [r for r in read_metrics(run_dir) if "val_bits_per_byte" in r]
+    assert probed["step"] == 30 and probed["probe/passkey@128"] in (0.0, 0.5, 1.0)
     results = json.loads((run_dir / "eval.json").read_text())
     assert [r["length"] for r in results["results"]] == [16, 32, 64]
     assert len(results["corpus_hash"]) == 64 and results["trained_on_same_corpus"] is True
@@ -143,6 +149,7 @@ def test_train_eval_generate_info_end_to_end(run_dir: Path):
 
     info = runner.invoke(app, ["info", str(run_dir)])
     assert info.exit_code == 0 and "step 30 of 30" in info.output
+    assert "last validation bits/byte" in info.output
 
 
 def test_version_and_help_list_every_setting():

@@ -9,17 +9,17 @@ import pytest
 import yaml
 
 from memext.config import (
-    PRESETS,
     SCHEMA_VERSION,
     Config,
     DataConfig,
     EvalConfig,
     ModelConfig,
     TrainConfig,
-    _plain,
     from_dict,
     to_dict,
 )
+from memext.fields import plain
+from memext.presets import PRESETS
 
 # (constructor, its arguments, strings the message must contain: field=value, what is accepted)
 INVALID = {
@@ -223,7 +223,7 @@ def test_every_preset_loads(name: str, tmp_path: Path) -> None:
     # Each preset's values are really applied (not silently dropped).
     for section, values in PRESETS[name].items():
         for key, value in values.items():
-            got = _plain(getattr(getattr(cfg, section), key))
+            got = plain(getattr(getattr(cfg, section), key))
             # A mixture source's unset fields take their defaults: compare the ones it sets.
             if key == "mixture":
                 got = [{k: g[k] for k in v} for g, v in zip(got, value, strict=True)]

@@ -12,6 +12,7 @@ from memext import Config, load
 from memext.checkpoint import read_metrics
 from memext.curriculum import stage_at, stages
 from memext.errors import MemextError
+from memext.evals.probes import training_probes
 from memext.extend import extend_run, extended_config
 from memext.train import train
 from memext.train.schedule import lr_at
@@ -102,7 +103,7 @@ def test_bad_curricula_are_refused(corpus, extra, message):
 
 def test_curriculum_run_reports_every_stage_and_resumes_exactly(tmp_path, corpus):
     cfg = _cfg(corpus, **CURRICULUM)
-    full = train(cfg, tmp_path / "full", progress=False, log=quiet)
+    full = train(cfg, tmp_path / "full", progress=False, log=quiet, probes=training_probes(cfg))
     assert full.status == "completed" and full.step == 8
     reports = [r for r in read_metrics(tmp_path / "full") if "stage" in r]
     assert [(r["stage"], r["stage_seq_len"], r["step"]) for r in reports] == [
@@ -152,12 +153,20 @@ def test_extend_writes_a_scaled_copy_and_fine_tunes(tmp_path, corpus):
     assert not torch.allclose(model(x)[0], src_model(x[:, :100])[0])
 
     tuned = extend_run(
-        tmp_path / "src", tmp_path / "ft", "linear", 2.0, steps=2, progress=False, log=quiet
+        tmp_path / "src",
+        tmp_path / "ft",
+        "linear",
+        2.0,
+        steps=2,
+        progress=False,
+        log=quiet,
+        probes=training_probes(cfg),
     )
     ft_model, ft_cfg = load(tuned)
     assert ft_cfg.train.seq_len == 64 and ft_cfg.train.batch_size == 2
     assert ft_model.rotary.factor == 2.0
     assert [r["step"] for r in read_metrics(tuned) if "loss" in r] == [1, 2]
+    assert [r["step"] for r in read_metrics(tuned) if "val_bits_per_byte" in r] == [2]
     assert not torch.equal(ft_model.embed.weight, src_model.embed.weight)
 
 

@@ -3,7 +3,7 @@
 import re
 from pathlib import Path
 
-from memext.config import fields_markdown
+from memext.config_docs import fields_markdown
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

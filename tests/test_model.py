@@ -16,10 +16,11 @@ from hypothesis import strategies as st
 
 from bf16_rule import assert_within_reference_error
 from memext import Config, build_model
-from memext.config import PRESETS, ModelConfig
+from memext.config import ModelConfig
 from memext.nn import reference
 from memext.nn.attention import ATTENTION, build_attention, register_attention
 from memext.nn.rotary import Rotary, apply_rotary
+from memext.presets import PRESETS
 
 
 # --- the model --------------------------------------------------------------------------------

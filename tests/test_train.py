@@ -17,6 +17,7 @@ import torch
 from memext import Config, load
 from memext.checkpoint import read_metrics
 from memext.errors import MemextError
+from memext.evals.probes import training_probes
 from memext.train import TrainingDiverged, train
 
 # A small architecture keeps these tests fast; the presets themselves are exercised elsewhere.
@@ -236,7 +237,7 @@ def test_resume_refuses_changed_corpus(tmp_path, corpus):
 
 def test_metrics_and_run_info_record_provenance(tmp_path, corpus):
     cfg = _cfg(corpus, **{"train.steps": "4", "train.eval_every": "2"})
-    train(cfg, tmp_path / "run", progress=False, log=lambda m: None)
+    train(cfg, tmp_path / "run", progress=False, log=lambda m: None, probes=training_probes(cfg))
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert len(info["corpus_hash"]) == 64 and info["threads"] == torch.get_num_threads()
     vals = [r for r in read_metrics(tmp_path / "run") if "val_bits_per_byte" in r]
@@ -254,20 +255,29 @@ def test_mixture_run_resumes_exactly(tmp_path, corpus):
             "train.seq_len": "128",
             "train.steps": "6",
             "train.save_every": "100",
-            "train.eval_every": "0",
+            "train.eval_every": "3",
+            "eval.probes": "passkey@256",
+            "eval.probe_samples": "4",
             "data.mixture": "[{task: lm, batch_size: 2}, "
             "{task: passkey, batch_size: 2, lengths: [128, 256], near: 0.5, share: 2}]",
         },
     )
-    train(cfg, tmp_path / "full", progress=False, log=lambda m: None)
+    quiet = {"progress": False, "log": lambda m: None}
+    train(cfg, tmp_path / "full", probes=training_probes(cfg), **quiet)
 
     def stop_at_2(loop):
         if loop.step == 2:
             loop.stop_requested = True
 
-    train(cfg, tmp_path / "part", progress=False, callback=stop_at_2, log=lambda m: None)
-    train(cfg, tmp_path / "part", resume=True, progress=False, log=lambda m: None)
+    train(cfg, tmp_path / "part", callback=stop_at_2, probes=training_probes(cfg), **quiet)
+    train(cfg, tmp_path / "part", resume=True, probes=training_probes(cfg), **quiet)
     full, part = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "part")
+
+    def measured(rows):  # everything but the wall-clock speed
+        return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in rows]
+
+    assert measured(part) == measured(full)
+    assert [r["step"] for r in full if "probe/passkey@256" in r] == [3, 6]
     assert [r.get("loss/passkey") for r in part] == [r.get("loss/passkey") for r in full]
     assert _losses(tmp_path / "part") == _losses(tmp_path / "full")
     assert all("loss/lm" in r for r in full if "loss" in r)

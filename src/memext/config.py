@@ -6,65 +6,42 @@ setting of a variant (an attention kernel, a memory, a rotary rule) is declared 
 its field here reads the default from the variant's registry (``variant_field``), and its checks
 are the variant's own, which ``__post_init__`` runs through the registry. Validation raises
 ``ValueError`` naming the field, the bad value and what is accepted.
+
+Around it: ``memext.fields`` (declaring, checking and parsing a field), ``memext.source`` (a
+``data.mixture`` source), ``memext.presets`` (the named configs) and ``memext.config_docs`` (the
+settings reference generated from the field docs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal
 
-import yaml
-
+from memext.fields import check_choice as _check_choice
+from memext.fields import check_positive as _check_positive
+from memext.fields import (
+    check_variants,
+    doc,
+    names_help,
+    parse_setting,
+    plain,
+    read_mapping,
+    read_sections,
+    variant_field,
+    write_mapping,
+)
+from memext.fields import fail as _fail
 from memext.nn.attention import ATTENTION
 from memext.nn.memory import MEMORY
 from memext.nn.rope_scaling import ROPE_SCALING, check_rope_args
-from memext.registry import Registry, SettingError
+from memext.presets import PRESETS
+from memext.registry import SettingError
+from memext.source import Source, check_mixture
 
 SCHEMA_VERSION = 1
 FORMAT = "memext-config"
-
-
-def doc(default: Any, help: str) -> Any:
-    """A dataclass field with a default and the documentation shown by ``--help``."""
-    if isinstance(default, (list, dict, set)):
-        raise TypeError("use a tuple for sequence defaults (configs are immutable)")
-    return field(default=default, metadata={"help": help})
-
-
-def variant_field(registry: Registry, setting: str, help: str) -> Any:
-    """A field for a setting of ``registry``'s variants: the default they declare, and the help
-    prefixed by the names of the variants that take it."""
-    return doc(registry.default(setting), f"{'/'.join(registry.users(setting))}: {help}")
-
-
-def names_help(registry: Registry, what: str, more: str = "") -> str:
-    """'WHAT, by registered name: a, b, c.' from the registry, then ``more``."""
-    return f"{what}, by registered name: {', '.join(registry.names())}." + (
-        f" {more}" if more else ""
-    )
-
-
-def _fail(section: str, name: str, value: Any, accepted: str) -> None:
-    raise ValueError(f"{section}.{name}={value!r} is invalid: expected {accepted}")
-
-
-def _check_positive(section: str, obj: Any, *names: str) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            _fail(section, name, value, "a number > 0")
-
-
-def _check_choice(section: str, obj: Any, name: str) -> None:
-    hint = typing.get_type_hints(type(obj))[name]
-    choices = get_args(hint)
-    if getattr(obj, name) not in choices:
-        _fail(section, name, getattr(obj, name), "one of " + ", ".join(map(repr, choices)))
 
 
 @dataclass(frozen=True)
@@ -205,24 +182,9 @@ class ModelConfig:
             _fail("model", "dropout", self.dropout, "a probability in [0, 1)")
         if self.ff_chunk < 0:
             _fail("model", "ff_chunk", self.ff_chunk, "a number >= 0")
-        settings = vars(self)
-        for field_, registry in (
-            ("attention", ATTENTION),
-            ("memory", MEMORY),
-            ("rope_scaling", ROPE_SCALING),
-        ):
-            name = getattr(self, field_)
-            if name not in registry:
-                _fail("model", field_, name, registry.accepted(name))
-            # Every variant, not only the chosen one: a config holds them all, and a value one
-            # cannot take fails now rather than on the day that variant is switched on.
-            for variant in registry:
-                try:
-                    registry.check(variant, settings)
-                except SettingError as e:
-                    _fail(
-                        "model", e.setting, e.value, f"{e.accepted} ({registry.kind} {variant!r})"
-                    )
+        check_variants(
+            "model", self, {"attention": ATTENTION, "memory": MEMORY, "rope_scaling": ROPE_SCALING}
+        )
         self._check_rope()
         if self.memory != "none" and self.reversible:
             _fail("model", "memory", self.memory, "'none' with reversible=true")
@@ -264,65 +226,6 @@ class ModelConfig:
         if self.d_ff:
             return self.d_ff
         return -(-(8 * self.d_model // 3) // 64) * 64
-
-
-@dataclass(frozen=True)
-class Source:
-    """One part of the training batch mixture: language-model text, or a synthetic task.
-
-    Every optimizer step draws one batch from each source active in the step's curriculum
-    stage; the step's loss is the sources' losses weighted by their shares. A task source's
-    batch is a pure function of (train.seed, step, source), like the text's, so resuming stays
-    exact.
-    """
-
-    task: str = doc("lm", "'lm' (the corpus) or a synthetic task by registered name (passkey...).")
-    share: float = doc(1.0, "Weight of this source's loss in the step (shares are normalised).")
-    batch_size: int = doc(0, "Sequences per batch; 0 = the stage's train.batch_size.")
-    lengths: tuple[int, ...] = doc(
-        (), "Sequence lengths, one drawn per step; () = the stage's seq_len."
-    )
-    stages: tuple[int, ...] = doc((), "Curriculum stages it is active in; () = all of them.")
-    near: float = doc(
-        0.0,
-        "Tasks: fraction of samples whose key lies in the last segment (the attention window); "
-        "the others keep it >= train.segment_len tokens before the question, so only memory "
-        "reaches it.",
-    )
-    filler: Literal["corpus", "classic"] = doc(
-        "corpus",
-        "Tasks: the haystack: the training corpus's text, or the classic passkey filler "
-        "('The grass is green. ...').",
-    )
-    answer_weight: float = doc(
-        0.5, "Tasks: share of a sample's loss on its answer tokens (the rest on the prompt)."
-    )
-
-    def __post_init__(self) -> None:
-        from memext.data.tasks import TASKS  # local: data imports config
-
-        if self.task != "lm" and self.task not in TASKS:
-            names = ", ".join(["lm", *sorted(TASKS)])
-            _fail("data.mixture", "task", self.task, f"one of {names}")
-        _check_positive("data.mixture", self, "share")
-        if self.batch_size < 0:
-            _fail("data.mixture", "batch_size", self.batch_size, "0 (the stage's) or > 0")
-        for name in ("lengths", "stages"):
-            if any(
-                not isinstance(n, int) or n < (2 if name == "lengths" else 0)
-                for n in getattr(self, name)
-            ):
-                _fail(
-                    "data.mixture",
-                    name,
-                    getattr(self, name),
-                    "non-negative integers (lengths >= 2)",
-                )
-        if not 0.0 <= self.near <= 1.0:
-            _fail("data.mixture", "near", self.near, "a fraction in [0, 1]")
-        if not 0.0 < self.answer_weight <= 1.0:
-            _fail("data.mixture", "answer_weight", self.answer_weight, "a fraction in (0, 1]")
-        _check_choice("data.mixture", self, "filler")
 
 
 @dataclass(frozen=True)
@@ -401,7 +304,9 @@ class TrainConfig:
     compile: bool = doc(False, "torch.compile the model.")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
     eval_every: int = doc(
-        200, "Validate every this many steps (and at the end); 0 = only at the end."
+        200,
+        "Run the training probes (validation bits-per-byte, eval.probes) every this many steps "
+        "and at the end; 0 = only at the end.",
     )
     eval_tokens: int = doc(16384, "Validation tokens scored at each periodic validation.")
     save_every: int = doc(200, "Checkpoint every this many steps (and at the end).")
@@ -460,13 +365,36 @@ class EvalConfig:
         "Memory reach: how many training segments of earlier text precede each scored segment, "
         "read with the memory carried vs in one pass (models trained with train.segment_len).",
     )
+    probes: tuple[str, ...] = doc(
+        (),
+        "Held-out task probes during training, each TASK@LENGTH (e.g. passkey@512): every "
+        "train.eval_every steps and at the end, the exact match on probe_samples samples of TASK "
+        "of LENGTH input tokens (keys at evenly spread depths), cut from the validation text and "
+        "seeded apart from the training samples; logged as probe/TASK@LENGTH. `memext train` "
+        "runs them.",
+    )
+    probe_samples: int = doc(16, "Samples per held-out task probe (eval.probes).")
 
     def __post_init__(self) -> None:
         if any(not isinstance(n, int) or n < 1 for n in self.reach):
             _fail("eval", "reach", self.reach, "a list of integers >= 1 (may be empty)")
         if not self.lengths or any(not isinstance(n, int) or n < 2 or n % 2 for n in self.lengths):
             _fail("eval", "lengths", self.lengths, "a non-empty list of even integers >= 2")
-        _check_positive("eval", self, "max_tokens", "batch_size")
+        _check_positive("eval", self, "max_tokens", "batch_size", "probe_samples")
+        for spec in self.probes:
+            task, sep, length = spec.partition("@")
+            if not (task and sep and length.isdecimal() and int(length) >= 2):
+                _fail(
+                    "eval",
+                    "probes",
+                    self.probes,
+                    "TASK@LENGTH entries (LENGTH >= 2), e.g. passkey@512",
+                )
+
+    @property
+    def probe_cells(self) -> tuple[tuple[str, int], ...]:
+        """``eval.probes`` as (task, length) pairs."""
+        return tuple((task, int(n)) for task, _, n in (p.partition("@") for p in self.probes))
 
 
 @dataclass(frozen=True)
@@ -501,7 +429,21 @@ class Config:
                 self.train.curriculum,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
             )
-        self._check_mixture()
+        check_mixture(
+            self.data.mixture,
+            segment_len=self.train.segment_len,
+            n_stages=1 + len(self.train.curriculum),
+            max_seq_len=self.model.max_seq_len,
+        )
+        too_long = [n for _, n in self.eval.probe_cells if n > self.model.max_seq_len]
+        if too_long and not self.train.segment_len:
+            _fail(
+                "eval",
+                "probes",
+                self.eval.probes,
+                f"lengths <= model.max_seq_len={self.model.max_seq_len} (a model that reads in "
+                "segments may probe longer)",
+            )
         too_long = [n for n in self.eval.lengths if n > self.model.max_seq_len]
         if too_long:
             _fail(
@@ -510,30 +452,6 @@ class Config:
                 self.eval.lengths,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
             )
-
-    def _check_mixture(self) -> None:
-        t, n_stages = self.train, 1 + len(self.train.curriculum)
-        seg = t.segment_len
-        for i, src in enumerate(self.data.mixture):
-            where = f"data.mixture[{i}]"
-            for n in src.lengths:
-                if seg and n % seg:
-                    _fail(where, "lengths", src.lengths, f"multiples of train.segment_len={seg}")
-                if not seg and n > self.model.max_seq_len:
-                    _fail(
-                        where,
-                        "lengths",
-                        src.lengths,
-                        f"<= model.max_seq_len={self.model.max_seq_len}",
-                    )
-            if any(k >= n_stages for k in src.stages):
-                _fail(where, "stages", src.stages, f"stage indices < {n_stages} (the curriculum's)")
-        for k in range(n_stages if self.data.mixture else 0):
-            if not any(not s.stages or k in s.stages for s in self.data.mixture):
-                raise ValueError(
-                    f"data.mixture is invalid: no source is active in stage {k}; give one "
-                    f"with no stages, or with stage {k} among its stages"
-                )
 
     # --- construction -------------------------------------------------------------------------
     @staticmethod
@@ -552,56 +470,21 @@ class Config:
         """Apply dotted overrides (``{"model.n_layers": "4"}``); strings are parsed by field type."""
         data = to_dict(self)
         for key, raw in assignments.items():
-            section, _, name = key.partition(".")
-            cls = _SECTIONS.get(section)
-            if cls is None or not name:
-                raise ValueError(
-                    f"unknown setting {key!r}: expected SECTION.FIELD with SECTION one of "
-                    + ", ".join(_SECTIONS)
-                )
-            hints = typing.get_type_hints(cls)
-            if name not in hints:
-                close = difflib.get_close_matches(name, hints, n=3)
-                hint = (
-                    f" (did you mean {', '.join(section + '.' + c for c in close)}?)"
-                    if close
-                    else ""
-                )
-                raise ValueError(
-                    f"unknown setting {key!r}{hint}; see `memext config` for all fields"
-                )
-            data[section][name] = parse_value(key, hints[name], raw)
+            section, name, value = parse_setting(SECTIONS, key, raw)
+            data[section][name] = value
         return from_dict(data)
 
     # --- files --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        from memext.io import atomic_write_text
-
-        path = Path(path)
-        payload = {"format": FORMAT, "schema_version": SCHEMA_VERSION, **to_dict(self)}
-        if path.suffix in (".yaml", ".yml"):
-            atomic_write_text(path, yaml.safe_dump(payload, sort_keys=False))
-        else:
-            atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+        """Write the config as YAML (``.yaml``/``.yml``) or JSON, atomically."""
+        write_mapping(path, {"format": FORMAT, "schema_version": SCHEMA_VERSION, **to_dict(self)})
 
     @staticmethod
     def load(path: str | Path) -> Config:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-            data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(
-                f"config file {str(path)!r} is not valid {path.suffix[1:] or 'JSON'}: {e}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} does not hold a mapping")
-        return from_dict(data, source=str(path))
+        return from_dict(read_mapping(path), source=str(path))
 
 
-_SECTIONS: dict[str, type] = {
+SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
     "train": TrainConfig,
@@ -610,16 +493,7 @@ _SECTIONS: dict[str, type] = {
 
 
 def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
-    return {
-        name: {f.name: _plain(getattr(getattr(cfg, name), f.name)) for f in dataclasses.fields(cls)}
-        for name, cls in _SECTIONS.items()
-    }
-
-
-def _plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+    return {name: plain(getattr(cfg, name)) for name in SECTIONS}
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> Config:
@@ -633,217 +507,4 @@ def from_dict(data: dict[str, Any], source: str = "config") -> Config:
         raise ValueError(
             f"{source} has schema_version={version!r}; this memext reads version {SCHEMA_VERSION}"
         )
-    unknown = set(data) - set(_SECTIONS)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown section(s) {sorted(unknown)}; expected {list(_SECTIONS)}"
-        )
-    sections = {}
-    for name, cls in _SECTIONS.items():
-        values = data.get(name) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"{source}: section {name!r} must be a mapping")
-        hints = typing.get_type_hints(cls)
-        bad = set(values) - set(hints)
-        if bad:
-            raise ValueError(
-                f"{source}: unknown field(s) {', '.join(f'{name}.{b}' for b in sorted(bad))}"
-            )
-        kwargs = {k: _coerce(f"{name}.{k}", hints[k], v) for k, v in values.items()}
-        sections[name] = cls(**kwargs)
-    return Config(**sections)
-
-
-def _coerce(key: str, hint: Any, value: Any) -> Any:
-    """Check a value loaded from JSON/YAML against the field's type (ints may stand for floats)."""
-    if isinstance(value, str) and hint is not str and get_origin(hint) is not Literal:
-        return parse_value(key, hint, value)
-    origin = get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _coerce_record(key, hint, value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key}={value!r} is invalid: expected a list")
-        (item,) = {a for a in get_args(hint) if a is not Ellipsis}
-        return tuple(_coerce(key, item, v) for v in value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    expected = str if origin is Literal else hint
-    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise ValueError(f"{key}={value!r} is invalid: expected {_type_name(hint)}")
-    return value
-
-
-def _coerce_record(key: str, cls: Any, value: Any) -> Any:
-    """A mapping (from JSON, YAML or the command line) as the dataclass ``cls``."""
-    if isinstance(value, cls):
-        return value
-    if not isinstance(value, dict):
-        raise ValueError(f"{key}={value!r} is invalid: expected a mapping of {cls.__name__} fields")
-    hints = typing.get_type_hints(cls)
-    bad = sorted(set(value) - set(hints))
-    if bad:
-        raise ValueError(
-            f"{key}: unknown field(s) {', '.join(bad)}; {cls.__name__} has {', '.join(hints)}"
-        )
-    return cls(**{k: _coerce(f"{key}.{k}", hints[k], v) for k, v in value.items()})
-
-
-def _type_name(hint: Any) -> str:
-    if get_origin(hint) is Literal:
-        return "one of " + ", ".join(map(repr, get_args(hint)))
-    if get_origin(hint) is tuple:
-        item = {int: "integers", float: "numbers"}.get(get_args(hint)[0], "values")
-        return f"a comma-separated list of {item}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        hint, str(hint)
-    )
-
-
-def parse_value(key: str, hint: Any, raw: Any) -> Any:
-    """Parse a command-line string into the field's type, or raise a ValueError that says why."""
-    if not isinstance(raw, str):
-        return _coerce(key, hint, raw)
-    text = raw.strip()
-    if get_origin(hint) is tuple and dataclasses.is_dataclass(get_args(hint)[0]):
-        try:
-            records = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"{key}={raw!r} is not valid YAML: {e}") from None
-        return _coerce(key, hint, records or [])
-    try:
-        if get_origin(hint) is tuple:
-            item = get_args(hint)[0]
-            parts = [p for p in text.strip("()[]").split(",") if p.strip()]
-            return tuple(parse_value(key, item, p) for p in parts)
-        if hint is bool:
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if hint is int:
-            return int(text)
-        if hint is float:
-            return float(text)
-        if hint is str or get_origin(hint) is Literal:
-            return text
-    except ValueError:
-        pass
-    raise ValueError(f"{key}={raw!r} is invalid: expected {_type_name(hint)}")
-
-
-def describe_fields() -> list[tuple[str, str, Any, str]]:
-    """(dotted name, type, default, help) for every field: the source of `--help` and the docs."""
-    rows = []
-    for section, cls in _SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            typ = hints[f.name]
-            type_str = (
-                "|".join(get_args(typ))
-                if get_origin(typ) is Literal
-                else f"list[{get_args(typ)[0].__name__}]"
-                if get_origin(typ) is tuple and dataclasses.is_dataclass(get_args(typ)[0])
-                else "list[int]"
-                if get_origin(typ) is tuple
-                else getattr(typ, "__name__", str(typ))
-            )
-            rows.append((f"{section}.{f.name}", type_str, _plain(f.default), f.metadata["help"]))
-    return rows
-
-
-def fields_markdown() -> str:
-    """docs/configuration.md's table, generated from the field docs (a test keeps the file current)."""
-    lines = ["| setting | type | default | meaning |", "|---|---|---|---|"]
-    for name, typ, default, help_ in describe_fields():
-        lines.append(f"| `{name}` | {typ} | `{default!r}` | {help_} |")
-    presets = "\n".join(
-        f"- `{name}`: "
-        + (
-            ", ".join(f"`{s}.{k}={v!r}`" for s, vals in p.items() for k, v in vals.items())
-            or "the defaults above"
-        )
-        for name, p in PRESETS.items()
-    )
-    sources = ["| field | default | meaning |", "|---|---|---|"]
-    for f in dataclasses.fields(Source):
-        sources.append(f"| `{f.name}` | `{_plain(f.default)!r}` | {f.metadata['help']} |")
-    return (
-        "\n".join(lines)
-        + "\n\n## A source of `data.mixture`\n\n"
-        + "\n".join(sources)
-        + "\n\n## Presets\n\n"
-        + presets
-        + "\n"
-    )
-
-
-# Presets differ from the field defaults only where they must; `tiny` is the main job.
-PRESETS: dict[str, dict[str, Any]] = {
-    # The main job: a 2-layer model that reads 128-token segments and retrieves from a kNN memory
-    # of every earlier key. Stage 0 teaches in-window retrieval (passkeys inside one segment;
-    # corpus text as the haystack grows the induction heads it needs), stage 1 keeps half of the
-    # keys segments away, where only the memory reaches them. Corpus text trains throughout.
-    "tiny": {
-        "model": {
-            "d_model": 64,
-            "n_layers": 2,
-            "n_heads": 4,
-            "memory": "knn",
-            "mem_len": 0,
-            "knn_topk": 32,
-        },
-        "data": {
-            "mixture": [
-                {"task": "lm", "batch_size": 8},
-                {"task": "passkey", "batch_size": 32, "lengths": [128], "stages": [0]},
-                {
-                    "task": "passkey",
-                    "batch_size": 8,
-                    "lengths": [256, 384],
-                    "near": 0.5,
-                    "stages": [1],
-                },
-            ]
-        },
-        "train": {
-            "seq_len": 128,
-            "segment_len": 128,
-            "steps": 1000,
-            "curriculum": [256],
-            "curriculum_steps": [800],
-            "warmup_steps": 50,
-            "eval_every": 0,
-            "save_every": 200,
-        },
-        "eval": {"lengths": [128, 256, 512, 1024]},
-    },
-    "small": {
-        "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "max_seq_len": 16384},
-        "train": {
-            "seq_len": 1024,
-            "batch_size": 16,
-            "steps": 5000,
-            "lr": 1.5e-3,
-            "warmup_steps": 200,
-            "eval_every": 500,
-            "save_every": 500,
-        },
-        "eval": {"lengths": [256, 512, 1024, 2048, 4096], "max_tokens": 65536},
-    },
-    "base": {
-        "model": {"d_model": 768, "n_layers": 12, "n_heads": 12, "max_seq_len": 32768},
-        "train": {
-            "seq_len": 2048,
-            "batch_size": 32,
-            "steps": 20000,
-            "lr": 6e-4,
-            "warmup_steps": 500,
-            "eval_every": 1000,
-            "save_every": 1000,
-        },
-        "eval": {"lengths": [512, 1024, 2048, 4096, 8192], "max_tokens": 262144},
-    },
-}
+    return Config(**read_sections(SECTIONS, data, source))

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from memext import checkpoint as ckpt
 from memext.config import Config
 from memext.errors import MemextError
 from memext.nn.rope_scaling import build_rule
+from memext.train.probes import Probe
 
 
 def trained_length(cfg: Config) -> int:
@@ -92,8 +93,10 @@ def extend_run(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    probes: Sequence[Probe] = (),
 ) -> Path:
-    """Write the extended copy of run ``src`` into ``out``; returns ``out``."""
+    """Write the extended copy of run ``src`` into ``out``; returns ``out``. ``probes``: what the
+    fine-tuning (``steps``) measures as it trains (``memext.train.train``'s)."""
     src, out = Path(src), Path(out)
     cfg = ckpt.load_config(src)
     if src.resolve() == out.resolve():
@@ -111,6 +114,7 @@ def extend_run(
             progress=progress,
             log=log,
             init_from=weights,
+            probes=probes,
         )
         return out
     from memext.train.trainer import prepare_run_dir

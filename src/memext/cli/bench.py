@@ -11,7 +11,7 @@ import typer
 from memext.bench import attention as bench
 from memext.bench.peers import Shape
 from memext.cli.common import default, err, out, user_errors
-from memext.config import parse_value
+from memext.fields import parse_value
 
 
 @user_errors

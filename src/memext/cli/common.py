@@ -13,8 +13,9 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from memext.config import PRESETS, Config
+from memext.config import Config
 from memext.errors import MemextError
+from memext.presets import PRESETS
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -190,6 +190,9 @@ def extend(
     if not src.is_dir():
         raise MemextError(f"{str(src)!r} is not a directory")
     if is_memext_run(src):
+        from memext.checkpoint import load_config
+        from memext.evals.probes import training_probes
+
         dev = resolve_device(device)
         extend_run(
             src,
@@ -204,6 +207,7 @@ def extend(
             overwrite=overwrite,
             device=str(dev),
             log=lambda m: err.print(m, highlight=False),
+            probes=training_probes(load_config(src)),
         )
         out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
         if evaluate:

@@ -24,8 +24,10 @@ from memext.cli.common import (
     out,
     user_errors,
 )
-from memext.config import PRESETS, describe_fields, parse_value
+from memext.config_docs import describe_fields
 from memext.errors import MemextError
+from memext.fields import parse_value
+from memext.presets import PRESETS
 from memext.train import trainer
 
 
@@ -79,6 +81,7 @@ def train(
 ) -> None:
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
+    from memext.evals.probes import training_probes
     from memext.runtime import resolve_device
     from memext.train import train as run_training  # looked up per call: a test wraps it
 
@@ -99,6 +102,7 @@ def train(
         resume=resume is not None,
         overwrite=overwrite,
         log=lambda m: err.print(m, highlight=False),
+        probes=training_probes(cfg),
     )
     out.print(
         f"{result.status} at step {result.step} in {time.perf_counter() - t0:.0f}s: {run_dir}"
@@ -325,7 +329,7 @@ def config_(
 ) -> None:
     """Show every setting with its value and documentation (or save it to a file)."""
     if markdown:
-        from memext.config import fields_markdown
+        from memext.config_docs import fields_markdown
 
         print(fields_markdown(), end="")
         return

@@ -19,14 +19,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memext.config import Config, Source
+from memext.config import Config
 from memext.data.sampling import sample_batch, task_batch
 from memext.data.tasks import CLASSIC_FILLER, Filler, Sample, TooShort, make_samples
 from memext.errors import MemextError
+from memext.source import Source
 from memext.tokenizer import Tokenizer
 
 # Corpus tokens a task haystack is cut from (a random span per sample): enough for variety.
 CORPUS_FILLER_TOKENS = 4_000_000
+# Training samples draw their seeds from [0, TRAIN_SEEDS); held-out samples (the training probes
+# of memext.evals.probes) take seeds from TRAIN_SEEDS up, so the two never share a sample.
+TRAIN_SEEDS = 2**62
 # The answer length a sample is first sized for (a passkey's 5 digits); a task whose answer
 # encodes to another length is drawn once more at the corrected size.
 ANSWER_GUESS = 5
@@ -89,14 +93,20 @@ class BatchSource:
         """A ``src.task`` sample of exactly ``length + 1`` tokens (inputs and targets of
         ``length``); its key inside the last segment with probability ``src.near``."""
         filler = self._filler(src.filler)
-        seed = int(rng.integers(0, 2**62))
+        seed = int(rng.integers(0, TRAIN_SEEDS))
         window = self.segment_len
         if not window or window >= length:
-            return _fitted(src.task, self.tok, filler, length + 1, float(rng.uniform()), seed, 0)
+            return fitted_sample(
+                src.task, self.tok, filler, length + 1, float(rng.uniform()), seed, 0
+            )
         if rng.uniform() < src.near:
-            inner = _fitted(src.task, self.tok, filler, window + 1, float(rng.uniform()), seed, 0)
+            inner = fitted_sample(
+                src.task, self.tok, filler, window + 1, float(rng.uniform()), seed, 0
+            )
             return _after(filler.take(length - window, rng), inner)
-        return _fitted(src.task, self.tok, filler, length + 1, float(rng.uniform()), seed, window)
+        return fitted_sample(
+            src.task, self.tok, filler, length + 1, float(rng.uniform()), seed, window
+        )
 
     def _filler(self, kind: str) -> Filler:
         if kind not in self._fillers:
@@ -115,7 +125,7 @@ def answer_weights(answer: Tensor, share: float) -> Tensor:
     return torch.where(answer, share / n_answer, (1.0 - share) / n_prompt).float()
 
 
-def _fitted(
+def fitted_sample(
     task: str, tok: Tokenizer, filler: Filler, total: int, depth: float, seed: int, gap: int
 ) -> Sample:
     """A sample of ``total`` tokens (prompt + answer): the prompt is sized for the answer's
@@ -154,4 +164,4 @@ def _names(sources: tuple[Source, ...]) -> list[str]:
     return names
 
 
-__all__ = ["Batch", "BatchSource", "answer_weights"]
+__all__ = ["Batch", "BatchSource", "answer_weights", "fitted_sample"]

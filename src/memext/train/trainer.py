@@ -3,6 +3,9 @@
 Resumption is exact because everything that decides the next step is saved or derived: the
 weights and optimizer state are saved; the learning rate is a function of the step; each batch is
 a function of (seed, step); the RNG state (used by dropout) is saved.
+
+What is measured during training (validation, held-out tasks) comes in as probes
+(``memext.train.probes``): the trainer decides when, the caller what.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ from memext.curriculum import Stage, stage_at
 from memext.data import prepare_data
 from memext.data.mixture import Batch, BatchSource
 from memext.errors import MemextError
-from memext.evals.perplexity import evaluate_lengths
 from memext.io import atomic_write, atomic_write_text
 from memext.model import build_model, build_rotary
 from memext.runtime import autocast, provenance
 from memext.tokenizer import load_tokenizer
+from memext.train.probes import Probe, ProbeContext, format_values, run_probes
 from memext.train.schedule import lr_at
 
 RUN_INFO = "run.json"
@@ -47,7 +50,7 @@ class TrainResult:
     run_dir: Path
     status: str  # "completed" or "interrupted"
     step: int
-    last_val: dict[str, Any] | None = None
+    last_val: dict[str, Any] | None = None  # the last values of the eval probes
     losses: list[float] = field(default_factory=list)
 
 
@@ -266,6 +269,7 @@ def train(
     callback: Callable[[_Loop], None] | None = None,
     log: Callable[[str], None] = print,
     init_from: str | Path | None = None,
+    probes: Sequence[Probe] = (),
 ) -> TrainResult:
     """Train ``cfg`` into the run directory ``out`` (or continue it with ``resume=True``).
 
@@ -273,6 +277,9 @@ def train(
     A NaN/inf loss raises ``TrainingDiverged`` and leaves the last good checkpoint in place.
     ``init_from``: a weights file (``model.safetensors``) to start from instead of a random
     initialisation (fine-tuning, as ``memext extend --steps`` does); ignored when resuming.
+    ``probes``: measurements taken every ``train.eval_every`` steps, at the end and after each
+    curriculum stage, logged to ``metrics.jsonl`` (``memext.train.probes``); none by default:
+    ``memext train`` passes ``memext.evals.probes.training_probes(cfg)``.
     """
     run_dir = Path(out)
     device = torch.device(device)
@@ -361,6 +368,13 @@ def train(
     )
     pending: list[dict] = []
     last_val = None
+    shown: dict[str, str] = {}  # the last eval probes' numbers, on the progress bar
+
+    def context() -> ProbeContext:
+        return ProbeContext(
+            model, loop.step, stage, cfg, tok, store.validation, byte_lengths, device
+        )
+
     tic = time.perf_counter()
     model.train()
     try:
@@ -393,31 +407,26 @@ def train(
                 if len(by_source) > 1:
                     row |= {f"loss/{name}": v for name, v in by_source.items()}
                 pending.append(row | {"tokens_per_s": round(tps, 1)})
-                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}")
+                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", **shown)
             if callback is not None:
                 callback(loop)
             at_end = loop.step == t.total_steps
             if (t.eval_every and loop.step % t.eval_every == 0) or at_end:
-                (last_val,) = evaluate_lengths(
-                    model,
-                    store.validation,
-                    (stage.seq_len,),
-                    t.eval_tokens,
-                    byte_lengths,
-                    stage.batch_size,
-                    device,
-                )
-                pending.append(
-                    {
-                        "step": loop.step,
-                        "val_bits_per_byte": last_val["bits_per_byte"],
-                        "val_loss": last_val["nats"] / last_val["scored_tokens"],
-                    }
-                )
-                bar.write(f"step {loop.step}: val bits/byte {last_val['bits_per_byte']:.3f}")
+                values = run_probes(probes, "eval", context())
+                if values:
+                    last_val = values
+                    pending.append({"step": loop.step, **values})
+                    shown = {k: f"{v:.3f}" for k, v in values.items() if isinstance(v, float)}
+                    bar.set_postfix(loss=f"{total:.3f}", **shown)
+                    bar.write(f"step {loop.step}: {format_values(values)}")
             if t.curriculum and loop.step == stage.end_step:
-                pending.append(_stage_report(model, cfg, stage, store.validation, byte_lengths))
-                bar.write(_format_stage(pending[-1]))
+                values = run_probes(probes, "stage", context())
+                if values:
+                    pending.append(_stage_row(stage) | values)
+                    bar.write(
+                        f"after stage {stage.index} (seq_len {stage.seq_len}): "
+                        + format_values(values)
+                    )
             if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
                 _append_metrics(run_dir, pending)
                 pending.clear()
@@ -456,27 +465,12 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _stage_report(model, cfg: Config, stage: Stage, validation, byte_lengths) -> dict:
-    """Validation bits-per-byte at every evaluated length after a curriculum stage."""
-    rows = evaluate_lengths(
-        model,
-        validation,
-        cfg.eval.lengths,
-        cfg.eval.max_tokens,
-        byte_lengths,
-        cfg.eval.batch_size,
-        _device_of(model),
-    )
+def _stage_row(stage: Stage) -> dict[str, Any]:
+    """The fields naming a curriculum stage in its ``metrics.jsonl`` row."""
     return {
         "step": stage.end_step,
         "stage": stage.index,
         "stage_seq_len": stage.seq_len,
         "rope_scaling": stage.model.rope_scaling,
         "rope_factor": stage.model.rope_factor,
-        "bits_per_byte_by_length": {str(r["length"]): r["bits_per_byte"] for r in rows},
     }
-
-
-def _format_stage(row: dict) -> str:
-    cells = "  ".join(f"{n}: {v:.3f}" for n, v in row["bits_per_byte_by_length"].items())
-    return f"after stage {row['stage']} (seq_len {row['stage_seq_len']}): val bits/byte  {cells}"

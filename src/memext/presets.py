@@ -1,0 +1,74 @@
+"""The named configs (``--preset``, ``Config.preset``): each one the settings it changes from the
+field defaults, as a ``from_dict`` mapping. A test loads every preset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Presets differ from the field defaults only where they must; `tiny` is the main job.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The main job: a 2-layer model that reads 128-token segments and retrieves from a kNN memory
+    # of every earlier key. Stage 0 teaches in-window retrieval (passkeys inside one segment;
+    # corpus text as the haystack grows the induction heads it needs), stage 1 keeps half of the
+    # keys segments away, where only the memory reaches them. Corpus text trains throughout.
+    "tiny": {
+        "model": {
+            "d_model": 64,
+            "n_layers": 2,
+            "n_heads": 4,
+            "memory": "knn",
+            "mem_len": 0,
+            "knn_topk": 32,
+        },
+        "data": {
+            "mixture": [
+                {"task": "lm", "batch_size": 8},
+                {"task": "passkey", "batch_size": 32, "lengths": [128], "stages": [0]},
+                {
+                    "task": "passkey",
+                    "batch_size": 8,
+                    "lengths": [256, 384],
+                    "near": 0.5,
+                    "stages": [1],
+                },
+            ]
+        },
+        "train": {
+            "seq_len": 128,
+            "segment_len": 128,
+            "steps": 1000,
+            "curriculum": [256],
+            "curriculum_steps": [800],
+            "warmup_steps": 50,
+            "eval_every": 0,
+            "save_every": 200,
+        },
+        "eval": {"lengths": [128, 256, 512, 1024]},
+    },
+    "small": {
+        "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "max_seq_len": 16384},
+        "train": {
+            "seq_len": 1024,
+            "batch_size": 16,
+            "steps": 5000,
+            "lr": 1.5e-3,
+            "warmup_steps": 200,
+            "eval_every": 500,
+            "save_every": 500,
+        },
+        "eval": {"lengths": [256, 512, 1024, 2048, 4096], "max_tokens": 65536},
+    },
+    "base": {
+        "model": {"d_model": 768, "n_layers": 12, "n_heads": 12, "max_seq_len": 32768},
+        "train": {
+            "seq_len": 2048,
+            "batch_size": 32,
+            "steps": 20000,
+            "lr": 6e-4,
+            "warmup_steps": 500,
+            "eval_every": 1000,
+            "save_every": 1000,
+        },
+        "eval": {"lengths": [512, 1024, 2048, 4096, 8192], "max_tokens": 262144},
+    },
+}
