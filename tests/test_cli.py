@@ -238,7 +238,7 @@ def test_generate_reads_prompts_beyond_the_limit_through_memory(run_dir: Path, t
 
 
 def test_not_a_run_directory(tmp_path):
-    _fails(["eval", str(tmp_path)], "not a memext run")
+    _fails(["eval", str(tmp_path)], "neither a memext run")
     _fails(["info", str(tmp_path / "missing")], "does not exist")
 
 

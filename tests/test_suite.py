@@ -15,10 +15,10 @@ import torch
 
 from memext import build_model
 from memext import checkpoint as ckpt
+from memext.adapters import MemextAdapter, open_model
 from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.errors import MemextError
 from memext.evals import suite_tasks as suite_mod
-from memext.evals.adapters import MemextAdapter, load_adapter
 from memext.evals.results import (
     FORMAT,
     SCHEMA_VERSION,
@@ -286,7 +286,7 @@ def test_bad_input_is_refused_clearly(run: Path, tmp_path: Path) -> None:
     with pytest.raises(MemextError, match="schema version 99"):
         load_results(other)
     with pytest.raises(MemextError, match="neither a memext run"):
-        load_adapter(tmp_path)
+        open_model(tmp_path)
 
 
 def test_memory_model_reads_any_length_in_segments(tmp_path: Path, corpus: Path) -> None:
@@ -328,7 +328,7 @@ def test_the_same_suite_grades_a_local_hf_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     hf_tok.save_pretrained(path)
-    adapter = load_adapter(path)
+    adapter = open_model(path)
     assert adapter.kind == "hf" and adapter.trained_length == 128
     ids = adapter.tokenizer.encode("The pass key is 12345.")
     assert adapter.tokenizer.decode(ids) == "The pass key is 12345."
@@ -353,5 +353,5 @@ def test_no_memory_adapter_reads_each_segment_alone(tmp_path: Path, corpus: Path
     # Segments are cut from the end: the last one is whole whatever the length.
     y = torch.randint(0, 256, (1, 200))
     assert torch.allclose(without.logits(y)[:, -64:], without.model(y[:, -64:])[0], atol=1e-6)
-    with pytest.raises(MemextError, match="only memext runs"):
-        load_adapter(tmp_path, memory=False)
+    with pytest.raises(MemextError, match="neither a memext run"):
+        open_model(tmp_path, memory=False)

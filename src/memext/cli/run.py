@@ -128,13 +128,13 @@ def _run_suite(
 ) -> Path:
     import dataclasses
 
-    from memext.evals.adapters import load_adapter
+    from memext.adapters import open_model
     from memext.evals.suite import get_suite, run_suite
 
     spec = get_suite(suite)
     if lengths:
         spec = dataclasses.replace(spec, lengths=tuple(lengths))
-    adapter = load_adapter(path, dev, memory)
+    adapter = open_model(path, dev, memory=memory)
     name = spec.name if memory else f"{spec.name}-no-memory"
     target = out_file or path / "eval" / f"{name}.json"
     err.print(f"suite {spec.name} on {adapter.name} ({adapter.kind}) -> {target}")
@@ -272,10 +272,15 @@ def report(
 @user_errors
 def info(
     run_dir: Annotated[
-        Path | None, typer.Argument(help="A run directory; none = what this memext offers.")
+        Path | None,
+        typer.Argument(
+            help="A model: a run directory or a local Hugging Face model dir; none = what this "
+            "memext offers."
+        ),
     ] = None,
 ) -> None:
-    """Describe a run (config, size, progress, results), or list presets and registered variants."""
+    """Describe a model (a run: config, size, progress, results), or list presets and
+    registered variants."""
     from memext.variants import registries
 
     if run_dir is None:
@@ -284,32 +289,12 @@ def info(
         for registry in registries():
             out.print(f"{registry.kind}: {', '.join(registry.names())}", soft_wrap=True)
         return
-    from memext.checkpoint import WEIGHTS, load_config, read_metrics
-    from memext.model import build_model
+    from memext.adapters import detect_kind, model_kind
 
-    cfg = load_config(run_dir)
-    model = build_model(cfg.model, seed=None)
-    m = cfg.model
-    out.print(f"[bold]{run_dir}[/]")
-    out.print(
-        f"model: {m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, attention "
-        f"{m.attention}, {model.num_params() / 1e6:.2f}M parameters (without embeddings)"
-    )
-    out.print(f"data: corpus {cfg.data.corpus!r}, tokenizer {cfg.data.tokenizer!r}")
-    metrics = read_metrics(run_dir)
-    steps = [r for r in metrics if "loss" in r]
-    vals = [r for r in metrics if "val_bits_per_byte" in r]
-    weights = Path(run_dir) / WEIGHTS
-    state = f"step {steps[-1]['step']} of {cfg.train.steps}" if steps else "not started"
-    out.print(f"training: {state}; checkpoint {'present' if weights.is_file() else 'missing'}")
-    if steps:
-        out.print(
-            f"last loss {steps[-1]['loss']:.4f}, {steps[-1].get('tokens_per_s', 0):,.0f} tokens/s"
-        )
-    if vals:
-        out.print(
-            f"last validation bits/byte {vals[-1]['val_bits_per_byte']:.4f} (step {vals[-1]['step']})"
-        )
+    kind = detect_kind(run_dir)
+    out.print(f"[bold]{run_dir}[/] ({kind})")
+    for line in model_kind(kind).summary(run_dir):
+        out.print(line, highlight=False)
     eval_path = Path(run_dir) / "eval.json"
     if eval_path.is_file():
         _print_eval(json.loads(eval_path.read_text())["results"], "evaluation")

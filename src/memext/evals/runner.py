@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 
-from memext.checkpoint import load, run_tokenizer
 from memext.data import prepare_data
 from memext.errors import MemextError
 from memext.evals import reach
@@ -29,8 +28,11 @@ def evaluate_run(
     out_file: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Path]:
+    from memext.adapters import open_model
+
     run_dir = Path(run_dir)
-    model, cfg = load(run_dir, device)
+    adapter = open_model(run_dir, device, kind="memext")  # the one-pass table reads memext runs
+    model, cfg, tok = adapter.model, adapter.cfg, adapter.tokenizer
     lengths = sorted(set(lengths or cfg.eval.lengths))
     bad = [n for n in lengths if n < 2 or n % 2]
     if bad:
@@ -39,7 +41,6 @@ def evaluate_run(
         raise MemextError(
             f"context length {max(lengths)} exceeds the model's limit max_seq_len={model.max_seq_len}"
         )
-    tok = run_tokenizer(run_dir)
     store, _ = prepare_data(cfg.data, tok, log=lambda m: None)
     t0 = time.perf_counter()
     rows = evaluate_lengths(

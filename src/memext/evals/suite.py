@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memext.adapters import ModelAdapter
 from memext.data.tasks import Filler, TooShort
 from memext.errors import MemextError
-from memext.evals.adapters import ModelAdapter
 from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
 from memext.evals.suite_tasks import (
     SUITE_TASKS,

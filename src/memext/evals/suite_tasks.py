@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from memext.adapters import ModelAdapter, Whole
 from memext.data.tasks import TASKS, Filler, Sample, make_samples
 from memext.errors import MemextError
-from memext.evals.adapters import ModelAdapter
 from memext.registry import Registry
 
 # --- tasks --------------------------------------------------------------------------------------
@@ -83,18 +83,6 @@ SUITE_TASKS: Registry[type[Task]] = Registry("suite task", noun="option")
 register_suite_task = SUITE_TASKS.register
 
 
-class _Whole(torch.nn.Module):
-    """An adapter as a memext model reading the whole input at once (``evaluate_samples`` and
-    ``score_length`` call ``model(tokens)`` / ``model(tokens, state)``)."""
-
-    def __init__(self, adapter: ModelAdapter):
-        super().__init__()
-        self.adapter = adapter
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, None]:
-        return self.adapter.logits(tokens), None
-
-
 @register_suite_task("bpb")
 class BitsPerByte(Task):
     """Bits-per-byte of the validation text at each length (memext's definition: windows of L,
@@ -123,7 +111,7 @@ class BitsPerByte(Task):
                 f"the validation text has {tokens.size} tokens: too few for length {ctx.longest}"
             )
         r = score_length(
-            _Whole(ctx.adapter),
+            Whole(ctx.adapter),
             tokens,
             cell.length,
             first,
@@ -178,7 +166,7 @@ class AnswerTask(Task):
         samples = self.samples(cell, ctx)
         check_length(ctx.adapter, max(s.tokens.size - 1 for s in samples))
         r = evaluate_samples(
-            _Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
+            Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
         )
         exact = float(accuracy_score([True] * len(samples), r["correct"]))
         out = {"score": exact, "n": r["n"], "chance": r["chance"]}
