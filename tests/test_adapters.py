@@ -175,6 +175,16 @@ def test_hf_generation_follows_a_cache_policy(models: dict[str, Path]) -> None:
     assert "".join(chunked) == full
 
 
+def test_summary_counts_every_stage_of_a_curriculum(tmp_path: Path) -> None:
+    train = TrainConfig(seq_len=64, steps=10, curriculum=(128,), curriculum_steps=(8,))
+    run = tmp_path / "run"
+    run.mkdir()
+    Config(train=train, eval=EvalConfig(lengths=(64, 128))).save(run / ckpt.CONFIG)
+    (run / ckpt.METRICS).write_text('{"step": 18, "loss": 1.0}\n')
+    lines = MemextAdapter.summary(run)
+    assert "training: step 18 of 18; checkpoint missing" in lines  # once "18 of 10"
+
+
 def test_one_trained_length() -> None:
     train = TrainConfig(seq_len=64, curriculum=(128, 256), curriculum_steps=(1, 1))
     cfg = Config(train=train, eval=EvalConfig(lengths=(64, 256)))
@@ -213,6 +223,7 @@ class _Echo:
         self.path, self.name, self.device = str(path), Path(path).name, torch.device(device)
         self.tokenizer = ByteTokenizer()
         self.trained_length, self.max_context, self.window, self.params = 64, 64, 256, 0
+        self.segment_len = None
 
     @staticmethod
     def claims(path: str | Path) -> bool:

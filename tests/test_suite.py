@@ -94,6 +94,31 @@ def test_summary_averages_depths_and_leaves_speed_out() -> None:
     assert s["effective_context"] == 64 and "0.9 times" in s["definition"]
 
 
+def test_overall_effective_context_counts_only_the_tasks_the_model_solves() -> None:
+    """The main job once read an effective context of 1024 with and without memory: the mean of
+    seven accuracy tasks, six of them near 0 with noise that rose with length, held while the
+    one task it solved (passkey) fell to 0.2 without memory."""
+
+    def cells(task: str, metric: str, scores: list[float]) -> list[dict]:
+        return [
+            {"task": task, "length": n, "depth": None, "metric": metric,
+             "higher_is_better": True, "score": v}
+            for n, v in zip((128, 256, 512, 1024), scores, strict=True)
+        ]  # fmt: skip
+
+    without_memory = [
+        *cells("passkey", "exact_match", [1.0, 1.0, 0.2, 0.2]),
+        *cells("common_words", "f1", [0.1, 0.3, 0.9, 0.9]),
+        *cells("niah", "exact_match", [0.0, 0.0, 0.0, 0.0]),
+    ]
+    s = summarize(without_memory, 0.9)
+    assert s["solved_tasks"] == ["passkey"] and s["effective_context"] == 256
+    with_memory = cells("passkey", "exact_match", [1.0, 1.0, 1.0, 1.0])
+    assert summarize(with_memory + without_memory[4:], 0.9)["effective_context"] == 1024
+    assert summarize(without_memory[4:], 0.9)["effective_context"] is None  # nothing solved
+    assert "solves (score >= 0.5)" in s["definition"]
+
+
 # --- plan ---------------------------------------------------------------------------------------
 def test_plan_resolves_lengths_from_the_trained_length(run: Path) -> None:
     adapter = MemextAdapter(run)

@@ -10,7 +10,8 @@ the pipelines one interface:
 - ``generate(prompt, max_new_tokens, ...)``: text pieces continuing a prompt;
 - ``tokenizer``; ``trained_length`` (the longest sequence it was trained on); ``max_context``
   (the longest input it reads at all; None: any length); ``window`` (the most tokens it attends
-  over in one call: a prompt's budget); ``fingerprint()`` (the identity of its weights and of how
+  over in one call: a prompt's budget); ``segment_len`` (the segment it reads long input in,
+  carrying its memory; None: one pass); ``fingerprint()`` (the identity of its weights and of how
   it reads them: cached results of another identity are stale).
 
 A kind is a class registered in ``MODEL_KINDS`` by name; its class method ``claims(path)`` says
@@ -43,6 +44,7 @@ class ModelAdapter(Protocol):
     trained_length: int
     max_context: int | None
     window: int
+    segment_len: int | None
     params: int
     device: torch.device
 

@@ -34,6 +34,7 @@ class HFAdapter:
         self.max_context = None
         # A prompt's budget: what the model was configured to attend over.
         self.window = self.trained_length
+        self.segment_len = None  # one pass, whatever the length
         self.params = sum(p.numel() for p in self.model.parameters())
         self._dir = Path(path)
 

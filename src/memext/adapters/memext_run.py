@@ -72,7 +72,9 @@ class MemextAdapter:
         steps = [r for r in metrics if "loss" in r]
         vals = [r for r in metrics if "val_bits_per_byte" in r]
         weights = Path(path) / WEIGHTS
-        state = f"step {steps[-1]['step']} of {cfg.train.steps}" if steps else "not started"
+        # Every stage's steps: a curriculum run of 1,000 + 800 steps once read "1800 of 1000".
+        total = cfg.train.total_steps
+        state = f"step {steps[-1]['step']} of {total}" if steps else "not started"
         lines.append(
             f"training: {state}; checkpoint {'present' if weights.is_file() else 'missing'}"
         )
@@ -82,9 +84,9 @@ class MemextAdapter:
                 f"{steps[-1].get('tokens_per_s', 0):,.0f} tokens/s"
             )
         if vals:
-            lines.append(
+            lines.append(  # the trainer's one-pass check, not the suite's figure
                 f"last validation bits/byte {vals[-1]['val_bits_per_byte']:.4f} "
-                f"(step {vals[-1]['step']})"
+                f"(training check, one pass; step {vals[-1]['step']})"
             )
         return lines
 

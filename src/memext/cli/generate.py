@@ -21,7 +21,7 @@ from memext.cli.common import (
     out,
     user_errors,
 )
-from memext.cli.run import evaluate_and_print
+from memext.cli.run import run_and_print_suite
 from memext.errors import MemextError
 from memext.evals.streaming import streaming_perplexity
 from memext.extend import extend_model, extend_run
@@ -183,9 +183,8 @@ def extend(
     ] = True,
 ) -> None:
     """Write a context-extended copy of a model: rotary scaled by FACTOR, optionally fine-tuned."""
-    from memext.runtime import resolve_device
-
     from memext.adapters import detect_kind
+    from memext.runtime import resolve_device
 
     dev = resolve_device(device)
     probes = ()  # what a memext run's fine-tuning measures as it trains
@@ -211,4 +210,4 @@ def extend(
     )
     out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
     if evaluate and kind == "memext":
-        evaluate_and_print(out_dir, None, None, dev, None)
+        run_and_print_suite(out_dir, "default", None, None, dev, None)
