@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def corpus(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def run_dir(tmp_path: Path, corpus: Path) -> Path:
+def trained(tmp_path: Path, corpus: Path) -> tuple[Path, str]:
+    """The main job in small: a run and what `memext train` printed."""
     out = tmp_path / "run"
     result = runner.invoke(
         app,
@@ -63,7 +65,12 @@ def run_dir(tmp_path: Path, corpus: Path) -> Path:
         ],
     )
     assert result.exit_code == 0, result.output
-    return out
+    return out, result.output
+
+
+@pytest.fixture
+def run_dir(trained: tuple[Path, str]) -> Path:
+    return trained[0]
 
 
 def _fails(args: list[str], message: str) -> str:
@@ -74,6 +81,13 @@ def _fails(args: list[str], message: str) -> str:
     return result.output
 
 
+def _bpb_row(output: str, title: str) -> list[str]:
+    """The bits-per-byte figures of the bpb row of the printed table titled ``title``."""
+    table = output.split(title, 1)[1]
+    row = next(line for line in table.splitlines() if line.strip("│┃ ").startswith("bpb"))
+    return re.findall(r"\d+\.\d{3}", row)
+
+
 def test_train_eval_generate_info_end_to_end(run_dir: Path):
     assert {p.name for p in run_dir.iterdir()} >= {
         "config.json",
@@ -81,52 +95,40 @@ def test_train_eval_generate_info_end_to_end(run_dir: Path):
         "train_state.pt",
         "metrics.jsonl",
         "run.json",
-        "eval.json",
+        "eval",
     }
     # The command hands the trainer its probes: validation and the held-out task, at the end.
     (probed,) = [r for r in read_metrics(run_dir) if "val_bits_per_byte" in r]
     assert probed["step"] == 30 and probed["probe/passkey@128"] in (0.0, 0.5, 1.0)
-    results = json.loads((run_dir / "eval.json").read_text())
-    assert [r["length"] for r in results["results"]] == [16, 32, 64]
-    assert len(results["corpus_hash"]) == 64 and results["trained_on_same_corpus"] is True
-    # The main job's memory reach: W and 4W with memory, and one pass where it fits.
-    reach = results["memory_reach"]["results"]
-    assert [(r["reach"], r["memory"]) for r in reach] == [
-        (16, True),
-        (16, False),
-        (64, True),
-        (64, False),
-    ]
-    same = {r["memory"]: r["bits_per_byte"] for r in reach if r["reach"] == 16}
-    assert same[True] == pytest.approx(same[False], rel=1e-5)  # one segment: memory is empty
-    # The main job ends with a suite and its report.
+    # The main job ends with its suite, read through memory and without, and the report.
     suite = json.loads((run_dir / "eval" / "quick.json").read_text())
     assert suite["lengths"] == [16, 32, 64] and suite["model"]["trained_length"] == 32
+    blind = json.loads((run_dir / "eval" / "quick-no-memory.json").read_text())
+    assert blind["model"]["name"].endswith("(no memory)")
     page = (run_dir / "report" / "report.html").read_text()
     assert page.count('class="plot"') >= 2 and (run_dir / "report" / "report.md").is_file()
     again = runner.invoke(app, ["report", str(run_dir), "--out", str(run_dir / "r2")])
     assert again.exit_code == 0 and (run_dir / "r2" / "report.html").is_file(), again.output
-    _fails(["report", str(run_dir / "eval.json")], "not a memext suite results file")
+    _fails(["report", str(run_dir / "run.json")], "not a memext suite results file")
 
+    # `memext eval RUN`: the default suite, bits-per-byte and memory reach. With quick's grid
+    # and scored tokens its bits-per-byte are quick's, figure for figure: one evaluation path.
     ev = runner.invoke(
         app,
         [
             "eval",
             str(run_dir),
-            "--lengths",
-            "32,64",
-            "--out",
-            str(run_dir / "e2.json"),
-            "--device",
-            "cpu",
+            *("--lengths", "16,32,64", "--max-tokens", "1024"),
+            *("--out", str(run_dir / "e2.json"), "--device", "cpu"),
         ],
     )
     assert ev.exit_code == 0, ev.output
-    assert "bits/byte" in ev.output
-    assert [r["length"] for r in json.loads((run_dir / "e2.json").read_text())["results"]] == [
-        32,
-        64,
-    ]
+    default = json.loads((run_dir / "e2.json").read_text())
+    bpb = {c["length"]: c["score"] for c in default["cells"] if c["task"] == "bpb"}
+    assert bpb == {c["length"]: c["score"] for c in suite["cells"] if c["task"] == "bpb"}
+    reach = {c["length"]: c["score"] for c in default["cells"] if c["task"] == "reach"}
+    assert sorted(reach) == [16, 32, 64]  # W = 16: every length is a reach of whole segments
+    assert "reach: the last segment" in " ".join(ev.output.split())
 
     gen = runner.invoke(
         app,
@@ -150,6 +152,19 @@ def test_train_eval_generate_info_end_to_end(run_dir: Path):
     info = runner.invoke(app, ["info", str(run_dir)])
     assert info.exit_code == 0 and "step 30 of 30" in info.output
     assert "last validation bits/byte" in info.output
+    assert "eval/quick.json: effective context" in info.output
+
+
+def test_the_main_job_prints_each_figure_once(trained: tuple[Path, str]):
+    """The main job once printed a one-pass bits-per-byte table (2.10 at 128) and then the
+    suite's (1.37 at 128) with nothing saying why: now the suite's figures alone, which are the
+    results file's, and the training checks say they are one-pass checks."""
+    run_dir, printed = trained
+    assert "validation bits-per-byte by context length" not in printed
+    suite = json.loads((run_dir / "eval" / "quick.json").read_text())
+    shown = _bpb_row(printed, "quick: score by length — run")
+    assert shown == [f"{c['score']:.3f}" for c in suite["cells"] if c["task"] == "bpb"]
+    assert "val bits/byte" not in printed or "training check" in printed
 
 
 def test_version_and_help_list_every_setting():
@@ -220,8 +235,21 @@ def test_output_directory_holding_a_run_is_refused(run_dir: Path, corpus: Path):
     assert (run_dir / "model.safetensors").read_bytes() == before
 
 
-def test_eval_length_over_the_model_limit(run_dir: Path):
-    _fails(["eval", str(run_dir), "--lengths", "512"], "exceeds the model's limit")
+def test_eval_length_over_the_model_limit(tmp_path: Path, corpus: Path):
+    from memext import build_model
+    from memext import checkpoint as ckpt
+    from memext.config import Config
+
+    plain = Config.preset("tiny").override(
+        {"model.memory": "none", "model.max_seq_len": "256", "train.segment_len": "0",
+         "train.curriculum": "", "train.curriculum_steps": "", "data.mixture": "[]",
+         "eval.lengths": "128", "data.corpus": str(corpus)}
+    )  # fmt: skip
+    run = tmp_path / "plain"
+    run.mkdir()
+    plain.save(run / ckpt.CONFIG)
+    ckpt.save_weights(build_model(plain.model, seed=0), run / ckpt.WEIGHTS, {"step": "0"})
+    _fails(["eval", str(run), "--lengths", "512"], "limit of 256 tokens")
 
 
 def test_generate_reads_prompts_beyond_the_limit_through_memory(run_dir: Path, tmp_path: Path):
@@ -238,7 +266,7 @@ def test_generate_reads_prompts_beyond_the_limit_through_memory(run_dir: Path, t
 
 
 def test_not_a_run_directory(tmp_path):
-    _fails(["eval", str(tmp_path)], "not a memext run")
+    _fails(["eval", str(tmp_path)], "neither a memext run")
     _fails(["info", str(tmp_path / "missing")], "does not exist")
 
 
@@ -277,8 +305,11 @@ def test_bpe_tokenizer_end_to_end(tmp_path: Path, corpus: Path):
     assert result.exit_code == 0, result.output
     assert (run / "tokenizer.json").read_bytes() == tok.read_bytes()  # the run keeps its copy
     tok.unlink()  # eval and generate must not need the original file
-    ev = json.loads((run / "eval.json").read_text())["results"]
-    assert all(r["scored_bytes"] > r["scored_tokens"] for r in ev)  # BPE tokens span bytes
+    ev = runner.invoke(app, ["eval", str(run), "--device", "cpu", "--max-tokens", "256"])
+    assert ev.exit_code == 0, ev.output
+    cells = json.loads((run / "eval" / "default.json").read_text())["cells"]
+    assert {c["task"] for c in cells} == {"bpb", "reach"}
+    assert all(c["bytes"] > c["n"] for c in cells if c["task"] == "bpb")  # BPE tokens span bytes
     gen = runner.invoke(
         app, ["generate", str(run), "--prompt", "def", "--max-new-tokens", "5", "--device", "cpu"]
     )

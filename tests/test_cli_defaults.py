@@ -18,7 +18,7 @@ import typer
 from memext.bench.attention import measure, train_tokens_per_s
 from memext.bench.peers import Shape
 from memext.cli import app
-from memext.evals.runner import evaluate_run
+from memext.evals.runner import evaluate_model
 from memext.evals.streaming import streaming_perplexity
 from memext.extend import extend_run
 from memext.hf import extend_hf
@@ -32,7 +32,7 @@ from memext.train import train
 # What each command calls, with the options it passes on under the same name.
 DRIVES: dict[str, tuple[Callable[..., Any], ...]] = {
     "train": (train,),
-    "eval": (evaluate_run,),
+    "eval": (evaluate_model,),
     "generate": (generate_ids,),
     "stream": (streaming_perplexity,),
     "extend": (extend_run, extend_hf),

@@ -12,7 +12,11 @@ first component under ``memext`` (``memext.nn.attention.full`` is in ``nn``; the
   depend on a measurement; the harness sits above the evaluations, so what both use (peak
   memory) lives at the bottom, not in the harness;
 - ``extend`` and ``pipelines`` are applications of trained models (``extend`` fine-tunes
-  through ``train``);
+  through ``train``); they, the evaluations and the command line open models through
+  ``adapters``;
+- ``adapters``: every model memext can read (a memext run, a Hugging Face directory) behind one
+  contract; above ``train`` (a kind may fine-tune through it), ``checkpoint`` and ``hf``, which
+  it opens, and ``data`` (a run's validation text);
 - ``train`` runs the loop over what is below;
 - the package root re-exports ``load``, ``Config`` and ``build_model``;
 - ``checkpoint`` reads and writes runs, rebuilding a model (with its curriculum stage's rotary);
@@ -47,6 +51,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench",),
     ("evals",),
     ("extend", "pipelines"),
+    ("adapters",),
     ("train",),
     ("",),
     ("checkpoint",),

@@ -27,7 +27,7 @@ def test_python_examples_run(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "completed 60" in printed
     assert "torch.Size([1, 64, 264]) 64" in printed
-    assert (tmp_path / "runs" / "quickstart" / "eval.json").is_file()
+    assert (tmp_path / "runs" / "quickstart" / "eval" / "default.json").is_file()
 
 
 def test_console_commands_parse():

@@ -115,12 +115,19 @@ def test_every_family_is_a_registry_and_nothing_is_called_tasks_twice() -> None:
 
     assert all(isinstance(r, Registry) and len(r) for r in registries())
     assert len({r.kind for r in registries()}) == len(registries())
-    named_tasks = set()
+    from memext.evals.suite_tasks import SUITE_TASKS
+
+    named_tasks, task_registries = set(), {}
     for info in pkgutil.walk_packages(memext.__path__, "memext."):
         if not info.name.endswith("__main__"):
             module = importlib.import_module(info.name)
             named_tasks.add(id(getattr(module, "TASKS", TASKS)))
+            for name, value in vars(module).items():
+                if name.endswith("TASKS") and isinstance(value, Registry):
+                    task_registries.setdefault(name, set()).add(id(value))
     assert named_tasks == {id(TASKS)}  # every module's TASKS is the one generator registry
+    # One vocabulary: generators (data/) in TASKS, suite tasks (evals/) in SUITE_TASKS, no other.
+    assert task_registries == {"TASKS": {id(TASKS)}, "SUITE_TASKS": {id(SUITE_TASKS)}}
 
 
 def test_memext_info_lists_every_registry_by_name() -> None:

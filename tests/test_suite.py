@@ -15,10 +15,10 @@ import torch
 
 from memext import build_model
 from memext import checkpoint as ckpt
+from memext.adapters import MemextAdapter, open_model
 from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.errors import MemextError
 from memext.evals import suite_tasks as suite_mod
-from memext.evals.adapters import MemextAdapter, load_adapter
 from memext.evals.results import (
     FORMAT,
     SCHEMA_VERSION,
@@ -92,6 +92,31 @@ def test_summary_averages_depths_and_leaves_speed_out() -> None:
     assert s["tasks"]["passkey"]["by_length"] == {"64": 0.75, "128": 0.25}
     assert s["accuracy_tasks"] == ["passkey"] and s["tasks"]["speed"]["effective_context"] is None
     assert s["effective_context"] == 64 and "0.9 times" in s["definition"]
+
+
+def test_overall_effective_context_counts_only_the_tasks_the_model_solves() -> None:
+    """The main job once read an effective context of 1024 with and without memory: the mean of
+    seven accuracy tasks, six of them near 0 with noise that rose with length, held while the
+    one task it solved (passkey) fell to 0.2 without memory."""
+
+    def cells(task: str, metric: str, scores: list[float]) -> list[dict]:
+        return [
+            {"task": task, "length": n, "depth": None, "metric": metric,
+             "higher_is_better": True, "score": v}
+            for n, v in zip((128, 256, 512, 1024), scores, strict=True)
+        ]  # fmt: skip
+
+    without_memory = [
+        *cells("passkey", "exact_match", [1.0, 1.0, 0.2, 0.2]),
+        *cells("common_words", "f1", [0.1, 0.3, 0.9, 0.9]),
+        *cells("niah", "exact_match", [0.0, 0.0, 0.0, 0.0]),
+    ]
+    s = summarize(without_memory, 0.9)
+    assert s["solved_tasks"] == ["passkey"] and s["effective_context"] == 256
+    with_memory = cells("passkey", "exact_match", [1.0, 1.0, 1.0, 1.0])
+    assert summarize(with_memory + without_memory[4:], 0.9)["effective_context"] == 1024
+    assert summarize(without_memory[4:], 0.9)["effective_context"] is None  # nothing solved
+    assert "solves (score >= 0.5)" in s["definition"]
 
 
 # --- plan ---------------------------------------------------------------------------------------
@@ -286,7 +311,7 @@ def test_bad_input_is_refused_clearly(run: Path, tmp_path: Path) -> None:
     with pytest.raises(MemextError, match="schema version 99"):
         load_results(other)
     with pytest.raises(MemextError, match="neither a memext run"):
-        load_adapter(tmp_path)
+        open_model(tmp_path)
 
 
 def test_memory_model_reads_any_length_in_segments(tmp_path: Path, corpus: Path) -> None:
@@ -328,7 +353,7 @@ def test_the_same_suite_grades_a_local_hf_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     hf_tok.save_pretrained(path)
-    adapter = load_adapter(path)
+    adapter = open_model(path)
     assert adapter.kind == "hf" and adapter.trained_length == 128
     ids = adapter.tokenizer.encode("The pass key is 12345.")
     assert adapter.tokenizer.decode(ids) == "The pass key is 12345."
@@ -353,5 +378,5 @@ def test_no_memory_adapter_reads_each_segment_alone(tmp_path: Path, corpus: Path
     # Segments are cut from the end: the last one is whole whatever the length.
     y = torch.randint(0, 256, (1, 200))
     assert torch.allclose(without.logits(y)[:, -64:], without.model(y[:, -64:])[0], atol=1e-6)
-    with pytest.raises(MemextError, match="only memext runs"):
-        load_adapter(tmp_path, memory=False)
+    with pytest.raises(MemextError, match="neither a memext run"):
+        open_model(tmp_path, memory=False)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 import memext.data.tasks as tasks_mod
 from memext.config import ModelConfig
 from memext.data.corpus import Corpus, Document
-from memext.data.sampling import task_batch
+from memext.data.sampling import segments, task_batch
 from memext.data.tasks import (
     COPY_QUESTION,
     PASSKEY_QUESTION,
@@ -31,7 +31,7 @@ from memext.data.tasks import (
     passkey,
     score_answer,
 )
-from memext.evals.tasks import evaluate_samples, segments
+from memext.evals.tasks import evaluate_samples
 from memext.model import build_model
 from memext.nn.transformer import State
 from memext.tokenizer import ByteTokenizer, Tokenizer, train_bpe

@@ -46,6 +46,12 @@ def stages(cfg: Config) -> list[Stage]:
     return out
 
 
+def trained_length(cfg: Config) -> int:
+    """The longest sequence a run trains on: its last stage's length (stage lengths never
+    decrease, the config checks), or ``seq_len`` without a curriculum."""
+    return max((cfg.train.seq_len, *cfg.train.curriculum))
+
+
 def stage_at(cfg: Config, step: int) -> Stage:
     """The stage that optimizer step ``step`` (0-based) belongs to; the run's end belongs to the
     last stage."""

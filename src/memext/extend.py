@@ -1,8 +1,10 @@
-"""Context extension of a trained memext run: a copy whose rotary embedding is scaled to a longer
-length, optionally fine-tuned there for a few steps (``memext extend``).
+"""Context extension: a copy of a model whose rotary embedding is scaled to a longer length,
+optionally fine-tuned there for a few steps (``memext extend``).
 
-Local Hugging Face checkpoints go through ``memext.hf.extend_hf`` instead; the CLI picks by what
-the source directory holds.
+``extend_model`` takes any model the adapters read: the kind that claims the source
+(``memext.adapters.detect_kind``) picks its writer in ``EXTENDERS``: ``extend_run`` for memext
+runs, ``memext.hf.extend_hf`` for local Hugging Face directories. A kind that can be extended
+adds its writer there.
 """
 
 from __future__ import annotations
@@ -11,17 +13,15 @@ import dataclasses
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from memext import checkpoint as ckpt
+from memext.adapters import detect_kind
 from memext.config import Config
+from memext.curriculum import trained_length
 from memext.errors import MemextError
 from memext.nn.rope_scaling import build_rule
 from memext.train.probes import Probe
-
-
-def trained_length(cfg: Config) -> int:
-    """The longest sequence a run was trained on: its last curriculum stage, or ``seq_len``."""
-    return (cfg.train.curriculum or (cfg.train.seq_len,))[-1]
 
 
 def extended_config(
@@ -127,3 +127,34 @@ def extend_run(
         shutil.copyfile(src / ckpt.TOKENIZER, out / ckpt.TOKENIZER)
     new.save(out / ckpt.CONFIG)
     return out
+
+
+def _extend_hf(src: Path, out: Path, scaling: str, factor: float, **options: Any) -> None:
+    from memext.hf import extend_hf
+
+    if options.pop("steps", 0):
+        raise MemextError(
+            "fine-tuning a Hugging Face checkpoint is not supported yet: drop --steps, or "
+            "fine-tune the written copy with transformers"
+        )
+    for unused in ("lr", "overwrite", "device", "progress", "log", "probes"):
+        options.pop(unused, None)
+    extend_hf(src, out, scaling, factor, **options)
+
+
+#: The writer of an extended copy, by model kind (``memext.adapters.MODEL_KINDS``).
+EXTENDERS: dict[str, Callable[..., Any]] = {"memext": extend_run, "hf": _extend_hf}
+
+
+def extend_model(
+    src: str | Path, out: str | Path, scaling: str, factor: float, **options: Any
+) -> str:
+    """Write the extended copy of the model in ``src`` (any kind in ``EXTENDERS``) into ``out``
+    with ``extend_run``'s options; returns the kind it was."""
+    kind = detect_kind(src)
+    if kind not in EXTENDERS:
+        raise MemextError(
+            f"{str(src)!r} is a {kind} model: extend reads {', '.join(EXTENDERS)} models"
+        )
+    EXTENDERS[kind](Path(src), Path(out), scaling, factor, **options)
+    return kind

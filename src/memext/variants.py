@@ -10,6 +10,7 @@ from memext.registry import Registry
 
 def registries() -> list[Registry]:
     """The registries, lowest layer first; importing them registers every built-in variant."""
+    from memext.adapters import MODEL_KINDS
     from memext.data.tasks import TASKS
     from memext.evals.suite_tasks import SUITE_TASKS
     from memext.infer.cache import CACHES
@@ -18,4 +19,4 @@ def registries() -> list[Registry]:
     from memext.nn.rope_scaling import ROPE_SCALING
     from memext.pipelines.aggregators import AGGREGATORS
 
-    return [ATTENTION, MEMORY, ROPE_SCALING, CACHES, TASKS, SUITE_TASKS, AGGREGATORS]
+    return [ATTENTION, MEMORY, ROPE_SCALING, CACHES, TASKS, MODEL_KINDS, SUITE_TASKS, AGGREGATORS]

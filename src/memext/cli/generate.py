@@ -21,16 +21,18 @@ from memext.cli.common import (
     out,
     user_errors,
 )
-from memext.cli.run import evaluate_and_print
+from memext.cli.run import run_and_print_suite
 from memext.errors import MemextError
 from memext.evals.streaming import streaming_perplexity
-from memext.extend import extend_run
-from memext.infer.generate import generate_ids, generate_text
+from memext.extend import extend_model, extend_run
+from memext.infer.generate import generate_ids
 
 
 @user_errors
 def generate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A model: a run directory or a local Hugging Face model dir.")
+    ],
     prompt: Annotated[str | None, typer.Option(help="The prompt text.")] = None,
     prompt_file: Annotated[
         Path | None, typer.Option(help="Read the prompt from this file.")
@@ -57,7 +59,7 @@ def generate(
     device: DeviceOpt = "auto",
 ) -> None:
     """Continue a prompt with a trained model (KV-cached; window/sinks read input of any length)."""
-    from memext.checkpoint import load, run_tokenizer
+    from memext.adapters import open_model
     from memext.runtime import resolve_device
 
     if (prompt is None) == (prompt_file is None):
@@ -69,11 +71,8 @@ def generate(
             prompt = prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise MemextError(f"prompt file {str(prompt_file)!r} is not valid UTF-8") from None
-    model, _ = load(run_dir, resolve_device(device))
-    tok = run_tokenizer(run_dir)
-    for piece in generate_text(
-        model,
-        tok,
+    model = open_model(run_dir, resolve_device(device))
+    for piece in model.generate(
         prompt,
         max_new_tokens,
         stop=stop or (),
@@ -184,41 +183,31 @@ def extend(
     ] = True,
 ) -> None:
     """Write a context-extended copy of a model: rotary scaled by FACTOR, optionally fine-tuned."""
-    from memext.checkpoint import is_memext_run
+    from memext.adapters import detect_kind
     from memext.runtime import resolve_device
 
-    if not src.is_dir():
-        raise MemextError(f"{str(src)!r} is not a directory")
-    if is_memext_run(src):
+    dev = resolve_device(device)
+    probes = ()  # what a memext run's fine-tuning measures as it trains
+    if detect_kind(src) == "memext" and steps:
         from memext.checkpoint import load_config
         from memext.evals.probes import training_probes
 
-        dev = resolve_device(device)
-        extend_run(
-            src,
-            out_dir,
-            scaling,
-            factor,
-            original_len=original_len,
-            alpha=alpha,
-            beta=beta,
-            steps=steps,
-            lr=lr,
-            overwrite=overwrite,
-            device=str(dev),
-            log=lambda m: err.print(m, highlight=False),
-            probes=training_probes(load_config(src)),
-        )
-        out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
-        if evaluate:
-            evaluate_and_print(out_dir, None, None, dev, None)
-        return
-    from memext.hf import extend_hf
-
-    if steps:
-        raise MemextError(
-            "fine-tuning a Hugging Face checkpoint is not supported yet: drop --steps, or "
-            "fine-tune the written copy with transformers"
-        )
-    extend_hf(src, out_dir, scaling, factor, original_len=original_len, alpha=alpha, beta=beta)
+        probes = training_probes(load_config(src))
+    kind = extend_model(
+        src,
+        out_dir,
+        scaling,
+        factor,
+        original_len=original_len,
+        alpha=alpha,
+        beta=beta,
+        steps=steps,
+        lr=lr,
+        overwrite=overwrite,
+        device=str(dev),
+        log=lambda m: err.print(m, highlight=False),
+        probes=probes,
+    )
     out.print(f"extended {src} x{factor:g} ({scaling}) -> {out_dir}")
+    if evaluate and kind == "memext":
+        run_and_print_suite(out_dir, "default", None, None, dev, None)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,20 +37,6 @@ def fields_epilog() -> str:
     return "".join(lines)
 
 
-def _print_eval(rows: list[dict[str, Any]], title: str) -> None:
-    table = Table(title=title)
-    for col in ("context L", "bits/byte", "perplexity", "scored tokens"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        table.add_row(
-            str(r["length"]),
-            f"{r['bits_per_byte']:.4f}",
-            f"{r['perplexity']:.3f}",
-            f"{r['scored_tokens']:,}",
-        )
-    out.print(table)
-
-
 @user_errors
 def train(
     preset: PresetOpt = "tiny",
@@ -68,14 +53,16 @@ def train(
     evaluate: Annotated[
         bool,
         typer.Option(
-            "--eval/--no-eval", help="Evaluate bits-per-byte by context length at the end."
+            "--eval/--no-eval",
+            help="Evaluate at the end: the suite (with and without memory for memory models) "
+            "and its HTML report.",
         ),
     ] = True,
     suite: Annotated[
         str,
         typer.Option(
-            help="After the evaluation, run this suite (longctx, quick, a .yaml file, or none) "
-            "and write the HTML report."
+            help="The suite to evaluate with: longctx, default (bits-per-byte and memory reach "
+            "only), quick, a .yaml file, or none."
         ),
     ] = "longctx",
 ) -> None:
@@ -109,36 +96,34 @@ def train(
     )
     if result.status != "completed":
         raise typer.Exit(130)
-    if evaluate:
-        evaluate_and_print(run_dir, None, None, dev, None)
-        if suite != "none":
-            _run_suite(run_dir, suite, None, dev, None)
-            if cfg.train.segment_len:  # the same weights without memory: what memory adds
-                _run_suite(run_dir, suite, None, dev, None, memory=False)
-            _report([run_dir], run_dir / "report")
+    if evaluate and suite != "none":
+        run_and_print_suite(run_dir, suite, None, None, dev, None)
+        if cfg.train.segment_len:  # the same weights without memory: what memory adds
+            run_and_print_suite(run_dir, suite, None, None, dev, None, memory=False)
+        _report([run_dir], run_dir / "report")
 
 
-def _run_suite(
+def run_and_print_suite(
     path: Path,
     suite: str,
     lengths: list[int] | None,
+    max_tokens: int | None,
     dev,
     out_file: Path | None,
     memory: bool = True,
 ) -> Path:
-    import dataclasses
+    from memext.evals.runner import evaluate_model
 
-    from memext.evals.adapters import load_adapter
-    from memext.evals.suite import get_suite, run_suite
-
-    spec = get_suite(suite)
-    if lengths:
-        spec = dataclasses.replace(spec, lengths=tuple(lengths))
-    adapter = load_adapter(path, dev, memory)
-    name = spec.name if memory else f"{spec.name}-no-memory"
-    target = out_file or path / "eval" / f"{name}.json"
-    err.print(f"suite {spec.name} on {adapter.name} ({adapter.kind}) -> {target}")
-    results = run_suite(adapter, spec, target, log=lambda m: err.print(m, highlight=False))
+    results, target = evaluate_model(
+        path,
+        suite,
+        lengths,
+        max_tokens,
+        dev,
+        out_file,
+        memory,
+        log=lambda m: err.print(m, highlight=False),
+    )
     _print_suite(results)
     out.print(f"suite results: {target}")
     return target
@@ -162,11 +147,19 @@ def _print_suite(results: dict[str, Any]) -> None:
             "-" if s["effective_context"] is None else str(s["effective_context"]),
         )
     out.print(table)
-    eff = summary["effective_context"]
+    from memext.evals.suite_tasks import SUITE_TASKS
+
+    for task in summary["tasks"]:
+        measures = SUITE_TASKS[task].measures if task in SUITE_TASKS else ""
+        if measures:
+            out.print(f"  {task}: {measures}", highlight=False)
+    eff, solved = summary["effective_context"], summary.get("solved_tasks", [])
     out.print(
-        "effective context length (mean of the accuracy tasks): "
-        + (f"{eff} tokens" if eff is not None else "none — they score 0 at the shortest length")
-        + f"; threshold {summary['threshold']:g} × the shortest length's score"
+        f"effective context length (the shortest among the tasks it solves: "
+        f"{', '.join(solved) or 'none'}): "
+        + (f"{eff} tokens" if eff is not None else "none — no accuracy task is solved")
+        + f"; threshold {summary['threshold']:g} × each task's score at its shortest length",
+        highlight=False,
     )
 
 
@@ -177,80 +170,48 @@ def _report(inputs: list[Path], out_dir: Path) -> None:
     out.print(f"report: {html} (Markdown: {md})")
 
 
-def evaluate_and_print(
-    run_dir: Path, lengths: list[int] | None, max_tokens: int | None, dev, out_file: Path | None
-) -> None:
-    from memext.evals.runner import evaluate_run
-
-    rows, reach_rows, path = evaluate_run(run_dir, lengths, max_tokens, dev, out_file)
-    _print_eval(rows, f"validation bits-per-byte by context length — {run_dir}")
-    if reach_rows:
-        _print_reach(reach_rows)
-    out.print(f"results: {path}")
-
-
-def _print_reach(rows: list[dict[str, Any]]) -> None:
-    w = rows[0]["segment_len"]
-    table = Table(title=f"memory reach: bits-per-byte of a {w}-token segment after R tokens")
-    for col in ("reach R", "with memory (segments)", "without (one pass)"):
-        table.add_column(col, justify="right")
-    by = {}
-    for r in rows:
-        by.setdefault(r["reach_in_segments"], {})[r["memory"]] = r["bits_per_byte"]
-    for m, cells in sorted(by.items()):
-        table.add_row(
-            f"{m}W = {m * w}",
-            *(f"{cells[k]:.4f}" if k in cells else "-" for k in (True, False)),
-        )
-    out.print(table)
-
-
 @user_errors
 def eval_(
     run_dir: Annotated[
         Path,
-        typer.Argument(help="A run directory (or, with --suite, a local Hugging Face model dir)."),
+        typer.Argument(help="A model: a run directory or a local Hugging Face model dir."),
     ],
     suite: Annotated[
-        str | None,
+        str,
         typer.Option(
-            help="Run an evaluation suite instead: longctx, quick or a .yaml file "
-            "(docs/evaluation.md); finished cells are kept and not recomputed."
+            help="The suite: default (bits-per-byte by length, and memory reach for models "
+            "that read in segments), longctx, quick or a .yaml file (docs/evaluation.md); "
+            "finished cells are kept and not recomputed."
         ),
-    ] = None,
+    ] = "default",
     lengths: Annotated[
         str | None,
-        typer.Option(help="Comma-separated context lengths (default: the run's eval.lengths)."),
+        typer.Option(help="Comma-separated context lengths (default: the suite's)."),
     ] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Scored tokens per length.")] = None,
+    max_tokens: Annotated[
+        int | None, typer.Option(help="Scored tokens per length of bpb and reach.")
+    ] = None,
     memory: Annotated[
         bool,
         typer.Option(
             "--memory/--no-memory",
-            help="With --suite: --no-memory reads a memory model with its memory emptied before "
-            "each segment (the same weights, window only), into RUN/eval/SUITE-no-memory.json.",
+            help="--no-memory reads a memory model with its memory emptied before each segment "
+            "(the same weights, window only), into RUN/eval/SUITE-no-memory.json.",
         ),
     ] = True,
     device: DeviceOpt = "auto",
     output: Annotated[
         Path | None,
-        typer.Option(
-            "--out", help="Results JSON (default: RUN_DIR/eval.json, RUN_DIR/eval/SUITE.json)."
-        ),
+        typer.Option("--out", help="Results JSON (default: RUN/eval/SUITE.json)."),
     ] = None,
 ) -> None:
-    """Bits-per-byte and perplexity on the validation split at several context lengths; or,
-    with --suite, a suite of long-context tasks and the model's effective context length."""
+    """Grade a model with a suite: bits-per-byte by context length and memory reach by default;
+    long-context tasks and the effective context length with --suite longctx."""
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
-    if not memory and suite is None:
-        raise MemextError("--no-memory applies to suites: add --suite NAME")
-    if suite is not None:
-        _run_suite(run_dir, suite, parsed, resolve_device(device), output, memory)
-        out.print(f"next: memext report {run_dir}")
-        return
-    evaluate_and_print(run_dir, parsed, max_tokens, resolve_device(device), output)
+    run_and_print_suite(run_dir, suite, parsed, max_tokens, resolve_device(device), output, memory)
+    out.print(f"next: memext report {run_dir}")
 
 
 @user_errors
@@ -272,10 +233,15 @@ def report(
 @user_errors
 def info(
     run_dir: Annotated[
-        Path | None, typer.Argument(help="A run directory; none = what this memext offers.")
+        Path | None,
+        typer.Argument(
+            help="A model: a run directory or a local Hugging Face model dir; none = what this "
+            "memext offers."
+        ),
     ] = None,
 ) -> None:
-    """Describe a run (config, size, progress, results), or list presets and registered variants."""
+    """Describe a model (a run: config, size, progress, results), or list presets and
+    registered variants."""
     from memext.variants import registries
 
     if run_dir is None:
@@ -284,35 +250,25 @@ def info(
         for registry in registries():
             out.print(f"{registry.kind}: {', '.join(registry.names())}", soft_wrap=True)
         return
-    from memext.checkpoint import WEIGHTS, load_config, read_metrics
-    from memext.model import build_model
+    from memext.adapters import detect_kind, model_kind
+    from memext.evals.results import load_results
 
-    cfg = load_config(run_dir)
-    model = build_model(cfg.model, seed=None)
-    m = cfg.model
-    out.print(f"[bold]{run_dir}[/]")
-    out.print(
-        f"model: {m.n_layers} layers x d_model {m.d_model}, {m.n_heads} heads, attention "
-        f"{m.attention}, {model.num_params() / 1e6:.2f}M parameters (without embeddings)"
-    )
-    out.print(f"data: corpus {cfg.data.corpus!r}, tokenizer {cfg.data.tokenizer!r}")
-    metrics = read_metrics(run_dir)
-    steps = [r for r in metrics if "loss" in r]
-    vals = [r for r in metrics if "val_bits_per_byte" in r]
-    weights = Path(run_dir) / WEIGHTS
-    state = f"step {steps[-1]['step']} of {cfg.train.steps}" if steps else "not started"
-    out.print(f"training: {state}; checkpoint {'present' if weights.is_file() else 'missing'}")
-    if steps:
+    kind = detect_kind(run_dir)
+    out.print(f"[bold]{run_dir}[/] ({kind})")
+    for line in model_kind(kind).summary(run_dir):
+        out.print(line, highlight=False)
+    for path in sorted((Path(run_dir) / "eval").glob("*.json")):
+        try:
+            summary = load_results(path)["summary"]
+        except MemextError:
+            continue  # another evaluation's file, or one of an older schema
+        reached = summary["effective_context"]
         out.print(
-            f"last loss {steps[-1]['loss']:.4f}, {steps[-1].get('tokens_per_s', 0):,.0f} tokens/s"
+            f"{path.relative_to(run_dir)}: effective context "
+            f"{'none' if reached is None else reached} (tasks solved: "
+            f"{', '.join(summary.get('solved_tasks', [])) or 'none'})",
+            highlight=False,
         )
-    if vals:
-        out.print(
-            f"last validation bits/byte {vals[-1]['val_bits_per_byte']:.4f} (step {vals[-1]['step']})"
-        )
-    eval_path = Path(run_dir) / "eval.json"
-    if eval_path.is_file():
-        _print_eval(json.loads(eval_path.read_text())["results"], "evaluation")
 
 
 @user_errors

@@ -1,5 +1,6 @@
-"""Training batches: random spans of the token stream, and synthetic-task samples as batches
-(evaluation windows live in memext.evals.perplexity)."""
+"""Training batches: random spans of the token stream, synthetic-task samples as batches, and
+how a long input is cut into segments (training, evaluation and the model adapters cut alike;
+evaluation windows live in memext.evals.perplexity)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,14 @@ def task_batch(samples: Sequence[Sample]) -> tuple[Tensor, Tensor, Tensor]:
     starts = torch.tensor([s.answer_start - 1 for s in samples])  # predicts the first answer token
     mask = positions[None, :] >= starts[:, None]
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask
+
+
+def segments(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
+    """[start, end) spans tiling [0, n_tokens), cut backwards from the end: every span is
+    ``segment_len`` long except the first, which takes the remainder."""
+    if segment_len < 1:
+        raise ValueError(f"segment_len={segment_len} must be positive")
+    if n_tokens < 0:
+        raise ValueError(f"n_tokens={n_tokens} must be non-negative")
+    ends = range(n_tokens, 0, -segment_len)
+    return [(max(0, end - segment_len), end) for end in reversed(ends)]

@@ -70,7 +70,10 @@ def _summary_rows(runs: Sequence[Run]) -> list[tuple[str, list[Any]]]:
         ("params", [_params(r.model.get("params")) for r in runs]),
         ("trained length", [_plain(r.model.get("trained_length")) for r in runs]),
         ("max context", [_plain(r.model.get("max_context")) for r in runs]),
-        ("effective context (overall)", [r.summary.get("effective_context") for r in runs]),
+        (
+            "effective context (solved tasks)",
+            [r.summary.get("effective_context") for r in runs],
+        ),
     ]
     for task in run_tasks(runs):
         if task == "speed":  # a throughput, not a score that can hold up with length

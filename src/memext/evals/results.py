@@ -28,13 +28,18 @@ FORMAT = "memext-suite-results"
 SCHEMA_VERSION = 1
 DEFAULT_THRESHOLD = 0.9
 ACCURACY_METRICS = ("exact_match", "f1", "accuracy")  # scores in [0, 1], higher is better
+#: An accuracy task counts toward the overall effective context when the model scores at least
+#: this at the task's shortest length: a task it cannot do has no context to keep, and its
+#: near-zero scores (noise) would otherwise hold "the threshold of nothing" at every length.
+SOLVED = 0.5
 
 EFFECTIVE_CONTEXT = (
     "effective context length: the longest evaluated length L such that at L and at every "
     "shorter evaluated length the score is at least {threshold:.3g} times the model's own score at "
     "its shortest evaluated length (for bits-per-byte, lower is better: the shortest length's "
-    "value divided by L's must be at least {threshold:.3g}); the overall figure uses the mean "
-    "score of the accuracy tasks at each length"
+    "value divided by L's must be at least {threshold:.3g}); the overall figure is the shortest "
+    "effective context among the accuracy tasks the model solves (score >= {solved:g}) at their "
+    "shortest length, none when it solves none"
 )
 
 
@@ -94,8 +99,9 @@ def by_length(cells: Iterable[dict[str, Any]], task: str) -> dict[int, float]:
 
 
 def summarize(cells: Sequence[dict[str, Any]], threshold: float) -> dict[str, Any]:
-    """Per task: its metric, score by length and effective context; overall: the effective
-    context of the mean score of the accuracy tasks (``ACCURACY_METRICS``)."""
+    """Per task: its metric, score by length and effective context; overall: the shortest
+    effective context among the accuracy tasks (``ACCURACY_METRICS``) the model solves at their
+    shortest length (``SOLVED``); the mean accuracy by length is kept for the report's plot."""
     tasks: dict[str, Any] = {}
     for task in dict.fromkeys(c["task"] for c in cells):
         first = next(c for c in cells if c["task"] == task)
@@ -117,11 +123,19 @@ def summarize(cells: Sequence[dict[str, Any]], threshold: float) -> dict[str, An
             vals = [tasks[t]["by_length"].get(str(n)) for t in accuracy]
             if all(v is not None for v in vals):
                 overall[n] = sum(vals) / len(vals)
+    solved = [t for t in accuracy if _first_score(tasks[t]["by_length"]) >= SOLVED]
+    reached = [tasks[t]["effective_context"] for t in solved]
     return {
         "threshold": threshold,
-        "definition": EFFECTIVE_CONTEXT.format(threshold=threshold),
+        "definition": EFFECTIVE_CONTEXT.format(threshold=threshold, solved=SOLVED),
         "tasks": tasks,
         "accuracy_tasks": accuracy,
+        "solved_tasks": solved,
         "mean_accuracy_by_length": {str(n): s for n, s in overall.items()},
-        "effective_context": effective_length(overall, threshold) if overall else None,
+        "effective_context": min(reached) if reached else None,
     }
+
+
+def _first_score(scores: dict[str, float]) -> float:
+    """The score at the shortest length (keys are lengths as strings)."""
+    return scores[min(scores, key=int)] if scores else 0.0

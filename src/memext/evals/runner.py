@@ -1,86 +1,53 @@
-"""`memext eval`: a run's bits-per-byte by context length, saved as JSON with its provenance."""
+"""`memext eval`: any model the adapters read, graded by a suite into one results format.
+
+There is one evaluation path: a suite (``memext.evals.suite``) over a ``ModelAdapter``. Without
+a suite named, ``default`` runs: bits-per-byte by length and, for models that read in segments,
+memory reach, with the grid and options of ``longctx``, so its figures are the report card's.
+"""
 
 from __future__ import annotations
 
-import json
-import time
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from memext.checkpoint import load, run_tokenizer
-from memext.data import prepare_data
-from memext.errors import MemextError
-from memext.evals import reach
-from memext.evals.perplexity import DEFINITION, evaluate_lengths
-from memext.io import atomic_write_text
-from memext.runtime import provenance
+from memext.evals.suite import get_suite, run_suite
 
-RESULTS_FORMAT = "memext-eval"
-RESULTS_SCHEMA = 1
+#: Suite tasks whose ``max_tokens`` option ``max_tokens=`` sets.
+_TEXT_TASKS = ("bpb", "reach")
 
 
-def evaluate_run(
-    run_dir: str | Path,
+def evaluate_model(
+    path: str | Path,
+    suite: str = "default",
     lengths: list[int] | None = None,
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
     out_file: str | Path | None = None,
+    memory: bool = True,
     progress: bool = True,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Path]:
-    run_dir = Path(run_dir)
-    model, cfg = load(run_dir, device)
-    lengths = sorted(set(lengths or cfg.eval.lengths))
-    bad = [n for n in lengths if n < 2 or n % 2]
-    if bad:
-        raise MemextError(f"context lengths must be even and >= 2; got {bad}")
-    if max(lengths) > model.max_seq_len:
-        raise MemextError(
-            f"context length {max(lengths)} exceeds the model's limit max_seq_len={model.max_seq_len}"
-        )
-    tok = run_tokenizer(run_dir)
-    store, _ = prepare_data(cfg.data, tok, log=lambda m: None)
-    t0 = time.perf_counter()
-    rows = evaluate_lengths(
-        model,
-        store.validation,
-        tuple(lengths),
-        max_tokens or cfg.eval.max_tokens,
-        tok.byte_lengths(),
-        cfg.eval.batch_size,
-        device,
-        progress,
-    )
-    reach_rows = []
-    if cfg.train.segment_len and cfg.eval.reach:
-        reach_rows = reach.memory_reach(
-            model,
-            store.validation,
-            cfg.train.segment_len,
-            cfg.eval.reach,
-            max_tokens or cfg.eval.max_tokens,
-            tok.byte_lengths(),
-            cfg.eval.batch_size,
-            device,
-            progress,
-        )
-    run_info = run_dir / "run.json"
-    trained_on = json.loads(run_info.read_text()).get("corpus_hash") if run_info.is_file() else None
-    payload = {
-        "format": RESULTS_FORMAT,
-        "schema_version": RESULTS_SCHEMA,
-        "run": str(run_dir),
-        "task": "bits_per_byte_vs_length",
-        "definition": DEFINITION,
-        "corpus": cfg.data.corpus,
-        "corpus_hash": store.corpus_hash,
-        "trained_on_same_corpus": trained_on == store.corpus_hash if trained_on else None,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "provenance": provenance(torch.device(device)),
-        "results": rows,
-        "memory_reach": {"definition": reach.DEFINITION, "results": reach_rows},
-    }
-    path = Path(out_file) if out_file else run_dir / "eval.json"
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
-    return rows, reach_rows, path
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], Path]:
+    """Run ``suite`` (a name or a .yaml file) on the model at ``path`` and write its results
+    (default: ``PATH/eval/SUITE.json``, ``SUITE-no-memory.json`` with ``memory=False``).
+    ``lengths`` replaces the suite's; ``max_tokens`` the scored tokens of its text tasks."""
+    from memext.adapters import open_model
+
+    spec = get_suite(suite)
+    if lengths:
+        spec = dataclasses.replace(spec, lengths=tuple(lengths))
+    if max_tokens is not None:
+        tasks = {
+            name: {**opts, "max_tokens": max_tokens} if name in _TEXT_TASKS else opts
+            for name, opts in spec.tasks.items()
+        }
+        spec = dataclasses.replace(spec, tasks=tasks)
+    adapter = open_model(path, device, memory=memory)
+    name = spec.name if memory else f"{spec.name}-no-memory"
+    target = Path(out_file) if out_file else Path(path) / "eval" / f"{name}.json"
+    log(f"suite {spec.name} on {adapter.name} ({adapter.kind}) -> {target}")
+    results = run_suite(adapter, spec, target, progress=progress, log=log)
+    return results, target

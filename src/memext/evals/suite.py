@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from memext.adapters import ModelAdapter
 from memext.data.tasks import Filler, TooShort
 from memext.errors import MemextError
-from memext.evals.adapters import ModelAdapter
 from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
 from memext.evals.suite_tasks import (
     SUITE_TASKS,
@@ -112,7 +112,12 @@ class SuiteSpec:
         return cls(**data)
 
 
+#: What ``memext eval RUN`` runs unless told otherwise: the text measures of ``longctx`` with the
+#: same grid and options, so the figures it prints are the report card's, cell for cell.
+_TEXT = {"bpb": {"max_tokens": 4096}, "reach": {"max_tokens": 4096}}
+
 SUITES: dict[str, SuiteSpec] = {
+    "default": SuiteSpec("default", _TEXT),
     "quick": SuiteSpec(
         "quick",
         {"bpb": {"max_tokens": 1024}, "passkey": {}, "speed": {"repeats": 1}},
@@ -123,7 +128,7 @@ SUITES: dict[str, SuiteSpec] = {
     "longctx": SuiteSpec(
         "longctx",
         {
-            "bpb": {"max_tokens": 4096},
+            **_TEXT,
             "passkey": {},
             "niah": {},
             "needle": {"n_keys": 4},
@@ -172,7 +177,13 @@ def _spec_hash(spec: SuiteSpec, adapter: ModelAdapter) -> str:
 
 
 def plan(spec: SuiteSpec, adapter: ModelAdapter) -> tuple[list[int], list[tuple[Task, Cell]]]:
+    """The suite's lengths for this model and its cells. Lengths given as multiples of the
+    trained length stop at the longest input the model reads (a plain model trained at its
+    max_seq_len has no 2x); lengths given outright are kept, and refused when run."""
     lengths = spec.resolve_lengths(adapter.trained_length)
+    limit = adapter.max_context
+    if not spec.lengths and limit is not None and any(n <= limit for n in lengths):
+        lengths = [n for n in lengths if n <= limit]
     tasks = [SUITE_TASKS.build(name, **opts) for name, opts in spec.tasks.items()]
     return lengths, [(t, c) for t in tasks for c in t.cells(lengths, list(spec.depths))]
 

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from memext.data.tasks import TASKS, Filler, Sample, make_samples
+from memext.adapters import ModelAdapter, Whole
+from memext.data.tasks import TASKS, Filler, Sample, TooShort, make_samples
 from memext.errors import MemextError
-from memext.evals.adapters import ModelAdapter
 from memext.registry import Registry
 
 # --- tasks --------------------------------------------------------------------------------------
@@ -62,6 +62,9 @@ class Task:
     coordinates: at least ``score``, ``n`` and ``chance`` (None when it has no meaning)."""
 
     name: str = ""
+    #: One line saying what is measured, printed under the score table where two tasks share a
+    #: metric (bpb and reach are both bits-per-byte, of different text and context).
+    measures: str = ""
     metric: str = "exact_match"
     higher_is_better: bool = True
     uses_depth: bool = True
@@ -83,24 +86,16 @@ SUITE_TASKS: Registry[type[Task]] = Registry("suite task", noun="option")
 register_suite_task = SUITE_TASKS.register
 
 
-class _Whole(torch.nn.Module):
-    """An adapter as a memext model reading the whole input at once (``evaluate_samples`` and
-    ``score_length`` call ``model(tokens)`` / ``model(tokens, state)``)."""
-
-    def __init__(self, adapter: ModelAdapter):
-        super().__init__()
-        self.adapter = adapter
-
-    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, None]:
-        return self.adapter.logits(tokens), None
-
-
 @register_suite_task("bpb")
 class BitsPerByte(Task):
     """Bits-per-byte of the validation text at each length (memext's definition: windows of L,
     the second half scored; the same positions at every length of the suite): at most
     ``max_tokens`` scored tokens, ``batch_size`` windows per forward."""
 
+    measures = (
+        "validation text in windows of L, the second half scored (context L/2..L), "
+        "the same positions at every L"
+    )
     metric = "bits_per_byte"
     higher_is_better = False
     uses_depth = False
@@ -123,11 +118,60 @@ class BitsPerByte(Task):
                 f"the validation text has {tokens.size} tokens: too few for length {ctx.longest}"
             )
         r = score_length(
-            _Whole(ctx.adapter),
+            Whole(ctx.adapter),
             tokens,
             cell.length,
             first,
             n_scored,
+            ctx.byte_lengths(),
+            self.batch_size,
+            ctx.adapter.device,
+        )
+        return {
+            "score": r["bits_per_byte"],
+            "n": r["scored_tokens"],
+            "bytes": r["scored_bytes"],
+            "first": first,
+            "chance": None,
+        }
+
+
+@register_suite_task("reach")
+class Reach(Task):
+    """Memory reach (``memext.evals.reach``'s definition, read through the adapter): at length R
+    (a multiple of the model's segment W), bits-per-byte of the last W tokens of R tokens of
+    validation text, read the adapter's way (segments with the memory carried; with
+    ``--no-memory`` each segment alone). The same segments are scored at every R of the suite:
+    at most ``max_tokens`` of them, the first after room for the longest R. Models that read in
+    one pass have no segments: their cells are skipped."""
+
+    measures = "the last segment W of L tokens read in segments (memory reach), the same segments"
+    metric = "bits_per_byte"
+    higher_is_better = False
+    uses_depth = False
+
+    def __init__(self, max_tokens: int = 4096, batch_size: int = 4) -> None:
+        self.max_tokens, self.batch_size = int(max_tokens), int(batch_size)
+
+    def tokens(self, cell: Cell, samples: int) -> int:
+        return self.max_tokens * max(1, cell.length // 128)
+
+    def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
+        from memext.evals.reach import score_reach
+
+        w = getattr(ctx.adapter, "segment_len", None)
+        if not w:
+            raise TooShort(f"{ctx.adapter.name} reads in one pass: reach applies to segments")
+        if cell.length < w or cell.length % w:
+            raise TooShort(f"reach {cell.length} is not a multiple of the {w}-token segment")
+        tokens = ctx.validation()[0]
+        r = score_reach(
+            Whole(ctx.adapter),
+            tokens,
+            w,
+            cell.length // w,
+            ctx.longest // w,
+            self.max_tokens,
             ctx.byte_lengths(),
             self.batch_size,
             ctx.adapter.device,
@@ -178,7 +222,7 @@ class AnswerTask(Task):
         samples = self.samples(cell, ctx)
         check_length(ctx.adapter, max(s.tokens.size - 1 for s in samples))
         r = evaluate_samples(
-            _Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
+            Whole(ctx.adapter), samples, 2**62, ctx.adapter.device, batch_size=4, keep=True
         )
         exact = float(accuracy_score([True] * len(samples), r["correct"]))
         out = {"score": exact, "n": r["n"], "chance": r["chance"]}

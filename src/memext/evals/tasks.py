@@ -16,19 +16,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from memext.data.sampling import task_batch
+from memext.data.sampling import segments, task_batch
 from memext.data.tasks import Sample
-
-
-def segments(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
-    """[start, end) spans tiling [0, n_tokens), cut backwards from the end: every span is
-    ``segment_len`` long except the first, which takes the remainder."""
-    if segment_len < 1:
-        raise ValueError(f"segment_len={segment_len} must be positive")
-    if n_tokens < 0:
-        raise ValueError(f"n_tokens={n_tokens} must be non-negative")
-    ends = range(n_tokens, 0, -segment_len)
-    return [(max(0, end - segment_len), end) for end in reversed(ends)]
 
 
 def _check_fits(sample: Sample, segment_len: int) -> None:

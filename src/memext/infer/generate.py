@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -134,12 +134,19 @@ def generate_text(
     **sampling,
 ) -> Iterator[str]:
     """Yield decoded text pieces; stops at (and leaves out) the first stop string or <eod>."""
+    ids = generate_ids(model, tok.encode(prompt), max_new_tokens, **sampling)
+    yield from text_pieces(tok, ids, stop)
+
+
+def text_pieces(tok, ids: Iterable[int], stop: Sequence[str] = ()) -> Iterator[str]:
+    """Decode generated ``ids`` as they come into text pieces, stopping at (and leaving out) the
+    first stop string or <eod>; any model's generation loop can feed it."""
     stop = [s for s in stop if s]  # an empty stop string would end before the first token
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     eod = tok.special_id("<eod>")
     hold = max((len(s) for s in stop), default=1) - 1  # text that might begin a stop string
     text, emitted = "", 0
-    for i in generate_ids(model, tok.encode(prompt), max_new_tokens, **sampling):
+    for i in ids:
         if i == eod:
             break
         text += decoder.decode(tok.decode_bytes([i]))

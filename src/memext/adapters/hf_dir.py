@@ -1,0 +1,146 @@
+"""A local Hugging Face causal-LM directory as a ``ModelAdapter`` (kind ``hf``; offline, its own
+tokenizer). Needs the ``hf`` extra (transformers >= 5), imported when a model is opened."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from memext.adapters.base import files_fingerprint, register_model_kind
+
+
+@register_model_kind("hf")
+class HFAdapter:
+    kind = "hf"
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        from memext.hf.model import HFCausalLM, context_length, load_causal_lm
+        from memext.hf.tokenizer import HFTokenizer
+
+        self.path = str(path)
+        self.name = Path(path).resolve().name
+        self.device = torch.device(device)
+        self.tokenizer = HFTokenizer(path)
+        loaded = load_causal_lm(path, use_cache=False)
+        self.trained_length = context_length(loaded.config)
+        # Read past the configured length too: how a model fares there is what the suite measures.
+        self.model = HFCausalLM(loaded.model, max_seq_len=2**62, use_cache=False).to(self.device)
+        self.max_context = None
+        # A prompt's budget: what the model was configured to attend over.
+        self.window = self.trained_length
+        self.segment_len = None  # one pass, whatever the length
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self._dir = Path(path)
+
+    @staticmethod
+    def claims(path: str | Path) -> bool:
+        # A Hugging Face config names its model_type; a memext run's config.json does not.
+        try:
+            config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return isinstance(config, dict) and "model_type" in config
+
+    @staticmethod
+    def summary(path: str | Path) -> list[str]:
+        """The config's architecture and length, without loading the weights."""
+        from memext.hf.model import context_length, load_config
+
+        c = load_config(path)
+        files = [f.name for f in Path(path).iterdir() if f.is_file()]
+        return [
+            f"model: Hugging Face {c.model_type} ({', '.join(c.architectures or ['?'])}), "
+            f"{c.num_hidden_layers} layers x hidden {c.hidden_size}, "
+            f"{c.num_attention_heads} heads, vocabulary {c.vocab_size}",
+            f"context: {context_length(c)} tokens (rope {_rope(c)})",
+            f"files: {', '.join(sorted(files))}",
+        ]
+
+    @torch.no_grad()
+    def forward(self, tokens: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        # Without a KV cache, as the suite reads: each call attends to its own tokens, at
+        # positions continuing from ``state.pos``.
+        return self.model(tokens.to(self.device), state)
+
+    @torch.no_grad()
+    def logits(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens.to(self.device))[0]
+
+    def generate(
+        self, prompt: str, max_new_tokens: int, *, stop: Sequence[str] = (), **sampling: Any
+    ) -> Iterator[str]:
+        """memext's sampling (``sample_next``) over the transformers model with a KV cache:
+        transformers' own for ``cache="full"``, else memext's policy as a ``PolicyCache``."""
+        from memext.infer.generate import text_pieces
+
+        ids = self._generate_ids(self.tokenizer.encode(prompt), max_new_tokens, **sampling)
+        return text_pieces(self.tokenizer, ids, stop)
+
+    @torch.no_grad()
+    def _generate_ids(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        cache: str = "full",
+        cache_options: dict[str, Any] | None = None,
+        chunk: int | None = None,
+    ) -> Iterator[int]:
+        from memext.hf.model import _transformers
+        from memext.infer.generate import sample_next
+
+        if not prompt:
+            raise ValueError("the prompt is empty: give at least one token")
+        lm = self.model.model
+        gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+        ids = torch.tensor([prompt], device=self.device)
+        if cache == "full" and not cache_options and not chunk:
+            past: Any = _transformers().DynamicCache(config=lm.config)
+            logits = lm(input_ids=ids, past_key_values=past, use_cache=True).logits[:, -1]
+        else:  # memext's policy, its exact band over the prompt, ``chunk`` tokens per forward
+            from memext.hf.cache import PolicyCache, prefill
+            from memext.infer.cache import CACHES
+
+            # As ``new_state``: the model supplies what the policy takes from it (its length).
+            given = {"max_len": len(prompt) + max_new_tokens}
+            taken = {k: v for k, v in given.items() if k in CACHES.takes(cache)}
+            past = PolicyCache(lm.config, cache, **{**taken, **(cache_options or {})})
+            logits, past = prefill(lm, ids, past, chunk or len(prompt))
+        pos = len(prompt)
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, top_p, gen)
+            yield int(nxt)
+            if i + 1 < max_new_tokens:  # the last token needs no forward pass
+                where = torch.tensor([[pos]], device=self.device)
+                out = lm(
+                    input_ids=nxt[:, None], position_ids=where, past_key_values=past, use_cache=True
+                )
+                logits, pos = out.logits[:, -1], pos + 1
+
+    def validation(self) -> tuple[np.ndarray, str, str]:
+        from memext.config import DataConfig
+        from memext.data import prepare_data
+
+        store, _ = prepare_data(DataConfig(), self.tokenizer, log=lambda m: None)
+        return store.validation, DataConfig().corpus, store.corpus_hash
+
+    def describe(self) -> dict[str, Any]:
+        return {"config": self.model.config.to_dict()}
+
+    def fingerprint(self) -> str:
+        return files_fingerprint([f for f in self._dir.iterdir() if f.is_file()])
+
+
+def _rope(config: Any) -> str:
+    params = getattr(config, "rope_parameters", None) or {}
+    return str(params.get("rope_type", "default"))

@@ -1,0 +1,290 @@
+"""Model adapters (``memext.adapters``): both kinds keep the one contract on tiny random models,
+the registry of kinds refuses unknown names helpfully, and every place that used to tell "memext
+run or Hugging Face directory" apart itself now opens models through the adapters, so a kind
+registered once is read everywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import memext
+from memext import build_model
+from memext import checkpoint as ckpt
+from memext.adapters import (
+    MODEL_KINDS,
+    HFAdapter,
+    MemextAdapter,
+    ModelAdapter,
+    detect_kind,
+    open_model,
+    register_model_kind,
+)
+from memext.cli import app
+from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from memext.curriculum import trained_length
+from memext.errors import MemextError
+from memext.tokenizer import ByteTokenizer
+
+runner = CliRunner()
+
+
+def _save_run(path: Path, corpus: Path, **model: Any) -> Path:
+    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, max_seq_len=256)
+    cfg = dataclasses.replace(cfg, **model)
+    config = Config(
+        model=cfg,
+        data=DataConfig(corpus=str(corpus)),
+        train=TrainConfig(seq_len=64, segment_len=32 if cfg.memory != "none" else 0),
+        eval=EvalConfig(lengths=(32, 64)),
+    )
+    path.mkdir(parents=True)
+    config.save(path / ckpt.CONFIG)
+    ckpt.save_weights(build_model(cfg, seed=0), path / ckpt.WEIGHTS, {"step": "0"})
+    return path
+
+
+def _save_hf(path: Path) -> Path:
+    """A random 2-layer Llama with a byte-level BPE tokenizer of its own."""
+    import tokenizers
+    import transformers
+
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<eos>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(["The pass key is 12345. Remember it."] * 20, trainer)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+    config = transformers.LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"d{i}.txt").write_text(f"The value of item {i} is {i * 7}.\n" * 200)
+    return {
+        "memext": _save_run(root / "plain", corpus),
+        "memext-xl": _save_run(root / "xl", corpus, memory="xl", mem_len=32, max_seq_len=64),
+        "hf": _save_hf(root / "llama"),
+    }
+
+
+def _naive_greedy(adapter: ModelAdapter, prompt: str, n: int) -> str:
+    """Greedy decoding by full recompute: the reference every cached generation must equal."""
+    ids = adapter.tokenizer.encode(prompt)
+    eod = adapter.tokenizer.special_id("<eod>")
+    new: list[int] = []
+    for _ in range(n):
+        nxt = int(adapter.logits(torch.tensor([ids + new]))[0, -1].argmax())
+        if nxt == eod:
+            break
+        new.append(nxt)
+    return adapter.tokenizer.decode(new)
+
+
+# --- the contract, for every kind --------------------------------------------------------------
+@pytest.mark.parametrize("which", ["memext", "hf"])
+def test_every_kind_keeps_the_contract(models: dict[str, Path], which: str) -> None:
+    adapter = open_model(models[which])
+    assert isinstance(adapter, ModelAdapter) and adapter.kind == which
+    assert adapter.trained_length == {"memext": 64, "hf": 128}[which]
+    assert adapter.max_context == {"memext": 256, "hf": None}[which]
+    assert adapter.window == {"memext": 256, "hf": 128}[which]
+    assert adapter.params > 0 and adapter.device == torch.device("cpu")
+    text = "The pass key is 12345."
+    assert adapter.tokenizer.decode(adapter.tokenizer.encode(text)) == text
+    x = torch.tensor([adapter.tokenizer.encode(text)] * 2)
+    vocab = adapter.logits(x).shape[-1]
+    # forward with state: two calls carrying the state cover the input's positions in order.
+    first, state = adapter.forward(x[:, :5])
+    second, _ = adapter.forward(x[:, 5:], state)
+    assert first.shape == (2, 5, vocab) and second.shape == (2, x.shape[1] - 5, vocab)
+    torch.testing.assert_close(first, adapter.logits(x[:, :5]))
+    # generate: cached greedy decoding equals greedy by full recompute.
+    got = "".join(adapter.generate("The pass", 12, temperature=0.0))
+    assert got == _naive_greedy(adapter, "The pass", 12)
+    stop = got[3:6]
+    stopped = "".join(adapter.generate("The pass", 12, temperature=0.0, stop=[stop]))
+    assert stopped == got[: got.find(stop)]
+    # fingerprint: stable across opens, changed by new weights.
+    again = open_model(models[which])
+    assert again.fingerprint() == adapter.fingerprint()
+    tokens, corpus, digest = adapter.validation()
+    assert tokens.size > 0 and corpus and len(digest) == 64
+    assert isinstance(adapter.describe()["config"], dict)
+
+
+def test_a_memory_model_reads_past_its_window_and_its_fingerprint_names_the_reading(
+    models: dict[str, Path],
+) -> None:
+    adapter = open_model(models["memext-xl"])
+    assert adapter.max_context is None and adapter.window == 64
+    assert adapter.logits(torch.randint(0, 256, (1, 200))).shape == (1, 200, 264)
+    blind = open_model(models["memext-xl"], memory=False)
+    assert blind.fingerprint() != adapter.fingerprint()
+    assert adapter.fingerprint().endswith("segments-from-end")  # the suite cache's key holds it
+    with pytest.raises(MemextError, match="only memext runs have a memory"):
+        open_model(models["hf"], memory=False)
+
+
+def test_fingerprint_changes_with_the_weights(models: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    copy = Path(shutil.copytree(models["memext"], tmp_path / "copy"))
+    before = open_model(copy).fingerprint()
+    cfg = ckpt.load_config(copy).model
+    ckpt.save_weights(build_model(cfg, seed=1), copy / ckpt.WEIGHTS, {"step": "1"})
+    assert open_model(copy).fingerprint() != before
+
+
+def test_hf_generation_follows_a_cache_policy(models: dict[str, Path]) -> None:
+    adapter = open_model(models["hf"])
+    full = "".join(adapter.generate("The pass key", 6, temperature=0.0))
+    # A window that covers everything keeps everything: the same text.
+    wide = adapter.generate("The pass key", 6, temperature=0.0, cache="window",
+                            cache_options={"window": 64})  # fmt: skip
+    assert "".join(wide) == full
+    chunked = adapter.generate("The pass key", 6, temperature=0.0, chunk=2)
+    assert "".join(chunked) == full
+
+
+def test_summary_counts_every_stage_of_a_curriculum(tmp_path: Path) -> None:
+    train = TrainConfig(seq_len=64, steps=10, curriculum=(128,), curriculum_steps=(8,))
+    run = tmp_path / "run"
+    run.mkdir()
+    Config(train=train, eval=EvalConfig(lengths=(64, 128))).save(run / ckpt.CONFIG)
+    (run / ckpt.METRICS).write_text('{"step": 18, "loss": 1.0}\n')
+    lines = MemextAdapter.summary(run)
+    assert "training: step 18 of 18; checkpoint missing" in lines  # once "18 of 10"
+
+
+def test_one_trained_length() -> None:
+    train = TrainConfig(seq_len=64, curriculum=(128, 256), curriculum_steps=(1, 1))
+    cfg = Config(train=train, eval=EvalConfig(lengths=(64, 256)))
+    assert trained_length(cfg) == 256
+    src = Path(memext.__file__).parent
+    defined = [p for p in src.rglob("*.py") if "def trained_length" in p.read_text()]
+    assert [p.name for p in defined] == ["curriculum.py"]
+
+
+# --- the registry of kinds ---------------------------------------------------------------------
+def test_unknown_kind_is_refused_with_a_did_you_mean(models: dict[str, Path]) -> None:
+    assert {"memext", "hf"} <= set(MODEL_KINDS.names())
+    with pytest.raises(MemextError, match=r"unknown model kind 'memxt'.*did you mean 'memext'"):
+        open_model(models["memext"], kind="memxt")
+    with pytest.raises(MemextError, match="holds a model of kind 'memext', not 'hf'"):
+        open_model(models["memext"], kind="hf")
+    assert isinstance(open_model(models["hf"], kind="hf"), HFAdapter)
+    assert isinstance(open_model(models["memext"], kind="memext"), MemextAdapter)
+
+
+def test_what_no_kind_claims_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(MemextError, match=r"neither a memext run .* kinds: hf, memext"):
+        detect_kind(tmp_path)
+    with pytest.raises(MemextError, match="does not exist"):
+        detect_kind(tmp_path / "missing")
+
+
+# --- a new kind, registered once, is read everywhere -------------------------------------------
+class _Echo:
+    """A stand-in kind (as a GGUF file or a named model would be): a folder marked ``echo``,
+    whose model predicts the byte after the input's last byte."""
+
+    kind = "echo"
+
+    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+        self.path, self.name, self.device = str(path), Path(path).name, torch.device(device)
+        self.tokenizer = ByteTokenizer()
+        self.trained_length, self.max_context, self.window, self.params = 64, 64, 256, 0
+        self.segment_len = None
+
+    @staticmethod
+    def claims(path: str | Path) -> bool:
+        return (Path(path) / "echo").is_file()
+
+    @staticmethod
+    def summary(path: str | Path) -> list[str]:
+        return ["model: an echo of the input"]
+
+    def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
+        return torch.nn.functional.one_hot((tokens + 1) % 264, 264).float(), state
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.forward(tokens)[0]
+
+    def generate(self, prompt: str, max_new_tokens: int, **sampling: Any) -> Iterator[str]:
+        yield "echo:" + prompt[-3:]
+
+    def validation(self) -> tuple[np.ndarray, str, str]:
+        return np.arange(1000) % 256, "count", "0" * 64
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+    def fingerprint(self) -> str:
+        return "echo"
+
+
+@pytest.fixture
+def echo(tmp_path: Path) -> Iterator[Path]:
+    register_model_kind("echo")(_Echo)
+    path = tmp_path / "echo-model"
+    path.mkdir()
+    (path / "echo").write_text("")
+    try:
+        yield path
+    finally:
+        del MODEL_KINDS._entries["echo"]  # the registry is global: leave it as found
+
+
+def test_a_registered_kind_reaches_every_former_dispatch(echo: Path, tmp_path: Path) -> None:
+    from memext.extend import extend_model
+    from memext.pipelines.ask import ask
+
+    assert detect_kind(echo) == "echo" and isinstance(open_model(echo), ModelAdapter)
+    info = runner.invoke(app, ["info", str(echo)])
+    assert info.exit_code == 0 and "an echo of the input" in info.output, info.output
+    gen = runner.invoke(app, ["generate", str(echo), "--prompt", "abcdef", "--device", "cpu"])
+    assert gen.exit_code == 0 and "echo:def" in gen.output, gen.output
+
+    class Store:
+        def search(self, question: str, k: int, mode: str) -> list:
+            return []
+
+    answered = ask(Store(), echo, "Why?", max_new_tokens=8)
+    assert answered["answer"] == "echo:er:" and answered["window"] == 256
+    with pytest.raises(MemextError, match=r"echo model: extend reads memext, hf"):
+        extend_model(echo, tmp_path / "out", "yarn", 2.0)
+    suite = tmp_path / "s.yaml"
+    suite.write_text(
+        "name: s\nlengths: [16, 32]\ndepths: [0.5]\nsamples: 1\ntasks: {passkey: {}}\n"
+    )
+    ev = runner.invoke(app, ["eval", str(echo), "--suite", str(suite), "--out", str(tmp_path / "r.json")])  # fmt: skip
+    assert ev.exit_code == 0 and "(echo)" in re.sub(r"\s+", " ", ev.output), ev.output
