@@ -97,6 +97,12 @@ def train(
     if result.status != "completed":
         raise typer.Exit(130)
     if evaluate and suite != "none":
+        out.print(
+            "The trainer's val_bits_per_byte and bits_per_byte_by_length above are its monitor: "
+            "one forward pass over each window, on other positions than the suite's. The suite's "
+            "bpb below reads the model as it reads long input (docs/evaluation.md).",
+            highlight=False,
+        )
         run_and_print_suite(run_dir, suite, None, None, dev, None)
         if cfg.train.segment_len:  # the same weights without memory: what memory adds
             run_and_print_suite(run_dir, suite, None, None, dev, None, memory=False)
