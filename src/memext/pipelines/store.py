@@ -226,11 +226,17 @@ class RetrievalStore:
                 self.db = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT, isolation_level=None)
             else:
                 self.db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, isolation_level=None)
-                self.db.execute("PRAGMA journal_mode=WAL")
-                # FULL: a commit reaches the disk before add() returns, power loss included
-                # (NORMAL would only survive a killed process).
-                self.db.execute("PRAGMA synchronous=FULL")
-            self.model, self.dim = self._init_meta(model, dim, fingerprint)
+            try:
+                self._check_ours(readonly)
+                if not readonly:
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                    # FULL: a commit reaches the disk before add() returns, power loss included
+                    # (NORMAL would only survive a killed process).
+                    self.db.execute("PRAGMA synchronous=FULL")
+                self.model, self.dim = self._init_meta(model, dim, fingerprint)
+            except BaseException:
+                self.db.close()
+                raise
         except sqlite3.Error as e:
             raise store_error(self.path, e) from None
         self._writes = 0  # own commits: PRAGMA data_version only counts other connections'
@@ -241,13 +247,20 @@ class RetrievalStore:
         self._faiss: Any = None
         self._bm25: tuple[tuple[int, int], BM25] | None = None
 
+    def _check_ours(self, readonly: bool) -> None:
+        """Refuse someone else's SQLite database before changing anything in it (not even its
+        journal mode); an empty file becomes a new store unless ``readonly``."""
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
+        if (tables or readonly) and not {"meta", "chunks"} <= tables:
+            raise StoreError(
+                f"{self.path} is not a memext retrieval store (an SQLite database without its "
+                "tables); choose another --store"
+            )
+
     def _init_meta(
         self, model: str | None, dim: int | None, fingerprint: str | None
     ) -> tuple[str, int]:
         if self.readonly:
-            tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master")}
-            if not {"meta", "chunks"} <= tables:
-                raise MemextError(f"{self.path} is not a memext retrieval store (no meta table)")
             meta = dict(self.db.execute("SELECT key, value FROM meta"))
         else:
             with transaction(self.db):
