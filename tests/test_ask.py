@@ -14,7 +14,7 @@ from memext.cli import app
 from memext.config import Config, EvalConfig, ModelConfig
 from memext.errors import MemextError
 from memext.pipelines.ask import assemble
-from memext.pipelines.store import Hit
+from memext.pipelines.store import Hit, RetrievalStore
 from tiny_bert import write_tiny_bert
 
 runner = CliRunner()
@@ -70,3 +70,96 @@ def test_memory_and_ask_commands(tmp_path: Path) -> None:
     assert "of 256 tokens" in " ".join(answer.output.split())
     bad = runner.invoke(app, ["ask", "Who?", *args, "--model", str(run), "--max-new-tokens", "256"])
     assert bad.exit_code == 2 and "whole window" in " ".join(bad.output.split())
+
+
+# --- the commands' errors: one line each, exit 2 ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_bert(tmp_path_factory.mktemp("enc") / "bert")
+
+
+def error_lines(result) -> list[str]:
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    return [x for x in result.output.splitlines() if x.startswith("error:")]
+
+
+def test_read_only_commands_refuse_a_missing_store(bert: Path, tmp_path: Path) -> None:
+    """A mistyped --store is an error, not an empty store that answers from nothing."""
+    typo = tmp_path / "notes.sqlit"
+    args = ["--store", str(typo), "--encoder", str(bert)]
+    for command in (
+        ["memory", "search", "cat", *args],
+        ["ask", "Who?", *args, "--model", str(tmp_path)],
+        ["memory", "delete", "a.txt", "--store", str(typo)],
+    ):
+        (line,) = error_lines(runner.invoke(app, command))
+        assert f"no retrieval store at {typo}" in line and "memext memory add" in line
+    assert list(tmp_path.iterdir()) == []  # nothing was created
+
+
+def test_add_reports_every_bad_file_and_keeps_the_good_ones(bert: Path, tmp_path: Path) -> None:
+    good = [tmp_path / "one.txt", tmp_path / "two.txt"]
+    good[0].write_text("the cat sat on the mat. " * 10)
+    good[1].write_text("the dog ate the bread. " * 10)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café au lait".encode("latin-1"))
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n ")
+    files = [good[0], latin1, tmp_path / "missing.txt", blank, tmp_path, good[1]]
+    store = tmp_path / "m.sqlite"
+    result = runner.invoke(
+        app, ["memory", "add", *map(str, files), "--store", str(store), "--encoder", str(bert)]
+    )
+    lines = error_lines(result)
+    assert len(lines) == 5, result.output  # four bad files, then the summary
+    assert f"{latin1}: not valid UTF-8 (byte 3" in lines[0]
+    assert f"cannot read {tmp_path / 'missing.txt'}" in lines[1]
+    assert f"{blank}: the text is only whitespace" in lines[2]
+    assert f"cannot read {tmp_path}" in lines[3]
+    assert "4 file(s) not added (each named above); the 2 other(s) are stored" in lines[4]
+    with RetrievalStore(store, readonly=True) as db:
+        rows = db.db.execute("SELECT DISTINCT doc_id FROM chunks ORDER BY doc_id").fetchall()
+    assert [r[0] for r in rows] == ["one.txt", "two.txt"]
+
+
+def test_readding_replaces_and_delete_removes(
+    bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`a.txt` and `./a.txt` are one document; an edited file replaces its chunks (the old text
+    is no longer found); `memory delete` removes a document, all or none."""
+    monkeypatch.chdir(tmp_path)
+    Path("a.txt").write_text("the passkey is tomato. " * 12)
+    Path("b.txt").write_text("the cat sat on the mat. " * 12)
+    args = ["--store", "m.sqlite", "--encoder", str(bert)]
+    assert runner.invoke(app, ["memory", "add", "a.txt", "b.txt", *args]).exit_code == 0
+    Path("a.txt").write_text("the passkey is pasta. " * 12)
+    again = runner.invoke(app, ["memory", "add", "./a.txt", *args])
+    assert again.exit_code == 0 and "stale removed" in again.output, again.output
+    assert "./a.txt: 0 new" not in again.output
+    found = runner.invoke(app, ["memory", "search", "tomato", *args, "--mode", "bm25"])
+    assert found.exit_code == 0 and "a.txt" not in found.output, found.output
+    found = runner.invoke(app, ["memory", "search", "pasta", *args, "--mode", "bm25"])
+    assert "a.txt" in found.output and "./a.txt" not in found.output
+    refused = runner.invoke(app, ["memory", "delete", "a.txt", "c.txt", "--store", "m.sqlite"])
+    (line,) = error_lines(refused)
+    assert "holds no document c.txt, so nothing was removed" in line
+    gone = runner.invoke(app, ["memory", "delete", "./a.txt", "--store", "m.sqlite"])
+    assert gone.exit_code == 0 and "removed 1 document(s)" in gone.output, gone.output
+    with RetrievalStore("m.sqlite", readonly=True) as db:
+        assert not db.has_document("a.txt") and db.has_document("b.txt")
+
+
+def test_ask_checks_the_device_first(
+    bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    args = ["ask", "Who?", "--store", str(tmp_path / "m.sqlite"), "--model", str(tmp_path)]
+    (line,) = error_lines(runner.invoke(app, [*args, "--device", "bogus"]))
+    assert "--device 'bogus' is invalid: expected one of auto, cpu, cuda, mps" in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    (line,) = error_lines(runner.invoke(app, [*args, "--device", "cuda"]))
+    assert "--device cuda was asked for, but PyTorch sees no CUDA device" in line

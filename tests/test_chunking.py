@@ -15,6 +15,7 @@ from memext.pipelines.chunking import (
     Chunk,
     chunk_text,
     count_tokens,
+    iter_chunks,
     special_token_count,
     token_spans,
 )
@@ -162,3 +163,72 @@ def test_property_chunks_cover_the_text(
     overlap = min(int(overlap_frac * room), room - (1 if use_bert else 7))
     chunks = chunk_text(text, tokenizer, max_tokens, overlap, boundary_tail=tail)
     check_chunks(text, chunks, tokenizer, max_tokens, overlap)
+
+
+def _split(text: str, cuts: list[int]) -> list[str]:
+    """``text`` in pieces, cut at ``cuts`` (positions, any order, repeats allowed)."""
+    at = sorted({min(c, len(text)) for c in cuts})
+    return [text[a:b] for a, b in zip([0, *at], [*at, len(text)], strict=True)]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.text(alphabet=ALPHABET + "  \n\n", min_size=1, max_size=400).filter(
+        lambda t: not t.isspace()
+    ),
+    cuts=st.lists(st.integers(0, 400), max_size=8),
+    window=st.integers(1, 120),
+    room=st.integers(8, 30),
+    overlap_frac=st.floats(0, 0.99),
+    use_bert=st.booleans(),
+)
+def test_property_streamed_chunks_equal_the_whole_texts(
+    text: str, cuts: list[int], window: int, room: int, overlap_frac: float, use_bert: bool
+) -> None:
+    """However the text arrives and however small the window, the chunks are chunk_text's."""
+    tokenizer = BERT if use_bert else BYTES
+    max_tokens = room + special_token_count(tokenizer)
+    overlap = min(int(overlap_frac * room), room - (1 if use_bert else 7))
+    whole = chunk_text(text, tokenizer, max_tokens, overlap)
+    streamed = list(iter_chunks(_split(text, cuts), tokenizer, max_tokens, overlap, window=window))
+    assert streamed == whole
+
+
+@pytest.mark.parametrize("boundaries", [True, False])
+@pytest.mark.parametrize("window", [1, 7, 19, 64])
+def test_streamed_windows_tokenize_every_word_whole(window: int, boundaries: bool) -> None:
+    """A word the tokenizer reads as one [UNK] only whole, and chunks that start inside words
+    (no boundaries): a window that cut a word, or began inside one, would change its tokens."""
+    text = "the abcdefgh😀 cat sat abcdefghijklmnopqrstuvwxyz. " * 12
+    for overlap in (0, 3):
+        whole = chunk_text(text, BERT, 10, overlap, boundaries=boundaries)
+        pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+        streamed = iter_chunks(pieces, BERT, 10, overlap, boundaries=boundaries, window=window)
+        assert list(streamed) == whole
+
+
+def test_streamed_chunks_of_a_long_text_with_the_real_tokenizer() -> None:
+    """MiniLM's WordPiece over prose, code and CJK, read in small windows, cuts where the whole
+    text does, token ids included."""
+    import transformers
+
+    from memext.pipelines.encoder import default_model_dir
+
+    minilm = transformers.AutoTokenizer.from_pretrained(default_model_dir(), local_files_only=True)
+    source = Path(np.__file__).read_text(encoding="utf-8")
+    text = (PROSE + "\n\n" + source) * 3
+    whole = chunk_text(text, minilm, 128, 16)
+    pieces = [text[i : i + 997] for i in range(0, len(text), 997)]
+    assert list(iter_chunks(pieces, minilm, 128, 16, window=3000)) == whole
+    assert len(whole) > 20
+
+
+def test_streaming_refuses_what_chunk_text_refuses() -> None:
+    with pytest.raises(MemextError, match="empty"):
+        list(iter_chunks(["", ""], BERT, 16, window=4))
+    with pytest.raises(MemextError, match="only whitespace"):
+        list(iter_chunks([" \n", "\t "], BERT, 16, window=2))
+    with pytest.raises(TypeError, match="str pieces"):
+        list(iter_chunks([b"abc"], BERT, 16))  # type: ignore[list-item]
+    with pytest.raises(MemextError, match="window=0"):
+        list(iter_chunks(["abc"], BERT, 16, window=0))

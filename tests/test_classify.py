@@ -406,3 +406,33 @@ def test_classify_commands_train_eval_predict(bert: Path, tmp_path: Path) -> Non
     assert {x["label"] for x in lines} <= set(labels)
     missing = runner.invoke(app, ["classify", "eval", str(tmp_path / "nope"), *common])
     assert missing.exit_code == 2 and "Traceback" not in missing.output
+
+
+def test_classify_train_errors_are_one_line(bert: Path, tmp_path: Path) -> None:
+    """A bad --device fails first; a run directory already holding a classifier names the flag
+    that replaces it, and that flag exists."""
+    import click
+    from typer.testing import CliRunner
+
+    from memext.cli import app
+
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "a b", "label": "x"}\n{"text": "c d", "label": "y"}\n')
+    run = tmp_path / "clf"
+    run.mkdir()
+    (run / "classifier.json").write_text("{}")
+    runner = CliRunner()
+    base = ["classify", "train", "--data", str(data), "--encoder", str(bert), "--epochs", "1"]
+    for extra, says in (
+        (["--out", str(tmp_path / "new"), "--device", "bogus"], "--device 'bogus' is invalid"),
+        (["--out", str(run)], "already holds a classifier run"),
+    ):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        (line,) = [x for x in result.output.splitlines() if x.startswith("error:")]
+        assert says in line
+    flag = re.search(r"\((--[a-z-]+)\)", line)
+    assert flag is not None and flag.group(1) == "--overwrite", line
+    helped = runner.invoke(app, ["classify", "train", "--help"])
+    assert flag.group(1) in click.unstyle(helped.output)
+    assert not (tmp_path / "new").exists()

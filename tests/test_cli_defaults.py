@@ -37,7 +37,7 @@ DRIVES: dict[str, tuple[Callable[..., Any], ...]] = {
     "stream": (streaming_perplexity,),
     "extend": (extend_run, extend_hf),
     "bench attention": (Shape, measure, train_tokens_per_s),
-    "memory add": (RetrievalStore.add_text,),
+    "memory add": (RetrievalStore.add_file,),
     "memory search": (RetrievalStore.search,),
     "ask": (ask,),
     "classify train": (ClassifierConfig, train_classifier),
@@ -54,7 +54,7 @@ DIFFER: dict[tuple[str, str], str] = {
     "(hybrid); RetrievalStore.search also takes query vectors, which only 'embedding' can use",
     ("memory add", "overlap"): "the command stores documents for retrieval, whose chunks overlap "
     "so a passage cut at a chunk border is still found whole; add_text's 0 serves the dialogue "
-    "memory's turns",
+    "memory's turns (add_file keeps add_text's default)",
     ("classify eval", "split"): "the command scores one split (the validation one unless told) "
     "of a file whose lines name theirs; read_documents' default reads every line",
 }
@@ -86,7 +86,11 @@ def _library_defaults(command: str) -> dict[str, Any]:
 
 def test_every_command_is_mapped() -> None:
     # A new command must say what it calls (or map to nothing) for the check below to cover it.
-    unmapped = set(COMMANDS) - set(DRIVES) - {"report", "info", "config", "tokenizer train"}
+    unmapped = (
+        set(COMMANDS)
+        - set(DRIVES)
+        - {"report", "info", "config", "tokenizer train", "memory delete"}
+    )
     assert not unmapped, f"add {sorted(unmapped)} to DRIVES"
 
 

@@ -3,6 +3,7 @@ faiss against exact search, BM25 and hybrid ranking."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memext.errors import MemextError
+from memext.pipelines.chunking import chunk_text
 from memext.pipelines.lexical import BM25, reciprocal_rank_fusion, top_fused
 from memext.pipelines.store import Item, RetrievalStore
 
@@ -313,3 +315,198 @@ def test_store_with_an_encoder_chunks_and_embeds(tmp_path: Path) -> None:
         RetrievalStore(tmp_path / "m.sqlite", model="sentence-transformers/all-MiniLM-L6-v2")
     with pytest.raises(MemextError, match="empty"):
         RetrievalStore(tmp_path / "m.sqlite", encoder=encoder).add_text("x", "")
+
+
+# --- documents: one encoder, replaced whole, one id per file ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two different tiny encoders in folders of the same name, and a copy of the first under
+    another name."""
+    import shutil
+
+    from tiny_bert import write_tiny_bert
+
+    root = tmp_path_factory.mktemp("encoders")
+    first = write_tiny_bert(root / "a" / "bert", seed=0)
+    other = write_tiny_bert(root / "b" / "bert", seed=1)
+    copy = Path(shutil.copytree(first, root / "copy-of-bert"))
+    return {"first": first, "other": other, "copy": copy}
+
+
+def _encoder(path: Path):
+    from memext.pipelines.encoder import Encoder
+
+    return Encoder(path, cache=False, progress=False)
+
+
+def test_a_store_refuses_another_encoder_of_the_same_name(
+    tmp_path: Path, bert_dirs: dict[str, Path]
+) -> None:
+    """The store records the encoder's fingerprint: a different model in a folder of the same
+    name (same dimension) is refused; the same files in a folder of another name are accepted."""
+    path = tmp_path / "m.sqlite"
+    with RetrievalStore(path, encoder=_encoder(bert_dirs["first"])) as store:
+        store.add_text("story", "the cat sat on the mat.")
+    with pytest.raises(MemextError, match=r"another model \('bert', [0-9a-f]{12}, dim 32\)"):
+        RetrievalStore(path, encoder=_encoder(bert_dirs["other"]))
+    with pytest.raises(MemextError, match="another model"):
+        RetrievalStore(path, encoder=_encoder(bert_dirs["other"]), readonly=True)
+    with RetrievalStore(path, encoder=_encoder(bert_dirs["copy"]), readonly=True) as store:
+        assert store.search("the cat", k=1, mode="bm25")[0].doc_id == "story"
+
+
+def test_a_store_from_before_fingerprints_adopts_its_encoder_once(
+    tmp_path: Path, bert_dirs: dict[str, Path]
+) -> None:
+    """An old store records only the model's name: an encoder of that name opens it (it can
+    be read without writing), the first writable open records the fingerprint with a warning,
+    and from then on another model of that name is refused."""
+    path = tmp_path / "old.sqlite"
+    RetrievalStore(path, model="bert", dim=32).close()  # what an older memext wrote
+    with RetrievalStore(path, encoder=_encoder(bert_dirs["first"]), readonly=True):
+        pass
+    with pytest.warns(UserWarning, match="recorded only its model's name, 'bert'"):
+        RetrievalStore(path, encoder=_encoder(bert_dirs["first"])).close()
+    with pytest.raises(MemextError, match="another model"):
+        RetrievalStore(path, encoder=_encoder(bert_dirs["other"]))
+    with pytest.raises(MemextError, match="holds embeddings of 'bert'"):
+        RetrievalStore(tmp_path / "old.sqlite", model="other", dim=32)
+
+
+def _texts(store: RetrievalStore, doc: str) -> list[str]:
+    rows = store.db.execute("SELECT text FROM chunks WHERE doc_id = ? ORDER BY id", (doc,))
+    return [r[0] for r in rows]
+
+
+def test_readding_an_edited_document_replaces_its_chunks(
+    tmp_path: Path, bert_dirs: dict[str, Path]
+) -> None:
+    old = "\n\n".join(f"paragraph {i}: the cat sat on the mat." for i in range(12))
+    new = old.replace("paragraph 3: the cat sat on the mat.", "paragraph 3: the dog ate bread.")
+    with RetrievalStore(tmp_path / "m.sqlite", encoder=_encoder(bert_dirs["first"])) as store:
+        store.add_text("notes", old)
+        store.add_text("other", "the cat sat on the mat.")
+        before = {r[1]: r[0] for r in store.db.execute("SELECT id, text FROM chunks")}
+        store.search("cat", k=1)  # loads the vectors: the refresh after a delete must reload
+        r = store.replace("notes", [new[:50], new[50:]])
+        texts = _texts(store, "notes")
+        enc = store.encoder
+        assert enc is not None
+        wanted = [c.text for c in chunk_text(new, enc.tokenizer, enc.max_tokens)]
+        assert sorted(texts) == sorted(wanted) and len(wanted) > 3
+        assert not any("paragraph 3: the cat" in t for t in texts)
+        assert r.removed >= 1 and r.new >= 1 and r.chunks == len(texts)
+        # unchanged chunks keep their rows; the other document is untouched
+        after = {r[1]: r[0] for r in store.db.execute("SELECT id, text FROM chunks")}
+        assert all(after[t] == before[t] for t in after if t in before)
+        assert _texts(store, "other") == ["the cat sat on the mat."]
+        hits = store.search("paragraph 3", k=len(store), mode="hybrid")
+        assert not any("paragraph 3: the cat" in h.text for h in hits)
+        assert len(hits) == len(store) == len(texts) + 1
+        # the same text again changes nothing
+        assert store.replace("notes", [new]) == type(r)("notes", r.chunks, 0, 0)
+
+
+def test_a_file_is_one_document_however_its_path_is_spelled(
+    tmp_path: Path, bert_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doc id is the file's path relative to the store's folder: `a.md`, `./a.md`, an
+    absolute path and another working directory all name one document."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.md").write_text("the cat sat on the mat. " * 30)
+    monkeypatch.chdir(docs)
+    with RetrievalStore(tmp_path / "m.sqlite", encoder=_encoder(bert_dirs["first"])) as store:
+        first = store.add_file("a.md", overlap=2)
+        assert first.doc_id == "docs/a.md" and first.new == first.chunks == len(store)
+        for spelling in ("./a.md", str(docs / "a.md"), "../docs/./a.md"):
+            assert store.add_file(spelling, overlap=2).new == 0
+        monkeypatch.chdir(tmp_path)
+        assert store.document_id("docs/a.md") == "docs/a.md"
+        assert store.add_file("docs/a.md", overlap=2).new == 0 and len(store) == first.chunks
+        hit = store.search("the cat", k=1)[0]
+        assert hit.metadata["path"] == str(docs / "a.md")
+    elsewhere = tmp_path / "stores" / "x.sqlite"
+    with RetrievalStore(elsewhere, encoder=_encoder(bert_dirs["first"])) as store:
+        assert store.document_id(docs / "a.md") == "../docs/a.md"
+
+
+def test_a_long_file_is_streamed_to_the_chunks_of_the_whole_text(
+    tmp_path: Path, bert_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read in pieces, chunked in small windows and staged in batches, a file is stored as the
+    chunks (texts, offsets and vectors) of its whole text."""
+    from memext.pipelines import chunking, documents
+    from memext.pipelines import store as store_module
+
+    text = "".join(
+        f"Paragraph {i}: the man is eating bread. 中文的字 {'abc' * (i % 7)}.\n\n"
+        for i in range(60)
+    )
+    (tmp_path / "long.txt").write_text(text)
+    encoder = _encoder(bert_dirs["first"])
+    with RetrievalStore(tmp_path / "whole.sqlite", encoder=encoder) as whole:
+        whole.add_text("long.txt", text, overlap=3)
+        expected = whole.db.execute("SELECT text, vector, metadata FROM chunks ORDER BY id")
+        expected = expected.fetchall()
+    monkeypatch.setattr(chunking, "WINDOW", 97)
+    monkeypatch.setattr(store_module, "STAGE_BATCH", 5)
+    real = documents.text_pieces
+    monkeypatch.setattr(documents, "text_pieces", lambda p, **kw: real(p, **kw, block=41))
+    with RetrievalStore(tmp_path / "streamed.sqlite", encoder=encoder) as streamed:
+        r = streamed.add_file(tmp_path / "long.txt", overlap=3)
+        got = streamed.db.execute("SELECT text, vector, metadata FROM chunks ORDER BY id")
+        got = [(t, v, json.dumps({**json.loads(m), "path": None})) for t, v, m in got]
+    assert r.chunks == len(expected) > 10
+    assert [g[0] for g in got] == [e[0] for e in expected]
+    # batches pad to other lengths, which moves the last bits of a vector
+    vectors = [np.frombuffer(x[1], dtype=np.float32) for x in (*got, *expected)]
+    np.testing.assert_allclose(vectors[: len(got)], vectors[len(got) :], atol=1e-5)
+    assert [json.loads(g[2]) | {"path": None} for g in got] == [
+        json.loads(e[2]) | {"path": None} for e in expected
+    ]
+
+
+def test_a_failed_readd_leaves_the_document_as_it_was(
+    tmp_path: Path, bert_dirs: dict[str, Path]
+) -> None:
+    """Bytes that are not UTF-8 near the end of an edited file: the error names the file and
+    the byte, and the store keeps the earlier version whole."""
+    f = tmp_path / "a.txt"
+    f.write_text("the cat sat on the mat. " * 40)
+    with RetrievalStore(tmp_path / "m.sqlite", encoder=_encoder(bert_dirs["first"])) as store:
+        store.add_file(f)
+        before = _texts(store, "a.txt")
+        f.write_bytes(b"the dog ate bread. " * 40 + b"\xff")
+        with pytest.raises(MemextError, match=rf"{f}: not valid UTF-8 \(byte 760"):
+            store.add_file(f)
+        f.write_text("   \n")
+        with pytest.raises(MemextError, match="only whitespace"):
+            store.add_file(f)
+        assert _texts(store, "a.txt") == before
+        with pytest.raises(MemextError, match=r"cannot read .*gone.txt"):
+            store.add_file(tmp_path / "gone.txt")
+
+
+def test_read_only_and_existing_only_stores(tmp_path: Path, bert_dirs: dict[str, Path]) -> None:
+    """A mistyped path is refused, never created; a read-only store writes nothing."""
+    missing = tmp_path / "typo" / "m.sqlite"
+    for kw in ({"readonly": True}, {"create": False}):
+        with pytest.raises(MemextError, match=r"no retrieval store at .*typo/m.sqlite"):
+            RetrievalStore(missing, encoder=_encoder(bert_dirs["first"]), **kw)
+    assert not (tmp_path / "typo").exists()
+    path = tmp_path / "m.sqlite"
+    with open_store(path) as store:
+        store.add(items(4))
+    with RetrievalStore(path, readonly=True) as store:
+        assert len(store) == 4 and store.search(items(1)[0].vector, k=1)[0].text == "doc chunk 0"
+        with pytest.raises(MemextError, match="read-only"):
+            store.add(items(6))
+        with pytest.raises(MemextError, match="read-only"):
+            store.delete("doc")
+    with RetrievalStore(path, create=False) as store:
+        assert store.has_document("doc") and store.delete("doc", "nothing") == 4
+    with pytest.raises(MemextError, match="is a folder"):
+        RetrievalStore(tmp_path, readonly=True)

@@ -52,6 +52,9 @@ def classify_train(
     device: DeviceOpt = default(train_classifier, "device"),
 ) -> None:
     """Train a hierarchical long-document classifier (or the truncation baseline)."""
+    from memext.runtime import resolve_device
+
+    device = str(resolve_device(device))  # a bad --device fails before anything loads
     fields = {"text_field": text_field, "label_field": label_field, "split_field": split_field}
     docs = read_documents(data, **fields, split="train" if split_field else None)
     val = None

@@ -1,4 +1,8 @@
-"""A retrieval memory of documents and answers from it: `memext memory add/search`, `ask`."""
+"""A retrieval memory of documents and answers from it: `memext memory add/search/delete`, `ask`.
+
+`memory add` writes; `memory search` and `ask` open the store read-only and refuse a missing
+one, so a mistyped `--store` is an error rather than an empty store that answers from nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +14,18 @@ import typer
 from memext.cli.common import DeviceOpt, EncoderOpt, default, err, out, user_errors
 from memext.errors import MemextError
 from memext.pipelines.ask import ask as run_ask
-from memext.pipelines.store import RetrievalStore
+from memext.pipelines.store import RetrievalStore, StoreError, require_store
 
 StoreOpt = Annotated[Path, typer.Option("--store", help="The store's SQLite file.")]
 ModeOpt = Annotated[str, typer.Option(help="embedding, bm25 or hybrid.")]
 
 
-def _open_store(store: Path, encoder: Path | None):
+def _open_store(store: Path, encoder: Path | None, *, readonly: bool = False) -> RetrievalStore:
     from memext.pipelines import Encoder
 
-    return RetrievalStore(store, encoder=Encoder(encoder))
+    if readonly:
+        require_store(store)  # before the encoder loads: a mistyped path fails at once
+    return RetrievalStore(store, encoder=Encoder(encoder), readonly=readonly)
 
 
 @user_errors
@@ -29,16 +35,70 @@ def memory_add(
     encoder: EncoderOpt = None,
     overlap: Annotated[int, typer.Option(help="Tokens shared by neighbouring chunks.")] = 32,
 ) -> None:
-    """Chunk, embed and store documents (re-adding one changes nothing)."""
+    """Chunk, embed and store documents; a file added again replaces its earlier version.
+
+    A document's id is its path relative to the store's folder, so `a.md` and `./a.md` are one
+    document. Each file is stored in its own transaction: when some files fail, the others are
+    kept, every failure is reported on a line of its own, and the exit code is 2.
+    """
+    failed: list[Path] = []
     with _open_store(store, encoder) as db:
+        done: set[str] = set()
         for f in files:
+            doc = db.document_id(f)
+            if doc in done:  # the same file named twice
+                continue
+            done.add(doc)
             try:
-                data = f.read_bytes()
-            except OSError as e:
-                raise MemextError(f"cannot read {f}: {e}") from None
-            new = db.add_text(str(f), data, overlap=overlap, metadata={"path": str(f)})
-            out.print(f"{f}: {new} new chunk(s)")
-        out.print(f"{store}: {len(db)} chunks")
+                r = db.add_file(f, overlap=overlap)
+            except StoreError:
+                raise  # the store itself failed: the next file would fail too
+            except MemextError as e:
+                why = str(e) if str(f) in str(e) else f"{f}: {e}"
+                err.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
+                failed.append(f)
+                continue
+            out.print(
+                f"{f}: {r.new} new chunk(s), {r.removed} stale removed, {r.chunks} in all",
+                highlight=False,
+            )
+        out.print(f"{store}: {len(db)} chunks", highlight=False)
+    if failed:
+        kept = len(done) - len(failed)
+        raise MemextError(
+            f"{len(failed)} file(s) not added (each named above); the {kept} other(s) are stored"
+        )
+
+
+@user_errors
+def memory_delete(
+    files: Annotated[
+        list[Path], typer.Argument(help="Documents to remove, by path (the file may be gone).")
+    ],
+    store: StoreOpt,
+) -> None:
+    """Remove documents from a store, all or none: a path it does not hold is refused."""
+    with RetrievalStore(store, create=False) as db:
+        docs: list[str] = []
+        missing: list[str] = []
+        for f in files:
+            doc = db.document_id(f)
+            if db.has_document(doc):
+                docs.append(doc)
+            elif db.has_document(str(f)):  # an id as typed, from a store of an older memext
+                docs.append(str(f))
+            else:
+                missing.append(str(f))
+        if missing:
+            raise MemextError(
+                f"{store} holds no document {', '.join(missing)}, so nothing was removed "
+                "(`memext memory search` shows the ids it holds)"
+            )
+        n = db.delete(*dict.fromkeys(docs))
+        out.print(
+            f"{store}: removed {len(set(docs))} document(s), {n} chunk(s); {len(db)} left",
+            highlight=False,
+        )
 
 
 @user_errors
@@ -52,7 +112,7 @@ def memory_search(
     mode: ModeOpt = default(run_ask, "mode"),  # text queries search as `ask` does
 ) -> None:
     """The chunks most relevant to a query."""
-    with _open_store(store, encoder) as db:
+    with _open_store(store, encoder, readonly=True) as db:
         for hit in db.search(query, k=k, mode=mode):
             text = " ".join(hit.text.split())
             out.print(f"{hit.score:8.4f}  {hit.doc_id}  {text[:100]}", highlight=False)
@@ -72,9 +132,12 @@ def ask(
     device: DeviceOpt = default(run_ask, "device"),
 ) -> None:
     """Answer from a store: the most relevant chunks that fit the model's window, then generate."""
-    with _open_store(store, encoder) as db:
+    from memext.runtime import resolve_device
+
+    where = str(resolve_device(device))  # a bad --device fails before anything loads
+    with _open_store(store, encoder, readonly=True) as db:
         r = run_ask(
-            db, model, question, k=k, mode=mode, max_new_tokens=max_new_tokens, device=device
+            db, model, question, k=k, mode=mode, max_new_tokens=max_new_tokens, device=where
         )
     err.print(
         f"{len(r['used'])} chunk(s), {r['prompt_tokens']} of {r['window']} tokens: "

@@ -19,7 +19,7 @@ from memext.pipelines.classify import (
 from memext.pipelines.dialogue import Conversation, Turn
 from memext.pipelines.documents import Documents, read_documents
 from memext.pipelines.encoder import Encoder, default_model_dir
-from memext.pipelines.store import Hit, Item, RetrievalStore
+from memext.pipelines.store import Hit, Item, Replaced, RetrievalStore
 
 __all__ = [
     "AGGREGATORS",
@@ -31,6 +31,7 @@ __all__ = [
     "Encoder",
     "Hit",
     "Item",
+    "Replaced",
     "RetrievalStore",
     "TrainResult",
     "Turn",

@@ -18,6 +18,7 @@ same tokens (a WordPiece chunk that began at "##ing" would not).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,6 +205,47 @@ def chunk_text(
             a single character needs more tokens than a chunk can advance by.
     """
     text = check_text(text)
+    return list(
+        iter_chunks(
+            [text],
+            tokenizer,
+            max_tokens,
+            overlap,
+            boundaries=boundaries,
+            boundary_tail=boundary_tail,
+            window=None,
+        )
+    )
+
+
+#: Characters of text ``iter_chunks`` tokenizes at a time: about a quarter of a million tokens,
+#: tens of megabytes of token lists, whatever the document's length.
+WINDOW = 1 << 20
+
+
+def iter_chunks(
+    pieces: Iterable[str],
+    tokenizer: Any,
+    max_tokens: int,
+    overlap: int = 0,
+    *,
+    boundaries: bool = True,
+    boundary_tail: float = 0.2,
+    window: int | None = WINDOW,
+) -> Iterator[Chunk]:
+    """``chunk_text`` of the concatenated ``pieces``, in bounded memory: the chunks, one by one.
+
+    The text is tokenized a window of about ``window`` characters at a time (``None``: all at
+    once). A window is cut only up to its last whitespace, where the tokens before cannot
+    change with what follows (tokenizers split words at whitespace first), and the next window
+    starts at the whitespace before the chunk still pending, so every word is tokenized whole
+    and the chunks equal ``chunk_text``'s of the whole text. Offsets count characters from
+    the start of the first piece.
+
+    Raises:
+        MemextError: as ``chunk_text``, once the pieces end (nothing is yielded for a text
+            that turns out to be empty or whitespace only).
+    """
     n_special = special_token_count(tokenizer)
     room = max_tokens - n_special  # tokens of text per chunk
     if room <= 0:
@@ -220,32 +262,101 @@ def chunk_text(
         raise MemextError(
             f"boundary_tail={boundary_tail} is invalid: expected a fraction in [0, 1]"
         )
-    spans = token_spans(text, tokenizer)
-    n = len(spans.ids)
-    if n == 0:
-        raise MemextError("the tokenizer finds no tokens in the text: there is nothing to chunk")
-    levels = _cut_levels(text, spans)
-    # the latest allowed cut at or before each token position
-    latest = np.maximum.accumulate(np.where(levels > _INSIDE_CHAR, np.arange(n + 1), -1))
+    if window is not None and window < 1:
+        raise MemextError(f"window={window} is invalid: expected >= 1 characters")
     tail = int(boundary_tail * room) if boundaries else 0
+    source = iter(pieces)
+    buf = ""  # the text from `base` on, tokenized anew each round
+    base = 0  # character offset of buf[0] in the whole text
+    first = 0  # where in buf the next chunk starts
+    index = 0  # the next chunk's number
+    want = window  # characters past `first` to read before cutting
+    eof, seen, blank = False, 0, True
+    while True:
+        parts, size = [buf], len(buf)
+        while not eof and (want is None or size - first < want):
+            piece = next(source, None)
+            if piece is None:
+                eof = True
+                break
+            if not isinstance(piece, str):
+                raise TypeError(f"iter_chunks reads str pieces, got {type(piece).__name__}")
+            parts.append(piece)
+            size += len(piece)
+            seen += len(piece)
+            blank = blank and (not piece or piece.isspace())
+        buf = "".join(parts)
+        if eof and not seen:
+            raise MemextError("the text is empty: there is nothing to chunk")
+        if eof and blank:
+            raise MemextError("the text is only whitespace: there is nothing to chunk")
+        limit = len(buf) if eof else _last_space_run(buf, first)
+        local = buf[:limit]
+        spans = token_spans(local, tokenizer)
+        n = len(spans.ids)
+        if n == 0 and eof:
+            raise MemextError(
+                "the tokenizer finds no tokens in the text: there is nothing to chunk"
+            )
+        s = _token_at(spans.starts, first) if n else 0
+        if not eof and s + room >= n:  # not one whole chunk's tokens yet: read more
+            want = 2 * max(size - first, 1)
+            continue
+        levels = _cut_levels(local, spans)
+        # the latest allowed cut at or before each token position
+        latest = np.maximum.accumulate(np.where(levels > _INSIDE_CHAR, np.arange(n + 1), -1))
 
-    cuts = []  # token ranges [s, e)
-    s = 0
-    while s + room < n:
-        e, next_s = _choose_end(levels, latest, s, s + room, overlap, tail)
-        cuts.append((s, e))
-        s = next_s
-    cuts.append((s, n))
-    return [
-        Chunk(
-            index=i,
-            text=text[spans.starts[s] : spans.ends[e - 1]],
-            start=int(spans.starts[s]),
-            end=int(spans.ends[e - 1]),
-            token_ids=tuple(spans.ids[s:e].tolist()),
-        )
-        for i, (s, e) in enumerate(cuts)
-    ]
+        # Within a window every cut sees what the whole text would show it: the ends and next
+        # starts it weighs lie at or before token s + room < n, all tokens whose text is whole.
+        while s + room < n:
+            e, next_s = _choose_end(levels, latest, s, s + room, overlap, tail)
+            yield _chunk(index, local, base, spans, s, e)
+            index += 1
+            s = next_s
+        if eof:
+            yield _chunk(index, local, base, spans, s, n)
+            return
+        keep = _space_run_before(buf, int(spans.starts[s]))
+        buf, base, first = buf[keep:], base + keep, int(spans.starts[s]) - keep
+        want = window
+
+
+def _chunk(index: int, text: str, base: int, spans: TokenSpans, s: int, e: int) -> Chunk:
+    """Chunk ``index``: tokens ``[s, e)`` of ``text``, which starts at character ``base``."""
+    a, b = int(spans.starts[s]), int(spans.ends[e - 1])
+    return Chunk(index, text[a:b], base + a, base + b, tuple(spans.ids[s:e].tolist()))
+
+
+def _last_space_run(text: str, after: int) -> int:
+    """Where the last run of whitespace after ``after`` starts (``after`` if there is none):
+    the tokens before it are whole whatever text comes next."""
+    i = len(text)
+    while i > after and not text[i - 1].isspace():  # the last, maybe unfinished, word
+        i -= 1
+    if i == after:
+        return after
+    while i > after and text[i - 1].isspace():
+        i -= 1
+    return i
+
+
+def _space_run_before(text: str, at: int) -> int:
+    """Where the run of whitespace before the word holding ``at`` starts (0 if none): a
+    tokenizer reading from there reads that word whole, as it did in the whole text."""
+    i = at
+    while i > 0 and not text[i - 1].isspace():
+        i -= 1
+    while i > 0 and text[i - 1].isspace():
+        i -= 1
+    return i
+
+
+def _token_at(starts: np.ndarray, at: int) -> int:
+    """The first token starting at character ``at``, or the one holding it."""
+    i = int(np.searchsorted(starts, at, side="left"))
+    if i == len(starts) or starts[i] != at:
+        i -= 1
+    return max(i, 0)
 
 
 def _choose_end(

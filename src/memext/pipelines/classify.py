@@ -457,7 +457,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             what = "a classifier run" if (out_dir / CLASSIFIER).is_file() else "other files"
             raise MemextError(
                 f"{str(out_dir)!r} already holds {what}; choose a new directory"
-                + (" or pass overwrite=True (--force)" if what == "a classifier run" else "")
+                + (" or pass overwrite=True (--overwrite)" if what == "a classifier run" else "")
             )
         # classifier.json first: a run stopped halfway must not look complete
         for name in (CLASSIFIER, HEAD, ENCODER_WEIGHTS, METRICS):

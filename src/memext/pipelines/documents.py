@@ -1,11 +1,13 @@
-"""Labelled long documents from JSON Lines (``.jsonl`` or ``.jsonl.gz``): one object a line,
-every failure named by its line."""
+"""Documents from files: labelled long documents from JSON Lines (``.jsonl`` or ``.jsonl.gz``),
+one object a line, every failure named by its line; and a text file read in pieces
+(``text_pieces``), every failure named by its file."""
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,3 +108,39 @@ def _field(row: dict[str, Any], name: str, where: str) -> Any:
     if name not in row:
         raise MemextError(f"{where}: no field {name!r} (it has {sorted(row)[:8]})")
     return row[name]
+
+
+def text_pieces(
+    path: str | Path, *, block: int = 1 << 16, on_read: Callable[[int], object] | None = None
+) -> Iterator[str]:
+    """A UTF-8 text file as consecutive ``str`` pieces of about ``block`` bytes: the whole text
+    is never in memory at once. ``on_read(n)`` hears of every ``n`` bytes read (a progress bar).
+
+    Raises:
+        MemextError: the file cannot be read, or is not UTF-8 (naming the file and the byte).
+    """
+    path = Path(path)
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # bytes decoded before this block
+    try:
+        with open(path, "rb") as f:
+            while True:
+                data = f.read(block)
+                try:
+                    text = decoder.decode(data, final=not data)
+                except UnicodeDecodeError as e:
+                    # the decoder holds back up to 3 bytes of an unfinished character
+                    at = offset + e.start - len(e.object) + len(data)
+                    raise MemextError(
+                        f"{path}: not valid UTF-8 (byte {at}: {e.reason}); re-encode the file "
+                        "as UTF-8"
+                    ) from None
+                offset += len(data)
+                if on_read is not None and data:
+                    on_read(len(data))
+                if text:
+                    yield text
+                if not data:
+                    return
+    except OSError as e:
+        raise MemextError(f"cannot read {path}: {e.strerror or e}") from None

@@ -17,6 +17,7 @@ import hashlib
 import importlib.resources
 import json
 import sqlite3
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -165,9 +166,10 @@ class Encoder:
         )
         return self._embed_ids([list(ids) for ids in enc["input_ids"]])
 
-    def embed_chunks(self, chunks: Sequence[Chunk]) -> np.ndarray:
+    def embed_chunks(self, chunks: Sequence[Chunk], *, progress: bool | None = None) -> np.ndarray:
         """Like ``embed``, but reads each chunk's own token ids (made with ``self.tokenizer``),
-        so the model sees exactly the tokens the chunker counted."""
+        so the model sees exactly the tokens the chunker counted. ``progress`` overrides the
+        encoder's setting (a caller with a bar of its own passes False)."""
         room = self.max_tokens - len(self._prefix) - len(self._suffix)
         too_long = [c.index for c in chunks if c.n_tokens > room]
         if too_long:
@@ -175,9 +177,9 @@ class Encoder:
                 f"chunks {too_long[:5]} hold more than the {room} tokens this encoder reads "
                 f"besides its special tokens; chunk with max_tokens={self.max_tokens}"
             )
-        return self._embed_ids([list(c.token_ids) for c in chunks])
+        return self._embed_ids([list(c.token_ids) for c in chunks], progress)
 
-    def _embed_ids(self, seqs: list[list[int]]) -> np.ndarray:
+    def _embed_ids(self, seqs: list[list[int]], progress: bool | None = None) -> np.ndarray:
         from tqdm.auto import tqdm
 
         seqs = [self.wrap(ids) for ids in seqs]
@@ -194,7 +196,10 @@ class Encoder:
         # Longest first, so each batch pads to similar lengths (sentence-transformers does too).
         todo.sort(key=lambda i: -len(seqs[i]))
         bar = tqdm(
-            total=len(todo), desc=f"embed {self.name}", unit="text", disable=not self.progress
+            total=len(todo),
+            desc=f"embed {self.name}",
+            unit="text",
+            disable=not (self.progress if progress is None else progress),
         )
         for b in range(0, len(todo), self.batch_size):
             batch = todo[b : b + self.batch_size]
@@ -262,31 +267,82 @@ class Encoder:
 
 class _EmbeddingCache:
     """key (32 bytes) -> float32 vector, in SQLite: each write is one atomic transaction, and
-    WAL lets several processes share the file."""
+    WAL lets several processes share the file.
+
+    A cache is never worth a failed command, and this file is one the user never named: a
+    corrupt one is reported with a warning and rebuilt empty (its vectors are recomputed as
+    needed), and one that cannot be used (a read-only folder, a full disk, a lock held too
+    long) is reported and left alone for the rest of the process.
+    """
 
     _BATCH = 500  # bound parameters per query stay under SQLite's limit
 
     def __init__(self, path: Path, dim: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self.dim = dim
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute(
-            "CREATE TABLE IF NOT EXISTS embeddings (key BLOB PRIMARY KEY, vector BLOB NOT NULL)"
+        self.db: sqlite3.Connection | None = None
+        self._rebuilt = False
+        try:
+            self._open()
+        except (sqlite3.Error, OSError) as e:
+            self._failed(e)
+
+    def _open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS embeddings (key BLOB PRIMARY KEY, vector BLOB NOT NULL)"
+            )
+        except BaseException:
+            db.close()
+            raise
+        self.db = db
+
+    def _failed(self, e: sqlite3.Error | OSError) -> None:
+        """Rebuild a corrupt cache (once), or stop using one that fails otherwise."""
+        self.close()
+        if _corrupt(e) and not self._rebuilt:
+            self._rebuilt = True
+            try:
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+                self._open()
+            except (sqlite3.Error, OSError) as again:
+                self.close()
+                e = again
+            else:
+                warnings.warn(
+                    f"the embedding cache {self.path} was corrupt ({e}); rebuilt it empty, and "
+                    "embeddings it held are computed again",
+                    stacklevel=4,
+                )
+                return
+        warnings.warn(
+            f"the embedding cache {self.path} cannot be used ({e}); embedding without it",
+            stacklevel=4,
         )
 
     def get(self, keys: list[bytes]) -> dict[bytes, np.ndarray]:
         found: dict[bytes, np.ndarray] = {}
-        for b in range(0, len(keys), self._BATCH):
-            part = keys[b : b + self._BATCH]
-            rows = self.db.execute(
-                f"SELECT key, vector FROM embeddings WHERE key IN ({','.join('?' * len(part))})",
-                part,
-            )
-            for key, blob in rows:
-                vector = np.frombuffer(blob, dtype=np.float32)
-                if vector.shape == (self.dim,):
-                    found[key] = vector
+        while self.db is not None:  # at most twice: a corrupt cache is rebuilt only once
+            try:
+                for b in range(0, len(keys), self._BATCH):
+                    part = keys[b : b + self._BATCH]
+                    rows = self.db.execute(
+                        "SELECT key, vector FROM embeddings "
+                        f"WHERE key IN ({','.join('?' * len(part))})",
+                        part,
+                    )
+                    for key, blob in rows:
+                        vector = np.frombuffer(blob, dtype=np.float32)
+                        if vector.shape == (self.dim,):
+                            found[key] = vector
+                return found
+            except sqlite3.Error as e:
+                found = {}
+                self._failed(e)
         return found
 
     def put(self, keys: list[bytes], vectors: np.ndarray) -> None:
@@ -294,8 +350,21 @@ class _EmbeddingCache:
             (k, np.ascontiguousarray(v, dtype=np.float32).tobytes())
             for k, v in zip(keys, vectors, strict=True)
         ]
-        with transaction(self.db):
-            self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", rows)
+        while self.db is not None:  # at most twice, as in get
+            try:
+                with transaction(self.db):
+                    self.db.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?)", rows)
+                return
+            except sqlite3.Error as e:
+                self._failed(e)
 
     def close(self) -> None:
-        self.db.close()
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+
+def _corrupt(e: BaseException) -> bool:
+    """Whether SQLite says the file is damaged or not a database (not merely busy or full)."""
+    name = getattr(e, "sqlite_errorname", "") or ""
+    return name.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or type(e) is sqlite3.DatabaseError
