@@ -11,8 +11,9 @@ import pytest
 
 from memext import Config
 from memext.checkpoint import read_metrics
+from memext.data.filler import Filler
 from memext.data.mixture import TRAIN_SEEDS
-from memext.data.tasks import Filler, make_samples
+from memext.data.tasks import make_samples
 from memext.errors import MemextError
 from memext.evals.probes import HeldOutTask, StageReport, Validation, training_probes
 from memext.tokenizer import ByteTokenizer

@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from memext.data.filler import Filler
 from memext.data.ruler import NIAH_QUESTION
-from memext.data.tasks import Filler, make_samples, score_answer
+from memext.data.tasks import make_samples, score_answer
 from memext.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()

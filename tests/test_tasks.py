@@ -13,16 +13,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import Tensor, nn
 
-import memext.data.tasks as tasks_mod
+import memext.data.filler as filler_mod
 from memext.config import ModelConfig
 from memext.data.corpus import Corpus, Document
+from memext.data.filler import Filler
 from memext.data.sampling import segments, task_batch
 from memext.data.tasks import (
     COPY_QUESTION,
     PASSKEY_QUESTION,
     PASSKEY_SENTENCE,
     TASKS,
-    Filler,
     Sample,
     assoc_recall,
     copy_task,
@@ -223,17 +223,17 @@ def test_stdlib_filler_joins_train_documents_and_is_cached(monkeypatch: pytest.M
         docs = tuple(Document(f"m{i}.py", f"doc{i}".encode() * 3) for i in range(5))
         return Corpus(docs, (), ())
 
-    monkeypatch.setattr(tasks_mod, "read_corpus", fake_read_corpus)
-    tasks_mod._stdlib_text.cache_clear()
-    tasks_mod._stdlib_filler.cache_clear()
+    monkeypatch.setattr(filler_mod, "read_corpus", fake_read_corpus)
+    filler_mod._stdlib_text.cache_clear()
+    filler_mod._stdlib_filler.cache_clear()
     try:
         a = Filler.stdlib(TOK, max_bytes=20)
         b = Filler.stdlib(ByteTokenizer(), max_bytes=20)  # another instance, same fingerprint
         assert a is b and calls == ["stdlib"]
         assert TOK.decode(a.ids) == "doc0doc0doc0\ndoc1doc"  # whole docs, then cut
     finally:
-        tasks_mod._stdlib_text.cache_clear()
-        tasks_mod._stdlib_filler.cache_clear()
+        filler_mod._stdlib_text.cache_clear()
+        filler_mod._stdlib_filler.cache_clear()
 
 
 def test_bad_inputs_raise_clear_errors() -> None:

@@ -20,8 +20,9 @@ import torch
 from torch import Tensor
 
 from memext.config import Config
+from memext.data.filler import CLASSIC_FILLER, Filler
 from memext.data.sampling import sample_batch, task_batch
-from memext.data.tasks import CLASSIC_FILLER, Filler, Sample, TooShort, make_samples
+from memext.data.tasks import Sample, TooShort, make_samples
 from memext.errors import MemextError
 from memext.source import Source
 from memext.tokenizer import Tokenizer

@@ -11,11 +11,11 @@ import string
 
 import numpy as np
 
+from memext.data.filler import Filler
 from memext.data.tasks import (
     KEY_HIGH,
     KEY_LOW,
     NEEDLE_NAMES,
-    Filler,
     Sample,
     Seed,
     TooShort,

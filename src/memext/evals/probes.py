@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from memext.config import Config
+from memext.data.filler import CLASSIC_FILLER, Filler
 from memext.data.mixture import TRAIN_SEEDS, fitted_sample
-from memext.data.tasks import CLASSIC_FILLER, TASKS, Filler, Sample, TooShort
+from memext.data.tasks import TASKS, Sample, TooShort
 from memext.errors import MemextError
 from memext.evals.perplexity import evaluate_lengths
 from memext.evals.tasks import evaluate_samples

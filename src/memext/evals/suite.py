@@ -34,7 +34,8 @@ import torch
 from tqdm.auto import tqdm
 
 from memext.adapters import ModelAdapter
-from memext.data.tasks import Filler, TooShort
+from memext.data.filler import Filler
+from memext.data.tasks import TooShort
 from memext.errors import MemextError
 from memext.evals.results import DEFAULT_THRESHOLD, FORMAT, SCHEMA_VERSION, summarize
 from memext.evals.suite_tasks import (

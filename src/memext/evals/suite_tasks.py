@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from memext.adapters import ModelAdapter, Whole
-from memext.data.tasks import TASKS, Filler, Sample, TooShort, make_samples
+from memext.data.filler import Filler
+from memext.data.tasks import TASKS, Sample, TooShort, make_samples
 from memext.errors import MemextError
 from memext.registry import Registry
 
