@@ -4,30 +4,88 @@ half-applied change to an SQLite database."""
 from __future__ import annotations
 
 import os
+import secrets
 import sqlite3
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` in one step."""
+    """Call ``write(tmp_path)`` then rename the temporary file over ``path`` in one step.
+
+    The file's data and the rename are both flushed to disk (the file, then its folder), so
+    after a crash ``path`` holds the old content or the new, never a mix. A failure to write
+    for a reason outside memext (a full disk, a read-only folder) is a ``StorageError``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _new_temp(path)
+        # The mode the kernel gave a new file (0666 less the umask): a writer may recreate the
+        # file with a mode of its own (safetensors makes it 0600), so it is set again below.
+        mode = os.stat(tmp).st_mode & 0o777
+    except OSError as e:
+        raise _translated(e, path) from None
     try:
         write(tmp)
-        # mkstemp makes the file private (0600), and a writer may recreate it: give the result
-        # the mode a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+        fsync_dir(path.parent)
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise _translated(e, path) from None
         raise
+
+
+def temp_name(path: Path) -> bool:
+    """Whether ``path`` is the name of a temporary file ``atomic_write`` left behind (a kill
+    before its rename): ``.NAME.XXXXXXXX.tmp`` beside ``NAME``."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def temp_files(path: Path) -> list[Path]:
+    """The temporary files ``atomic_write(path, ...)`` may have left beside ``path``."""
+    return sorted(path.parent.glob(f".{path.name}.*.tmp"))
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename, a new file) to disk, where the platform can."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a folder; its renames are durable as they are
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; nothing more can be done there
+    finally:
+        os.close(fd)
+
+
+def _new_temp(path: Path) -> str:
+    """Create an empty, unique temporary file beside ``path``, with mode 0666 less the umask as
+    the kernel applies it to any new file (``mkstemp`` would make it 0600, and reading the
+    umask from ``os.umask`` means setting it for a moment, which races with other threads)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return str(tmp)
+    raise FileExistsError(f"no free temporary name beside {str(path)!r}")
+
+
+def _translated(e: OSError, path: Path) -> OSError:
+    from memext.errors import StorageError, is_environmental, storage_error
+
+    if isinstance(e, StorageError) or not is_environmental(e):
+        return e
+    return storage_error(e, path, "write")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -50,9 +108,3 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
