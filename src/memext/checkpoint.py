@@ -3,11 +3,21 @@
 A run directory holds ``config.json``, ``model.safetensors``, ``train_state.pt`` (optimizer and
 RNG state, loaded with ``weights_only=True``), ``metrics.jsonl`` and, when the tokenizer is not
 the byte tokenizer, ``tokenizer.json``.
+
+A checkpoint (weights + training state) is one unit. ``save_checkpoint`` writes both files into
+a pending folder, flushes them, then writes a commit marker; only then are they renamed into
+place. ``recover`` (run when training starts or resumes) finishes a committed checkpoint that a
+kill interrupted mid-rename, or drops an uncommitted one, so the pair at the top of the run
+always belongs to one step. Readers of the weights alone never wait: every rename is atomic.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,8 +26,8 @@ from safetensors.torch import load_file, save_file, save_model
 
 from memext.config import Config
 from memext.curriculum import stage_at
-from memext.errors import MemextError
-from memext.io import atomic_write
+from memext.errors import MemextError, is_environmental, storage_error
+from memext.io import atomic_write, atomic_write_text, fsync_dir, temp_files
 from memext.model import build_model
 from memext.nn.transformer import LongLM, State
 
@@ -28,6 +38,19 @@ WEIGHTS = "model.safetensors"
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
 TOKENIZER = "tokenizer.json"
+RUN_INFO = "run.json"
+EVAL = "eval.json"
+PENDING = ".checkpoint-pending"  # the next checkpoint, until committed and moved into place
+COMMIT = "COMMITTED"  # the pending checkpoint's commit marker: it names the step
+
+# Every file memext writes at the top of a run directory, and the folders of suite results and
+# reports it writes into; ``--overwrite`` removes these and nothing else.
+RUN_FILES = (CONFIG, WEIGHTS, TRAIN_STATE, METRICS, TOKENIZER, RUN_INFO, EVAL)
+SUITE_DIR, REPORT_DIR = "eval", "report"
+REPORT_FILES = ("report.html", "report.md")
+
+# Called with the name of each point of a checkpoint save (tests kill the process there).
+save_hook: Callable[[str], None] | None = None
 
 
 def is_run(path: Path) -> bool:
@@ -42,6 +65,52 @@ def is_memext_run(path: Path) -> bool:
         return json.loads((Path(path) / CONFIG).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def foreign_files(path: Path) -> list[str]:
+    """Files in ``path`` that a fresh run would write over although memext did not write them
+    (``path`` holds no memext config, so nothing in it is a run's)."""
+    return [name for name in RUN_FILES if (path / name).exists()]
+
+
+def clear_run(path: Path) -> None:
+    """Remove what memext wrote in the run directory ``path`` (its config must say it is a
+    memext run), and only that: other files, and folders memext did not make, stay."""
+    if not is_memext_run(path):
+        raise MemextError(f"{str(path)!r} is not a memext run: it is not memext's to replace")
+    try:
+        for name in RUN_FILES:
+            for p in (path / name, *temp_files(path / name)):
+                p.unlink(missing_ok=True)
+        shutil.rmtree(path / PENDING, ignore_errors=True)
+        suite = path / SUITE_DIR
+        if suite.is_dir():
+            for p in suite.glob("*.cells.jsonl"):
+                p.unlink()
+            for p in suite.glob("*.json"):
+                if _memext_json(p):
+                    p.unlink()
+            for p in suite.glob(".*.tmp"):
+                p.unlink()
+        report = path / REPORT_DIR
+        if report.is_dir():
+            for name in REPORT_FILES:
+                for p in (report / name, *temp_files(report / name)):
+                    p.unlink(missing_ok=True)
+        for folder in (suite, report):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    except OSError as e:
+        raise _storage(e, path, "clear the run in") from None
+
+
+def _memext_json(path: Path) -> bool:
+    """A JSON file memext wrote: an object whose ``format`` names memext."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("memext")
 
 
 def load_config(run_dir: str | Path) -> Config:
@@ -134,10 +203,154 @@ def run_tokenizer(run_dir: str | Path):
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``. A torn last line (a kill or a full disk during an
+    append) is left out; any other unreadable line is a MemextError naming the file and line."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemextError(f"cannot read {str(path)!r}: {e}") from None
+    lines = text.splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append(row)
+        elif not (i == len(lines) - 1 and not text.endswith("\n")):
+            raise MemextError(
+                f"{str(path)!r} line {i + 1} is not a metrics row ({line[:40]!r}): the file is "
+                "damaged; delete that line (or the file, losing the log) and retry"
+            )
+    return rows
+
+
+# --- checkpoints: weights + training state as one unit ----------------------------------------
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, step: int) -> None:
+    """Write the weights and the training state of ``step`` as one unit (see the module doc).
+
+    A failure to write (a full disk, a read-only folder) leaves the previous checkpoint in
+    place and raises a StorageError that says so.
+    """
+    pending = run_dir / PENDING
+    try:
+        recover(run_dir)  # a committed checkpoint a kill left half-moved is finished first
+        _hook("start")
+        shutil.rmtree(pending, ignore_errors=True)
+        pending.mkdir()
+        atomic_write(pending / TRAIN_STATE, lambda tmp: _torch_save(state, tmp))
+        _hook("state-written")
+        save_weights(model, pending / WEIGHTS, {"step": str(step)})
+        _hook("weights-written")
+        atomic_write_text(pending / COMMIT, json.dumps({"step": step}) + "\n")
+        _hook("committed")
+    except (OSError, RuntimeError, SafetensorError) as e:
+        shutil.rmtree(pending, ignore_errors=True)
+        cause = _storage(e, run_dir, f"save the checkpoint of step {step} in")
+        if cause is e:
+            raise
+        raise cause from None
+    try:
+        _move_into_place(run_dir)
+    except OSError as e:  # committed: the next start finishes the move
+        raise _storage(e, run_dir, f"save the checkpoint of step {step} in") from None
+
+
+def recover(run_dir: Path) -> None:
+    """Finish a checkpoint that was committed but not yet moved into place, drop one that was
+    not committed, and remove temporary files a kill left beside the run's files."""
+    pending = run_dir / PENDING
+    if (pending / COMMIT).is_file():
+        _move_into_place(run_dir)
+    elif pending.exists():
+        shutil.rmtree(pending)
+    for name in RUN_FILES:
+        for p in temp_files(run_dir / name):
+            p.unlink(missing_ok=True)
+
+
+def _move_into_place(run_dir: Path) -> None:
+    pending = run_dir / PENDING
+    for i, name in enumerate((TRAIN_STATE, WEIGHTS)):
+        if (pending / name).is_file():
+            os.replace(pending / name, run_dir / name)
+        _hook(f"renamed-{i + 1}")
+    fsync_dir(run_dir)
+    (pending / COMMIT).unlink()
+    shutil.rmtree(pending)
+    fsync_dir(run_dir)
+    _hook("done")
+
+
+def load_train_state(run_dir: Path) -> dict:
+    """The training state of a run's checkpoint (optimizer, RNG, step), checked for its shape:
+    anything else is a MemextError naming the file."""
+    path = run_dir / TRAIN_STATE
+    if not path.is_file():
+        raise MemextError(
+            f"cannot resume: {str(path)!r} is missing (the weights have no training state)"
+        )
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:  # torch raises many types for a damaged or foreign file
+        raise MemextError(f"cannot resume: {str(path)!r} is corrupt or foreign ({e})") from None
+    ok = (
+        isinstance(state, dict)
+        and isinstance(state.get("step"), int)
+        and state["step"] >= 0
+        and isinstance(state.get("optimizer"), dict)
+        and isinstance(state.get("torch_rng"), torch.Tensor)
+    )
+    if not ok:
+        raise MemextError(
+            f"cannot resume: {str(path)!r} is corrupt or foreign (not a memext training state "
+            "with step, optimizer and torch_rng)"
+        )
+    return state
+
+
+def _hook(point: str) -> None:
+    if save_hook is not None:
+        save_hook(point)
+
+
+def _torch_save(obj: object, path: str) -> None:
+    # Through a Python file object: a full disk then raises OSError(ENOSPC), where torch.save
+    # given a path raises RuntimeError("unexpected pos ...").
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def _storage(e: BaseException, path: Path, doing: str) -> BaseException:
+    """``e`` as a StorageError about ``path`` when its cause is the machine (a StorageError
+    about one file of it too); ``e`` itself otherwise."""
+    code = getattr(e, "errno", None)
+    if code is None:  # safetensors and torch name the OS error only in their message
+        found = re.search(r"os error (\d+)", str(e))
+        code = int(found.group(1)) if found else None
+        if code is None and _disk_nearly_full(path):
+            import errno
+
+            code = errno.ENOSPC
+    os_error = OSError(code, os.strerror(code)) if code is not None else None
+    if os_error is None or not is_environmental(os_error):
+        return e
+    return storage_error(os_error, path, doing, "the last complete checkpoint is kept")
+
+
+def _disk_nearly_full(path: Path) -> bool:
+    try:
+        return shutil.disk_usage(path).free < 16 * 2**20
+    except OSError:
+        return False
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -10,6 +10,7 @@ adds its writer there.
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,8 +38,11 @@ def extended_config(
     """``cfg`` with its rotary scaled by ``factor`` from ``original_len`` (default: the trained
     length); with ``steps`` it trains at the new length for that many steps, at the same tokens
     per step, learning rate ``lr`` (default: the source's final rate, lr * min_lr_ratio)."""
-    if factor <= 0:
-        raise MemextError(f"factor={factor} is invalid: expected a number > 0")
+    if not math.isfinite(factor) or factor <= 0:
+        raise MemextError(f"factor={factor} is invalid: expected a finite number > 0")
+    for name, value in (("alpha", alpha), ("beta", beta), ("lr", lr)):
+        if value is not None and not math.isfinite(value):
+            raise MemextError(f"{name}={value} is invalid: expected a finite number")
     if steps < 0:
         raise MemextError(f"steps={steps} is invalid: expected a number >= 0")
     original = original_len or trained_length(cfg)
@@ -117,15 +121,17 @@ def extend_run(
             probes=probes,
         )
         return out
-    from memext.train.trainer import prepare_run_dir
+    from memext.io import atomic_write
+    from memext.train.trainer import check_run_dir, make_run_dir
 
-    prepare_run_dir(out, resume=False, overwrite=overwrite)
+    check_run_dir(out, resume=False, overwrite=overwrite)
     model, _ = ckpt.load(src)  # refuses corrupt or foreign weights before anything is written
     del model
-    shutil.copyfile(weights, out / ckpt.WEIGHTS)
-    if (src / ckpt.TOKENIZER).is_file():
-        shutil.copyfile(src / ckpt.TOKENIZER, out / ckpt.TOKENIZER)
-    new.save(out / ckpt.CONFIG)
+    make_run_dir(out, overwrite)
+    new.save(out / ckpt.CONFIG)  # first: a copy cut short is still a memext run (--overwrite)
+    for name in (ckpt.TOKENIZER, ckpt.WEIGHTS):
+        if (src / name).is_file():
+            atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
     return out
 
 

@@ -38,7 +38,7 @@ from memext.tokenizer import load_tokenizer
 from memext.train.probes import Probe, ProbeContext, format_values, run_probes
 from memext.train.schedule import lr_at
 
-RUN_INFO = "run.json"
+RUN_INFO = ckpt.RUN_INFO
 
 
 class TrainingDiverged(MemextError):
@@ -63,23 +63,64 @@ class _Loop:
     stop_requested: bool = False
 
 
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a run directory this start may not use; writes nothing.
+
+    A fresh start needs a new or empty folder, or one without memext's file names in it;
+    ``overwrite`` also accepts a memext run (its config says so) and replaces only the files
+    memext wrote there. A folder holding someone else's ``config.json`` (a Hugging Face model,
+    a project) is never replaced.
+    """
     if resume and overwrite:
         raise MemextError("--resume and --overwrite contradict each other; choose one")
     if resume:
         if not (out / ckpt.CONFIG).is_file():
             raise MemextError(f"cannot resume: {str(out)!r} is not a memext run (no {ckpt.CONFIG})")
+        if not ckpt.is_memext_run(out):
+            raise MemextError(f"cannot resume: {str(out / ckpt.CONFIG)!r} is not a memext config")
         return
     if out.exists() and not out.is_dir():
         raise MemextError(f"output path {str(out)!r} exists and is not a directory")
-    if out.is_dir() and ckpt.is_run(out):
+    if not out.is_dir():
+        return
+    if ckpt.is_memext_run(out):
         if not overwrite:
             raise MemextError(
                 f"{str(out)!r} already holds a run; pass --resume to continue it or "
                 "--overwrite to replace it"
             )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        return
+    foreign = ckpt.foreign_files(out)
+    if foreign:
+        raise MemextError(
+            f"{str(out)!r} is not a memext run but holds {', '.join(foreign)}, which memext did "
+            "not write: memext replaces only its own runs (--overwrite included); choose "
+            "another --out"
+        )
+
+
+def make_run_dir(out: Path, overwrite: bool) -> None:
+    """Create the run directory checked by ``check_run_dir``; with ``overwrite``, first remove
+    the files an earlier memext run wrote there (and nothing else)."""
+    if overwrite and ckpt.is_memext_run(out):
+        ckpt.clear_run(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _storage_error(e, out) from None
+
+
+def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """``check_run_dir`` then, unless resuming, ``make_run_dir``."""
+    check_run_dir(out, resume, overwrite)
+    if not resume:
+        make_run_dir(out, overwrite)
+
+
+def _storage_error(e: OSError, path: Path) -> OSError:
+    from memext.errors import is_environmental, storage_error
+
+    return storage_error(e, path, "create") if is_environmental(e) else e
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -207,31 +248,44 @@ def train_step(
 
 
 def _save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    # A non-finite step is never taken, so this holds; checked so a checkpoint never holds one.
+    bad = [n for n, p in ckpt.unwrap(model).named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"the weights hold NaN or inf at step {step} ({bad[0]}): not saved; the last good "
+            f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
+        )
     state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    # Ignore Ctrl-C while the pair of files is replaced, so they always agree on the step.
+    # Ignore Ctrl-C while the checkpoint is written (a kill is handled by ckpt.recover).
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
     try:
-        atomic_write(run_dir / ckpt.TRAIN_STATE, lambda tmp: torch.save(state, tmp))
-        ckpt.save_weights(model, run_dir / ckpt.WEIGHTS, {"step": str(step)})
+        ckpt.save_checkpoint(run_dir, model, state, step)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
 def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    ckpt.load_weights(model, run_dir / ckpt.WEIGHTS)
+    """Load the run's checkpoint into ``model`` and ``opt`` and set the RNG; returns its step.
+    Reads only: a refusal leaves the run as it was."""
+    weights = run_dir / ckpt.WEIGHTS
+    if not weights.is_file():
+        raise MemextError(
+            f"cannot resume: {str(weights)!r} is missing, so {str(run_dir)!r} has no checkpoint "
+            "to continue from (a run stopped before its first save?); start it again with "
+            "--overwrite"
+        )
+    ckpt.load_weights(model, weights)
+    state = ckpt.load_train_state(run_dir)
     path = run_dir / ckpt.TRAIN_STATE
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
         opt.load_state_dict(state["optimizer"])
-    except FileNotFoundError:
-        raise MemextError(f"cannot resume: {str(path)!r} is missing") from None
     except Exception as e:
         raise MemextError(f"cannot resume: {str(path)!r} is corrupt or foreign ({e})") from None
-    step = int(state["step"])
-    saved = ckpt.weights_metadata(run_dir / ckpt.WEIGHTS).get("step")
+    step = state["step"]
+    saved = ckpt.weights_metadata(weights).get("step")
     if saved != str(step):
         raise MemextError(
             f"cannot resume: weights (step {saved}) and training state (step {step}) disagree"
@@ -247,9 +301,46 @@ def _main_thread() -> bool:
 
 
 def _append_metrics(run_dir: Path, rows: list[dict]) -> None:
-    with open(run_dir / ckpt.METRICS, "a", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    path = run_dir / ckpt.METRICS
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+    except OSError as e:
+        from memext.errors import is_environmental, storage_error
+
+        if is_environmental(e):
+            raise storage_error(e, path, "write", "the last complete checkpoint is kept") from None
+        raise
+
+
+def _run_info(run_dir: Path) -> dict:
+    path = run_dir / RUN_INFO
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise MemextError(f"cannot resume: {str(path)!r} is unreadable ({e})") from None
+    if not isinstance(info, dict):
+        raise MemextError(f"cannot resume: {str(path)!r} does not hold a JSON object")
+    return info
+
+
+def _run_tokenizer(cfg: Config, run_dir: Path, log: Callable[[str], None]):
+    """The tokenizer a resumed run continues with: its own copy of a BPE file, never the file
+    the config names (which may have changed since)."""
+    if cfg.data.tokenizer == "byte":
+        return load_tokenizer("byte")
+    local = run_dir / ckpt.TOKENIZER
+    if not local.is_file():
+        raise MemextError(
+            f"cannot resume: the run's copy of its tokenizer, {str(local)!r}, is missing"
+        )
+    source = Path(cfg.data.tokenizer)
+    moved = source.resolve() != local.resolve() and source.is_file()
+    if moved and source.read_bytes() != local.read_bytes():
+        log(f"note: {source} changed since the run started; resuming with the run's own copy")
+    return load_tokenizer(str(local))
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
@@ -283,10 +374,14 @@ def train(
     """
     run_dir = Path(out)
     device = torch.device(device)
-    prepare_run_dir(run_dir, resume, overwrite)
+    # Everything is checked before anything is written: a refused start or resume leaves the
+    # folder as it was (no half-made run, no rewritten config).
+    check_run_dir(run_dir, resume, overwrite)
     t = cfg.train
-
-    tok = load_tokenizer(cfg.data.tokenizer)
+    if resume:
+        ckpt.recover(run_dir)  # finish or drop a checkpoint a kill interrupted
+        old = _run_info(run_dir)
+    tok = _run_tokenizer(cfg, run_dir, log) if resume else load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise MemextError(
             f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}; "
@@ -302,41 +397,49 @@ def train(
         "train_tokens": int(store.train.size),
         "validation_tokens": int(store.validation.size),
         "skipped_files": list(skipped),
+        "tokenizer": tok.fingerprint(),
         **({"init_from": str(init_from)} if init_from is not None else {}),
         **provenance(device),
     }
     if resume:
-        old = json.loads((run_dir / RUN_INFO).read_text()) if (run_dir / RUN_INFO).is_file() else {}
         if old.get("corpus_hash") not in (None, store.corpus_hash):
             raise MemextError(
                 "cannot resume: the corpus changed since the run started "
                 f"(hash {old['corpus_hash'][:12]} -> {store.corpus_hash[:12]})"
+            )
+        if old.get("tokenizer") not in (None, info["tokenizer"]):
+            raise MemextError(
+                "cannot resume: the tokenizer changed since the run started (fingerprint "
+                f"{old['tokenizer']} -> {info['tokenizer']}); the run's ids would change meaning"
             )
         if old.get("threads") not in (None, info["threads"]):
             log(
                 f"note: this run used {old['threads']} threads and now uses {info['threads']}: "
                 "losses may differ in the last bits"
             )
-    cfg.save(run_dir / ckpt.CONFIG)
-    if tok.name == "bpe":
-        shutil.copyfile(tok.path, run_dir / ckpt.TOKENIZER)
-    atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
 
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, seed=t.seed).to(device)
     model.activation_checkpointing = t.activation_checkpointing
     opt = build_optimizer(model, cfg)
     step = 0
-    if resume and (run_dir / ckpt.WEIGHTS).is_file():
+    if resume:
         step = _restore(run_dir, model, opt)
+    elif init_from is not None:
+        ckpt.load_weights(model, Path(init_from))
+    source = BatchSource(cfg, tok, store.train)
+
+    if not resume:
+        make_run_dir(run_dir, overwrite)
+    cfg.save(run_dir / ckpt.CONFIG)
+    if tok.name == "bpe" and not resume:  # a resumed run keeps (and reads) its own copy
+        atomic_write(run_dir / ckpt.TOKENIZER, lambda tmp: shutil.copyfile(tok.path, tmp))
+    atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    if resume:
         _truncate_metrics(run_dir, step)
         log(f"resuming {run_dir} from step {step}")
-    else:
-        if init_from is not None:
-            ckpt.load_weights(model, Path(init_from))
-            log(f"starting from the weights in {init_from}")
-        if (run_dir / ckpt.METRICS).exists():
-            (run_dir / ckpt.METRICS).unlink()
+    elif init_from is not None:
+        log(f"starting from the weights in {init_from}")
     fwd = torch.compile(model) if t.compile else model
     n_params = model.num_params()
     log(
@@ -344,7 +447,6 @@ def train(
         f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens"
     )
 
-    source = BatchSource(cfg, tok, store.train)
     loop = _Loop(step=step, model=model)
 
     def on_sigint(signum: int, frame: Any) -> None:
