@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -55,7 +56,8 @@ def check_positive(section: str, obj: Any, *names: str) -> None:
     """Each of ``obj``'s fields ``names`` is a number > 0."""
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (number and 0 < value < math.inf):  # NaN fails every comparison: refused too
             fail(section, name, value, "a number > 0")
 
 
@@ -88,6 +90,9 @@ def coerce(key: str, hint: Any, value: Any) -> Any:
         return tuple(coerce(key, item, v) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        # JSON reads NaN and Infinity, and no check downstream is written for them
+        raise ValueError(f"{key}={value!r} is invalid: expected a finite number")
     expected = str if origin is Literal else hint
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ValueError(f"{key}={value!r} is invalid: expected {type_name(hint)}")
@@ -146,7 +151,7 @@ def parse_value(key: str, hint: Any, raw: Any) -> Any:
         if hint is int:
             return int(text)
         if hint is float:
-            return float(text)
+            return coerce(key, hint, float(text))
         if hint is str or get_origin(hint) is Literal:
             return text
     except ValueError:
@@ -164,7 +169,8 @@ def read_sections(classes: dict[str, type], data: dict[str, Any], source: str) -
         )
     sections = {}
     for name, cls in classes.items():
-        values = data.get(name) or {}
+        values = data.get(name)
+        values = {} if values is None else values  # an empty YAML section reads as None
         if not isinstance(values, dict):
             raise ValueError(f"{source}: section {name!r} must be a mapping")
         hints = typing.get_type_hints(cls)

@@ -98,9 +98,18 @@ class BPETokenizer:
         alphabet = _byte_alphabet()
         vocab = self._tok.get_vocab()
         self._bytes = [b""] * self.vocab_size
-        for token, idx in vocab.items():
-            if token not in SPECIAL_TOKENS:
-                self._bytes[idx] = bytes(alphabet[c] for c in token)
+        kind = type(self._tok.model).__name__
+        try:
+            if kind != "BPE":
+                raise KeyError(kind)
+            for token, idx in vocab.items():
+                if token not in SPECIAL_TOKENS:
+                    self._bytes[idx] = bytes(alphabet[c] for c in token)
+        except KeyError:  # a token outside the byte-level alphabet: another kind of tokenizer
+            raise MemextError(
+                f"{str(self.path)!r} is not a byte-level BPE tokenizer.json (its model is "
+                f"{kind}); memext reads the ones `memext tokenizer train` writes"
+            ) from None
 
     def encode(self, data: str | bytes) -> list[int]:
         if isinstance(data, bytes):

@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
+import click
 import typer
 from rich.console import Console
 
 from memext.config import Config
-from memext.errors import MemextError
+from memext.errors import MemextError, is_environmental, storage_error
 from memext.presets import PRESETS
 
 P = ParamSpec("P")
@@ -24,18 +27,48 @@ out = Console()
 err = Console(stderr=True)
 
 
+BUG = (
+    "this is a bug in memext, not something you did: please report it with the traceback "
+    "above and the command you ran"
+)
+
+
 def user_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn errors a user can fix into one red line and exit code 2, never a traceback."""
+    """Turn errors a user can fix into one red line and exit code 2, never a traceback.
+
+    Errors a user can fix are ``MemextError`` (a ``StorageError`` among them: a full disk, a
+    read-only folder), ``ValueError`` (the config's checks) and an ``OSError`` whose cause is
+    the machine. Anything else is a bug: its traceback is shown, with a line that says so, and
+    the exit code is 1.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.Abort, click.ClickException):
+            raise  # typer's and click's own exits and usage errors
         except (MemextError, ValueError) as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            _one_line(str(e))
+        except OSError as e:
+            if not is_environmental(e):
+                _bug()
+            _one_line(str(storage_error(e, e.filename or "a file", "use")))
+        except Exception:
+            _bug()
 
     return wrapper
+
+
+def _one_line(message: str) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _bug() -> NoReturn:
+    traceback.print_exc(file=sys.stderr)
+    err.print(f"[bold red]error:[/] {BUG}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def default(source: Callable[..., Any], name: str) -> Any:
@@ -59,7 +92,8 @@ def assignments(overrides: list[str]) -> dict[str, str]:
 
 
 def build_config(preset: str, config: Path | None, overrides: list[str]) -> Config:
-    cfg = Config.load(config) if config else Config.preset(preset)
+    base = Config.preset(preset)  # checked even with --config: it names the default run folder
+    cfg = Config.load(config) if config else base
     return cfg.override(assignments(overrides))
 
 

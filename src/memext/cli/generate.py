@@ -89,6 +89,18 @@ def generate(
     sys.stdout.write("\n")
 
 
+SINKS = 4  # StreamingLLM's number of attention-sink tokens
+
+
+def stream_defaults(max_seq_len: int, cache: str) -> dict[str, int]:
+    """Sizes for the options ``cache`` takes that a stream needs: the model's whole window,
+    its first ``SINKS`` tokens kept as sinks. ``--cache-opt`` overrides them."""
+    from memext.infer.cache import CACHES
+
+    defaults = {"sinks": SINKS, "window": max_seq_len - (SINKS if cache == "sinks" else 0)}
+    return {k: v for k, v in defaults.items() if k in CACHES.takes(cache)}
+
+
 @user_errors
 def stream(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
@@ -100,7 +112,14 @@ def stream(
         int, typer.Option(min=2, help="Tokens to feed (at most the text's).")
     ] = 100_000,
     cache: CacheOpt = "sinks",
-    cache_opt: CacheOptsOpt = None,
+    cache_opt: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cache-opt",
+            help=f"A cache policy option KEY=VALUE (repeatable); sinks={SINKS} and window = the "
+            "model's max_seq_len (less the sinks) unless given.",
+        ),
+    ] = None,
     chunk: Annotated[int, typer.Option(min=1, help="Tokens per forward.")] = 256,
     every: Annotated[
         int, typer.Option(min=1, help="Measure cache bytes and peak memory every N tokens.")
@@ -116,7 +135,14 @@ def stream(
     from memext.io import atomic_write_text
     from memext.runtime import resolve_device
 
-    model, _ = load(run_dir, resolve_device(device))
+    model, cfg = load(run_dir, resolve_device(device))
+    if model.segment_len:
+        raise MemextError(
+            f"{str(run_dir)!r} reads long input in {model.segment_len}-token segments through "
+            f"its memory ({cfg.model.memory}), not through a KV cache, so there is no cache "
+            f"policy to stream; `memext eval {run_dir}` measures how far its memory reaches"
+        )
+    options = {**stream_defaults(model.max_seq_len, cache), **cache_options(cache_opt)}
     tok = run_tokenizer(run_dir)
     store, _ = prepare_data(DataConfig(corpus=text), tok, log=lambda m: err.print(m))
     ids = store.validation if text == "stdlib" else np.concatenate([store.train, store.validation])
@@ -128,7 +154,7 @@ def stream(
         ids,
         cache,
         chunk,
-        cache_options=cache_options(cache_opt),
+        cache_options=options,
         byte_lengths=tok.byte_lengths(),
         every=every,
     )

@@ -268,7 +268,7 @@ def info(
             summary = load_results(path)["summary"]
         except MemextError:
             continue  # another evaluation's file, or one of an older schema
-        reached = summary["effective_context"]
+        reached = summary.get("effective_context")
         out.print(
             f"{path.relative_to(run_dir)}: effective context "
             f"{'none' if reached is None else reached} (tasks solved: "

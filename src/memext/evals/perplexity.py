@@ -30,6 +30,11 @@ DEFINITION = (
 )
 
 
+def perplexity(nats_per_token: float) -> float:
+    """exp(nats per token), infinite where the float overflows (a diverged model's loss)."""
+    return math.exp(nats_per_token) if nats_per_token < 709.0 else math.inf
+
+
 def _windows(length: int, first: int, n_scored: int) -> list[tuple[int, int]]:
     """(start, end) input spans whose last ⌊length/2⌋ positions tile [first, first + n_scored)."""
     half = length // 2
@@ -93,7 +98,7 @@ def score_length(
         "nats": nats,
         "bits_per_byte": nats / math.log(2) / max(n_bytes, 1),
         "bits_per_token": nats / math.log(2) / max(n_tok, 1),
-        "perplexity": math.exp(nats / max(n_tok, 1)),
+        "perplexity": perplexity(nats / max(n_tok, 1)),
     }
 
 

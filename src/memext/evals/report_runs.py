@@ -43,11 +43,17 @@ class Run:
 
 
 def _is_suite_file(path: Path) -> bool:
-    """Whether a JSON file in RUN_DIR/eval claims the suite format (other evals live there too)."""
+    """Whether a JSON file in RUN_DIR/eval claims the suite format (other evals live there too).
+    A file that is not JSON at all is damaged, not someone else's: refused, naming it."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        suite = path.stem.removesuffix("-no-memory")
+        flags = f"--suite {suite}" + (" --no-memory" if suite != path.stem else "")
+        raise MemextError(
+            f"{path} is corrupt (not JSON: {e}); `memext eval {path.parent.parent} {flags}` "
+            "rewrites it (finished cells are kept in its cell log)"
+        ) from None
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from memext.errors import MemextError
 from memext.evals.suite import get_suite, run_suite
 
 #: Suite tasks whose ``max_tokens`` option ``max_tokens=`` sets.
@@ -36,6 +37,8 @@ def evaluate_model(
     ``lengths`` replaces the suite's; ``max_tokens`` the scored tokens of its text tasks."""
     from memext.adapters import open_model
 
+    if max_tokens is not None and max_tokens < 1:  # 0 is not "the default": None is
+        raise MemextError(f"--max-tokens={max_tokens} is invalid: expected a number >= 1")
     spec = get_suite(suite)
     if lengths:
         spec = dataclasses.replace(spec, lengths=tuple(lengths))

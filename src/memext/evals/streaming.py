@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from memext.evals.perplexity import nats_and_bytes
+from memext.evals.perplexity import nats_and_bytes, perplexity
 from memext.infer.generate import new_state
 from memext.profiling import peak_memory
 
@@ -56,7 +56,7 @@ def _summary(nats: float, n_tokens: int, n_bytes: int, with_bytes: bool) -> dict
         "tokens": n_tokens,
         "nats_per_token": nats / max(n_tokens, 1),
         "bits_per_token": nats / math.log(2) / max(n_tokens, 1),
-        "perplexity": math.exp(nats / max(n_tokens, 1)),
+        "perplexity": perplexity(nats / max(n_tokens, 1)),
         "bytes": n_bytes if with_bytes else None,
         "bits_per_byte": nats / math.log(2) / max(n_bytes, 1) if with_bytes else None,
     }

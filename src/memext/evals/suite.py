@@ -231,6 +231,13 @@ def run_suite(
     out_file = Path(out_file)
     cells_log = out_file.with_suffix(".cells.jsonl")
     lengths, grid = plan(spec, adapter)
+    if adapter.max_context is not None and max(lengths) > adapter.max_context:
+        raise MemextError(
+            f"the suite's longest length, {max(lengths)} tokens, exceeds {adapter.name}'s limit "
+            f"of {adapter.max_context} (a model without memory reads at most max_seq_len), so "
+            f"no cell is run: pass --lengths up to {adapter.max_context}, or use a model that "
+            "reads in segments"
+        )
     key = _spec_hash(spec, adapter)
     done = _finished(cells_log, key)
     todo = [(t, c) for t, c in grid if c.key() not in done]
@@ -326,21 +333,31 @@ def _finished(path: Path, key: str) -> dict[str, dict[str, Any]]:
     done: dict[str, dict[str, Any]] = {}
     if not path.is_file():
         return done
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if entry.get("suite_key") == key:
+        # The log is a cache: a line that is not a finished cell is recomputed, never trusted.
+        if not isinstance(entry, dict) or not isinstance(entry.get("row"), dict):
+            continue
+        if entry.get("suite_key") == key and isinstance(entry.get("cell"), str):
             done[entry["cell"]] = entry["row"]
     return done
 
 
 def _append(path: Path, entry: dict[str, Any]) -> None:
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(entry, default=_jsonable) + "\n")
+    with path.open("a+b") as f:
+        # After a torn last line (a kill mid-write) start a new line, or this entry would be
+        # glued to the torn one and lost with it.
+        end = f.seek(0, os.SEEK_END)
+        torn = False
+        if end:
+            f.seek(end - 1)
+            torn = f.read(1) != b"\n"
+        line = json.dumps(entry, default=_jsonable) + "\n"
+        f.write((("\n" if torn else "") + line).encode("utf-8"))
         f.flush()
         os.fsync(f.fileno())
 
