@@ -45,7 +45,8 @@ COMMIT = "COMMITTED"  # the pending checkpoint's commit marker: it names the ste
 
 # Every file memext writes at the top of a run directory, and the folders of suite results and
 # reports it writes into; ``--overwrite`` removes these and nothing else.
-RUN_FILES = (CONFIG, WEIGHTS, TRAIN_STATE, METRICS, TOKENIZER, RUN_INFO, EVAL)
+TRAINER_FILES = (CONFIG, WEIGHTS, TRAIN_STATE, METRICS, TOKENIZER, RUN_INFO)
+RUN_FILES = (*TRAINER_FILES, EVAL)
 SUITE_DIR, REPORT_DIR = "eval", "report"
 REPORT_FILES = ("report.html", "report.md")
 
@@ -242,7 +243,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, step: in
     """
     pending = run_dir / PENDING
     try:
-        recover(run_dir)  # a committed checkpoint a kill left half-moved is finished first
+        _finish_pending(run_dir)  # a committed checkpoint a kill left half-moved goes first
         _hook("start")
         shutil.rmtree(pending, ignore_errors=True)
         pending.mkdir()
@@ -266,15 +267,20 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, step: in
 
 def recover(run_dir: Path) -> None:
     """Finish a checkpoint that was committed but not yet moved into place, drop one that was
-    not committed, and remove temporary files a kill left beside the run's files."""
+    not committed, and remove temporary files a killed trainer left beside the run's files.
+    Run when training starts on an existing run, never while another process writes to it."""
+    _finish_pending(run_dir)
+    for name in TRAINER_FILES:
+        for p in temp_files(run_dir / name):
+            p.unlink(missing_ok=True)
+
+
+def _finish_pending(run_dir: Path) -> None:
     pending = run_dir / PENDING
     if (pending / COMMIT).is_file():
         _move_into_place(run_dir)
     elif pending.exists():
         shutil.rmtree(pending)
-    for name in RUN_FILES:
-        for p in temp_files(run_dir / name):
-            p.unlink(missing_ok=True)
 
 
 def _move_into_place(run_dir: Path) -> None:
