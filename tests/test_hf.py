@@ -224,6 +224,13 @@ def test_refuses_factors_that_are_not_positive(llama, tmp_path: Path, factor: fl
     assert not (tmp_path / "out").exists()
 
 
+def test_refuses_an_infinite_factor(llama, tmp_path: Path) -> None:
+    # `memext extend HF_DIR --factor inf` overflowed computing the new length.
+    with pytest.raises(ValueError, match="factor=inf is invalid: expected a finite number > 0"):
+        extend_hf(llama[0], tmp_path / "out", "linear", float("inf"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_extend_refuses_a_non_empty_out_dir_and_rescaling(llama, tmp_path: Path) -> None:
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("keep me")

@@ -217,6 +217,8 @@ def check_rope_args(name: str, head_dim: int | None, factor: float, original_len
         raise SettingError("rotary", "head_dim", head_dim, accepted)
     if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
         raise SettingError("rotary", "rope_factor", factor, "a number > 0")
+    if not math.isfinite(factor):  # --factor inf: the new length would overflow
+        raise SettingError("rotary", "rope_factor", factor, "a finite number > 0")
     check_int("rotary", "rope_original_len", original_len, 0)
     if rule.scales and original_len == 0:
         accepted = f"the length the model was trained at (> 0) when rope_scaling={name!r}"
