@@ -13,6 +13,7 @@ always belongs to one step. Readers of the weights alone never wait: every renam
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -52,6 +53,7 @@ REPORT_FILES = ("report.html", "report.md")
 
 # Called with the name of each point of a checkpoint save (tests kill the process there).
 save_hook: Callable[[str], None] | None = None
+KEPT = "the last complete checkpoint is kept"
 
 
 def is_run(path: Path) -> bool:
@@ -255,14 +257,15 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, step: in
         _hook("committed")
     except (OSError, RuntimeError, SafetensorError) as e:
         shutil.rmtree(pending, ignore_errors=True)
-        cause = _storage(e, run_dir, f"save the checkpoint of step {step} in")
+        cause = _storage(e, run_dir, f"save the checkpoint of step {step} in", KEPT)
         if cause is e:
             raise
         raise cause from None
     try:
         _move_into_place(run_dir)
     except OSError as e:  # committed: the next start finishes the move
-        raise _storage(e, run_dir, f"save the checkpoint of step {step} in") from None
+        done = "it is complete, and the next start moves it into place"
+        raise _storage(e, run_dir, f"save the checkpoint of step {step} in", done) from None
 
 
 def recover(run_dir: Path) -> None:
@@ -335,7 +338,7 @@ def _torch_save(obj: object, path: str) -> None:
         torch.save(obj, f)
 
 
-def _storage(e: BaseException, path: Path, doing: str) -> BaseException:
+def _storage(e: BaseException, path: Path, doing: str, then: str = "") -> BaseException:
     """``e`` as a StorageError about ``path`` when its cause is the machine (a StorageError
     about one file of it too); ``e`` itself otherwise."""
     code = getattr(e, "errno", None)
@@ -343,13 +346,11 @@ def _storage(e: BaseException, path: Path, doing: str) -> BaseException:
         found = re.search(r"os error (\d+)", str(e))
         code = int(found.group(1)) if found else None
         if code is None and _disk_nearly_full(path):
-            import errno
-
             code = errno.ENOSPC
     os_error = OSError(code, os.strerror(code)) if code is not None else None
     if os_error is None or not is_environmental(os_error):
         return e
-    return storage_error(os_error, path, doing, "the last complete checkpoint is kept")
+    return storage_error(os_error, path, doing, then)
 
 
 def _disk_nearly_full(path: Path) -> bool:
