@@ -234,7 +234,7 @@ def run_suite(
     if adapter.max_context is not None and max(lengths) > adapter.max_context:
         raise MemextError(
             f"the suite's longest length, {max(lengths)} tokens, exceeds {adapter.name}'s limit "
-            f"of {adapter.max_context} (a model without memory reads at most max_seq_len), so "
+            f"of {adapter.max_context} tokens (a model without memory reads at most max_seq_len), so "
             f"no cell is run: pass --lengths up to {adapter.max_context}, or use a model that "
             "reads in segments"
         )
