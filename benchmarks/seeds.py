@@ -36,6 +36,9 @@ class Bench:
     no_memory: bool = False  # also grade the same weights with the memory emptied per segment
     target: tuple[str, str, int, float] | None = None  # (suite, task, length, floor per seed)
     sets: tuple[str, ...] = ()  # `--set` overrides of the config: a variant is a config + these
+    # Rotary rules applied zero-shot to the trained run (`memext extend --factor 4`, no
+    # fine-tune), each copy graded as its own reading beside the run itself ("base").
+    extends: tuple[str, ...] = ()
 
 
 def _memory(*sets: str) -> Bench:
@@ -62,6 +65,11 @@ BENCHES: dict[str, Bench] = {
     "memory-lstm": _memory("model.arch=lstm", "model.memory=none", "train.bptt=0"),
     "extend-yarn": Bench(
         "extend-yarn.yaml", ("passkey-4x.yaml",), target=("passkey-4x", "passkey", 512, 0.9)
+    ),
+    "extend-zero-shot": Bench(
+        "extend-base.yaml",
+        ("passkey-4x.yaml",),
+        extends=("linear", "ntk", "dynamic", "yarn"),
     ),
     # The control: the same recipe and fine-tune at 512 without rescaling the rotary.
     "extend-none": Bench(
@@ -103,6 +111,28 @@ def _finished(run: Path) -> bool:
     last = cfg.train.steps + sum(cfg.train.curriculum_steps)
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     return any(row.get("step") == last for row in rows)
+
+
+READS = ("memory", "no-memory", "base")  # readings of the run itself, not of an extended copy
+
+
+def extend(run: Path, rule: str, factor: float = 4.0) -> Path:
+    """A zero-shot copy of ``run`` with its rotary scaled by ``rule`` (made once)."""
+    out = run.parent / f"{run.name}-{rule}"
+    if not (out / "model.safetensors").exists():
+        memext(
+            "extend",
+            str(run),
+            "--out",
+            str(out),
+            "--scaling",
+            rule,
+            "--factor",
+            str(factor),
+            "--no-eval",
+            "--overwrite",
+        )
+    return out
 
 
 def grade(run: Path, suite: str, memory: bool) -> dict[tuple[str, str, int], float]:
@@ -149,20 +179,25 @@ def main() -> None:
     bench = BENCHES[args.name]
     seeds = [int(s) for s in args.seeds.split(",")]
     out = args.out or Path(f"benchmarks/results/seeds-{args.name}.json")
-    readings = {"memory": True, "no-memory": False} if bench.no_memory else {"memory": True}
-    per: dict[str, dict[int, dict]] = {r: {s: {} for s in seeds} for r in readings}
+    labels = ["memory", "no-memory"] if bench.no_memory else ["memory"]
+    if bench.extends:
+        labels = ["base", *bench.extends]
+    per: dict[str, dict[int, dict]] = {r: {s: {} for s in seeds} for r in labels}
     seconds: dict[int, float | None] = {}
     for seed in seeds:
         run = args.runs / f"{args.name}-s{seed}"
         seconds[seed] = train(bench, seed, run)
+        readings = [(label, run, label != "no-memory") for label in labels if label in READS]
+        for rule in bench.extends:
+            readings.append((rule, extend(run, rule), True))
         for suite in bench.suites:
-            for reading, memory in readings.items():
-                per[reading][seed].update(grade(run, suite, memory))
-    summary = {r: summarize(per[r]) for r in readings}
+            for label, path, memory in readings:
+                per[label][seed].update(grade(path, suite, memory))
+    summary = {r: summarize(per[r]) for r in labels}
     target = None
     if bench.target:
         suite, task, length, floor = bench.target
-        scores = [per["memory"][s][(suite, task, length)] for s in seeds]
+        scores = [per[labels[0]][s][(suite, task, length)] for s in seeds]
         target = {"suite": suite, "task": task, "length": length, "floor": floor}
         target["met"] = all(v >= floor for v in scores)
     result = {
@@ -170,6 +205,7 @@ def main() -> None:
         "command": command_line("benchmarks/seeds.py", args),
         "config": f"benchmarks/configs/{bench.config}",
         "sets": list(bench.sets),
+        "extends": list(bench.extends),
         "suites": list(bench.suites),
         "seeds": seeds,
         "train_seconds": {str(s): t for s, t in seconds.items()},
