@@ -438,8 +438,7 @@ def test_a_long_file_is_streamed_to_the_chunks_of_the_whole_text(
 ) -> None:
     """Read in pieces, chunked in small windows and staged in batches, a file is stored as the
     chunks (texts, offsets and vectors) of its whole text."""
-    from memext.pipelines import chunking, documents
-    from memext.pipelines import store as store_module
+    from memext.pipelines import chunking, documents, store_write
 
     text = "".join(
         f"Paragraph {i}: the man is eating bread. 中文的字 {'abc' * (i % 7)}.\n\n"
@@ -452,7 +451,7 @@ def test_a_long_file_is_streamed_to_the_chunks_of_the_whole_text(
         expected = whole.db.execute("SELECT text, vector, metadata FROM chunks ORDER BY id")
         expected = expected.fetchall()
     monkeypatch.setattr(chunking, "WINDOW", 97)
-    monkeypatch.setattr(store_module, "STAGE_BATCH", 5)
+    monkeypatch.setattr(store_write, "STAGE_BATCH", 5)
     real = documents.text_pieces
     monkeypatch.setattr(documents, "text_pieces", lambda p, **kw: real(p, **kw, block=41))
     with RetrievalStore(tmp_path / "streamed.sqlite", encoder=encoder) as streamed:

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from memext.cli import app
 from memext.errors import MemextError
-from memext.pipelines import store as store_module
+from memext.pipelines import store_db
 from memext.pipelines.encoder import Encoder
 from memext.pipelines.store import Item, RetrievalStore, StoreError, store_error
 from tiny_bert import write_tiny_bert
@@ -126,7 +126,9 @@ def test_a_foreign_file_is_refused_and_left_alone(tmp_path: Path, bert: Path) ->
 def test_a_locked_store_says_who_holds_it(
     tmp_path: Path, bert: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT", 0.05)
+    monkeypatch.setattr(
+        store_db, "BUSY_TIMEOUT", 0.05
+    )  # where it is read; store.py only re-exports it
     store = filled_store(tmp_path / "m.sqlite", n=10)
     doc = tmp_path / "a.txt"
     doc.write_text("the cat sat on the mat.")
