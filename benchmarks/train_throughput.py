@@ -1,8 +1,8 @@
 """Training throughput of memext's presets against a plain PyTorch causal LM of identical shape.
 
 The memext side times memext's own training step: the model from ``build_model``, the optimizer
-from ``memext.train.trainer.build_optimizer``, the lr from ``memext.train.schedule.lr_at`` and the
-step itself from ``memext.train.trainer.train_step`` (what ``train()`` calls every step: forward
+from ``memext.train.step.build_optimizer``, the lr from ``memext.train.schedule.lr_at`` and the
+step itself from ``memext.train.step.train_step`` (what ``train()`` calls every step: forward
 under memext's autocast, ``F.cross_entropy`` on ``logits.float()``, backward, ``clip_grad_norm_``,
 ``opt.step()``, ``opt.zero_grad(set_to_none=True)``, and host reads of the loss and grad norm).
 
@@ -46,7 +46,7 @@ import memext
 from memext.config import Config, ModelConfig
 from memext.model import build_model
 from memext.train.schedule import lr_at
-from memext.train.trainer import build_optimizer, train_step
+from memext.train.step import build_optimizer, train_step
 
 # Batch sizes used on CPU when --batch-size does not say otherwise: `small` trains on
 # seq_len 1024 x batch 16, far too slow for a 2-core benchmark, so its batch is shrunk (never the

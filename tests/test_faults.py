@@ -471,7 +471,7 @@ def test_resume_uses_the_runs_own_tokenizer_and_checks_it(corpus, tmp_path):
 
 
 def test_a_checkpoint_never_holds_non_finite_weights(corpus, tmp_path):
-    from memext.train import trainer
+    from memext.train import run_dir, trainer
 
     out = tmp_path / "run"
     train(_cfg(corpus, **{"train.steps": "1"}), out, **QUIET)
@@ -481,7 +481,7 @@ def test_a_checkpoint_never_holds_non_finite_weights(corpus, tmp_path):
     opt = trainer.build_optimizer(model, _cfg(corpus))
     before = _snapshot(out)
     with pytest.raises(TrainingDiverged, match="NaN or inf"):
-        trainer._save(out, model, opt, 2)
+        run_dir.commit_checkpoint(out, model, opt, 2)
     assert _snapshot(out) == before
 
 

@@ -122,7 +122,7 @@ def extend_run(
         )
         return out
     from memext.io import atomic_write
-    from memext.train.trainer import check_run_dir, make_run_dir
+    from memext.train.run_dir import check_run_dir, make_run_dir
 
     check_run_dir(out, resume=False, overwrite=overwrite)
     model, _ = ckpt.load(src)  # refuses corrupt or foreign weights before anything is written

@@ -6,6 +6,10 @@ a function of (seed, step); the RNG state (used by dropout) is saved.
 
 What is measured during training (validation, held-out tasks) comes in as probes
 (``memext.train.probes``): the trainer decides when, the caller what.
+
+The loop is here; what one step does (``build_optimizer``, ``sequence_backward``,
+``train_step``) is in ``step.py``, and the run directory (checks before writing, checkpoint
+commit and restore, the metrics log) in ``run_dir.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ import json
 import math
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,27 +25,48 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from memext import checkpoint as ckpt
-from memext.config import Config, TrainConfig
+from memext.config import Config
 from memext.curriculum import Stage, stage_at
 from memext.data import prepare_data
-from memext.data.mixture import Batch, BatchSource
+from memext.data.mixture import BatchSource
 from memext.errors import MemextError
 from memext.io import atomic_write, atomic_write_text
 from memext.model import build_model, build_rotary
-from memext.runtime import autocast, provenance
+from memext.runtime import provenance
 from memext.tokenizer import load_tokenizer
 from memext.train.probes import Probe, ProbeContext, format_values, run_probes
+from memext.train.run_dir import (
+    RUN_INFO,
+    TrainingDiverged,
+    append_metrics,
+    check_run_dir,
+    commit_checkpoint,
+    make_run_dir,
+    on_main_thread,
+    prepare_run_dir,
+    read_run_info,
+    restore_checkpoint,
+    run_tokenizer,
+    truncate_metrics,
+)
 from memext.train.schedule import lr_at
+from memext.train.step import build_optimizer, sequence_backward, train_step
 
-RUN_INFO = ckpt.RUN_INFO
-
-
-class TrainingDiverged(MemextError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+__all__ = [
+    "RUN_INFO",
+    "TrainResult",
+    "TrainingDiverged",
+    "build_optimizer",
+    "check_run_dir",
+    "make_run_dir",
+    "prepare_run_dir",
+    "sequence_backward",
+    "train",
+    "train_step",
+]
 
 
 @dataclass
@@ -61,292 +85,6 @@ class _Loop:
     step: int
     model: torch.nn.Module
     stop_requested: bool = False
-
-
-def check_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run directory this start may not use; writes nothing.
-
-    A fresh start needs a new or empty folder, or one without memext's file names in it;
-    ``overwrite`` also accepts a memext run (its config says so) and replaces only the files
-    memext wrote there. A folder holding someone else's ``config.json`` (a Hugging Face model,
-    a project) is never replaced.
-    """
-    if resume and overwrite:
-        raise MemextError("--resume and --overwrite contradict each other; choose one")
-    if resume:
-        if not (out / ckpt.CONFIG).is_file():
-            raise MemextError(f"cannot resume: {str(out)!r} is not a memext run (no {ckpt.CONFIG})")
-        if not ckpt.is_memext_run(out):
-            raise MemextError(f"cannot resume: {str(out / ckpt.CONFIG)!r} is not a memext config")
-        return
-    if out.exists() and not out.is_dir():
-        raise MemextError(f"output path {str(out)!r} exists and is not a directory")
-    if not out.is_dir():
-        return
-    if ckpt.is_memext_run(out):
-        if not overwrite:
-            raise MemextError(
-                f"{str(out)!r} already holds a run; pass --resume to continue it or "
-                "--overwrite to replace it"
-            )
-        return
-    foreign = ckpt.foreign_files(out)
-    if foreign:
-        raise MemextError(
-            f"{str(out)!r} is not a memext run but holds {', '.join(foreign)}, which memext did "
-            "not write: memext replaces only its own runs (--overwrite included); choose "
-            "another --out"
-        )
-
-
-def make_run_dir(out: Path, overwrite: bool) -> None:
-    """Create the run directory checked by ``check_run_dir``; with ``overwrite``, first remove
-    the files an earlier memext run wrote there (and nothing else)."""
-    if overwrite and ckpt.is_memext_run(out):
-        ckpt.clear_run(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _storage_error(e, out) from None
-
-
-def prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """``check_run_dir`` then, unless resuming, ``make_run_dir``."""
-    check_run_dir(out, resume, overwrite)
-    if not resume:
-        make_run_dir(out, overwrite)
-
-
-def _storage_error(e: OSError, path: Path) -> OSError:
-    from memext.errors import is_environmental, storage_error
-
-    return storage_error(e, path, "create") if is_environmental(e) else e
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not norms, not the embedding)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
-    t = cfg.train
-    return torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": t.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=t.lr,
-        betas=(t.beta1, t.beta2),
-    )
-
-
-def sequence_backward(
-    fwd: torch.nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    t: TrainConfig,
-    device: torch.device,
-    *,
-    scale: float = 1.0,
-    weights: torch.Tensor | None = None,
-    reset_id: int | None = None,
-) -> float:
-    """Forward and backward one batch of sequences; returns its mean loss (before ``scale``).
-
-    With ``t.segment_len`` the sequences are read in segments carrying the model's state, and
-    the gradient flows through that state for ``t.bptt`` segments before it is cut (truncated
-    backprop through time; 0 = never cut). ``weights`` (B, T) weighs each target (a task's answer
-    more than its filler); ``reset_id`` is the document-boundary token: a row whose segment held
-    one starts the next segment with empty memory. A memory's auxiliary loss (compressive
-    memory's reconstruction) is added to the loss it belongs to but not to the returned mean.
-    """
-    x, y = x.to(device), y.to(device)
-    seg = t.segment_len or x.shape[1]
-    n = x.shape[1] // seg
-    w = None if weights is None else weights.to(device).float()
-    denom = float(w.sum()) if w is not None else float(y.numel())
-    memory = ckpt.unwrap(fwd).memory  # the variant's rules for cutting and forgetting state
-    state, pending, total = None, None, 0.0
-    for i in range(n):
-        xs, ys = x[:, i * seg : (i + 1) * seg], y[:, i * seg : (i + 1) * seg]
-        with autocast(device, t.precision):
-            logits, state = fwd(xs, state)
-        nll = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none"
-        )
-        if w is not None:
-            nll = nll * w[:, i * seg : (i + 1) * seg].reshape(-1)
-        loss = nll.sum() / denom
-        total += float(loss.detach())
-        if state.aux_loss is not None:
-            loss = loss + state.aux_loss / n
-        pending = loss if pending is None else pending + loss
-        if i == n - 1 or (t.bptt and (i + 1) % t.bptt == 0):
-            (pending * scale).backward()
-            pending = None
-            if i < n - 1 and state.memory:
-                state.memory = memory.detach(state.memory)
-        if reset_id is not None and i < n - 1 and state.memory:
-            rows = (xs == reset_id).any(dim=1)
-            if bool(rows.any()):
-                state.memory = memory.reset(state.memory, rows)
-    return total
-
-
-def train_step(
-    fwd: torch.nn.Module,
-    model: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    batches: Sequence[Batch | tuple[torch.Tensor, torch.Tensor]],
-    lr: float,
-    t: TrainConfig,
-    device: torch.device,
-    reset_id: int | None = None,
-    losses: dict[str, float] | None = None,
-) -> tuple[float, float]:
-    """One optimizer step over ``batches``; returns (loss, grad norm).
-
-    ``batches`` are the step's micro-batches: the mixture's ``Batch``es (each source's loss
-    weighted by its share, shares normalised within the step) or plain (inputs, targets) pairs
-    of text, accumulated with equal weights. ``losses``, when given, receives each source's mean
-    loss. ``fwd`` is the module to call (``model`` itself, or its torch.compile wrapper).
-
-    The step is skipped, leaving the weights those of the last good step, when the loss or the
-    gradient norm is not finite.
-    """
-    parts = [b if isinstance(b, Batch) else Batch("lm", 1.0, *b, resets=True) for b in batches]
-    for group in opt.param_groups:
-        group["lr"] = lr
-    shares = sum(b.share for b in parts)
-    total, by_name, counts = 0.0, {}, {}
-    for b in parts:
-        weight = b.share / shares
-        loss = sequence_backward(
-            fwd,
-            b.x,
-            b.y,
-            t,
-            device,
-            scale=weight,
-            weights=b.weights,
-            reset_id=reset_id if b.resets else None,
-        )
-        total += weight * loss
-        by_name[b.name] = by_name.get(b.name, 0.0) + loss
-        counts[b.name] = counts.get(b.name, 0) + 1
-    if losses is not None:
-        losses.update({k: v / counts[k] for k, v in by_name.items()})
-    if not math.isfinite(total):
-        opt.zero_grad(set_to_none=True)
-        return total, math.nan
-    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
-    if not math.isfinite(gnorm):
-        opt.zero_grad(set_to_none=True)
-        return total, gnorm
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return total, gnorm
-
-
-def _save(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
-    # A non-finite step is never taken, so this holds; checked so a checkpoint never holds one.
-    bad = [n for n, p in ckpt.unwrap(model).named_parameters() if not torch.isfinite(p).all()]
-    if bad:
-        raise TrainingDiverged(
-            f"the weights hold NaN or inf at step {step} ({bad[0]}): not saved; the last good "
-            f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
-        )
-    state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    # Ignore Ctrl-C while the checkpoint is written (a kill is handled by ckpt.recover).
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
-    try:
-        ckpt.save_checkpoint(run_dir, model, state, step)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
-def _restore(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Load the run's checkpoint into ``model`` and ``opt`` and set the RNG; returns its step.
-    Reads only: a refusal leaves the run as it was."""
-    weights = run_dir / ckpt.WEIGHTS
-    if not weights.is_file():
-        raise MemextError(
-            f"cannot resume: {str(weights)!r} is missing, so {str(run_dir)!r} has no checkpoint "
-            "to continue from (a run stopped before its first save?); start it again with "
-            "--overwrite"
-        )
-    ckpt.load_weights(model, weights)
-    state = ckpt.load_train_state(run_dir)
-    path = run_dir / ckpt.TRAIN_STATE
-    try:
-        opt.load_state_dict(state["optimizer"])
-    except Exception as e:
-        raise MemextError(f"cannot resume: {str(path)!r} is corrupt or foreign ({e})") from None
-    step = state["step"]
-    saved = ckpt.weights_metadata(weights).get("step")
-    if saved != str(step):
-        raise MemextError(
-            f"cannot resume: weights (step {saved}) and training state (step {step}) disagree"
-        )
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    return step
-
-
-def _main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _append_metrics(run_dir: Path, rows: list[dict]) -> None:
-    path = run_dir / ckpt.METRICS
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
-    except OSError as e:
-        from memext.errors import is_environmental, storage_error
-
-        if is_environmental(e):
-            raise storage_error(e, path, "write", "the last complete checkpoint is kept") from None
-        raise
-
-
-def _run_info(run_dir: Path) -> dict:
-    path = run_dir / RUN_INFO
-    if not path.is_file():
-        return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MemextError(f"cannot resume: {str(path)!r} is unreadable ({e})") from None
-    if not isinstance(info, dict):
-        raise MemextError(f"cannot resume: {str(path)!r} does not hold a JSON object")
-    return info
-
-
-def _run_tokenizer(cfg: Config, run_dir: Path, log: Callable[[str], None]):
-    """The tokenizer a resumed run continues with: its own copy of a BPE file, never the file
-    the config names (which may have changed since)."""
-    if cfg.data.tokenizer == "byte":
-        return load_tokenizer("byte")
-    local = run_dir / ckpt.TOKENIZER
-    if not local.is_file():
-        raise MemextError(
-            f"cannot resume: the run's copy of its tokenizer, {str(local)!r}, is missing"
-        )
-    source = Path(cfg.data.tokenizer)
-    moved = source.resolve() != local.resolve() and source.is_file()
-    if moved and source.read_bytes() != local.read_bytes():
-        log(f"note: {source} changed since the run started; resuming with the run's own copy")
-    return load_tokenizer(str(local))
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint being resumed, so the log reads as one run."""
-    rows = [r for r in ckpt.read_metrics(run_dir) if r.get("step", 0) <= step]
-    atomic_write_text(run_dir / ckpt.METRICS, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def train(
@@ -380,8 +118,8 @@ def train(
     t = cfg.train
     if resume:
         ckpt.recover(run_dir)  # finish or drop a checkpoint a kill interrupted
-        old = _run_info(run_dir)
-    tok = _run_tokenizer(cfg, run_dir, log) if resume else load_tokenizer(cfg.data.tokenizer)
+        old = read_run_info(run_dir)
+    tok = run_tokenizer(cfg, run_dir, log) if resume else load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
         raise MemextError(
             f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}; "
@@ -424,7 +162,7 @@ def train(
     opt = build_optimizer(model, cfg)
     step = 0
     if resume:
-        step = _restore(run_dir, model, opt)
+        step = restore_checkpoint(run_dir, model, opt)
     elif init_from is not None:
         ckpt.load_weights(model, Path(init_from))
     source = BatchSource(cfg, tok, store.train)
@@ -436,7 +174,7 @@ def train(
         atomic_write(run_dir / ckpt.TOKENIZER, lambda tmp: shutil.copyfile(tok.path, tmp))
     atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
     if resume:
-        _truncate_metrics(run_dir, step)
+        truncate_metrics(run_dir, step)
         log(f"resuming {run_dir} from step {step}")
     elif init_from is not None:
         log(f"starting from the weights in {init_from}")
@@ -455,7 +193,7 @@ def train(
         loop.stop_requested = True
         log("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
-    previous = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    previous = signal.signal(signal.SIGINT, on_sigint) if on_main_thread() else None
     result = TrainResult(run_dir, "completed", step)
     tokens_done = 0
     stage = _enter_stage(model, cfg, step, None, log)
@@ -530,9 +268,9 @@ def train(
                         + format_values(values)
                     )
             if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
-                _append_metrics(run_dir, pending)
+                append_metrics(run_dir, pending)
                 pending.clear()
-                _save(run_dir, model, opt, loop.step)
+                commit_checkpoint(run_dir, model, opt, loop.step)
     finally:
         bar.close()
         if previous is not None:

@@ -1,0 +1,145 @@
+"""One training step: the optimizer, a batch of sequences read in segments, and the step over
+a step's micro-batches.
+
+``sequence_backward`` is segment-wise training with memory: a batch is read in segments that
+carry the model's state, and the gradient flows through that state for ``train.bptt`` segments
+(truncated backprop through time). ``train_step`` weighs each source's micro-batches by its
+share and skips a step whose loss or gradient norm is not finite.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from memext import checkpoint as ckpt
+from memext.config import Config, TrainConfig
+from memext.data.mixture import Batch
+from memext.runtime import autocast
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms, not the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    t = cfg.train
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": t.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+    )
+
+
+def sequence_backward(
+    fwd: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    t: TrainConfig,
+    device: torch.device,
+    *,
+    scale: float = 1.0,
+    weights: torch.Tensor | None = None,
+    reset_id: int | None = None,
+) -> float:
+    """Forward and backward one batch of sequences; returns its mean loss (before ``scale``).
+
+    With ``t.segment_len`` the sequences are read in segments carrying the model's state, and
+    the gradient flows through that state for ``t.bptt`` segments before it is cut (truncated
+    backprop through time; 0 = never cut). ``weights`` (B, T) weighs each target (a task's answer
+    more than its filler); ``reset_id`` is the document-boundary token: a row whose segment held
+    one starts the next segment with empty memory. A memory's auxiliary loss (compressive
+    memory's reconstruction) is added to the loss it belongs to but not to the returned mean.
+    """
+    x, y = x.to(device), y.to(device)
+    seg = t.segment_len or x.shape[1]
+    n = x.shape[1] // seg
+    w = None if weights is None else weights.to(device).float()
+    denom = float(w.sum()) if w is not None else float(y.numel())
+    memory = ckpt.unwrap(fwd).memory  # the variant's rules for cutting and forgetting state
+    state, pending, total = None, None, 0.0
+    for i in range(n):
+        xs, ys = x[:, i * seg : (i + 1) * seg], y[:, i * seg : (i + 1) * seg]
+        with autocast(device, t.precision):
+            logits, state = fwd(xs, state)
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none"
+        )
+        if w is not None:
+            nll = nll * w[:, i * seg : (i + 1) * seg].reshape(-1)
+        loss = nll.sum() / denom
+        total += float(loss.detach())
+        if state.aux_loss is not None:
+            loss = loss + state.aux_loss / n
+        pending = loss if pending is None else pending + loss
+        if i == n - 1 or (t.bptt and (i + 1) % t.bptt == 0):
+            (pending * scale).backward()
+            pending = None
+            if i < n - 1 and state.memory:
+                state.memory = memory.detach(state.memory)
+        if reset_id is not None and i < n - 1 and state.memory:
+            rows = (xs == reset_id).any(dim=1)
+            if bool(rows.any()):
+                state.memory = memory.reset(state.memory, rows)
+    return total
+
+
+def train_step(
+    fwd: torch.nn.Module,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: Sequence[Batch | tuple[torch.Tensor, torch.Tensor]],
+    lr: float,
+    t: TrainConfig,
+    device: torch.device,
+    reset_id: int | None = None,
+    losses: dict[str, float] | None = None,
+) -> tuple[float, float]:
+    """One optimizer step over ``batches``; returns (loss, grad norm).
+
+    ``batches`` are the step's micro-batches: the mixture's ``Batch``es (each source's loss
+    weighted by its share, shares normalised within the step) or plain (inputs, targets) pairs
+    of text, accumulated with equal weights. ``losses``, when given, receives each source's mean
+    loss. ``fwd`` is the module to call (``model`` itself, or its torch.compile wrapper).
+
+    The step is skipped, leaving the weights those of the last good step, when the loss or the
+    gradient norm is not finite.
+    """
+    parts = [b if isinstance(b, Batch) else Batch("lm", 1.0, *b, resets=True) for b in batches]
+    for group in opt.param_groups:
+        group["lr"] = lr
+    shares = sum(b.share for b in parts)
+    total, by_name, counts = 0.0, {}, {}
+    for b in parts:
+        weight = b.share / shares
+        loss = sequence_backward(
+            fwd,
+            b.x,
+            b.y,
+            t,
+            device,
+            scale=weight,
+            weights=b.weights,
+            reset_id=reset_id if b.resets else None,
+        )
+        total += weight * loss
+        by_name[b.name] = by_name.get(b.name, 0.0) + loss
+        counts[b.name] = counts.get(b.name, 0) + 1
+    if losses is not None:
+        losses.update({k: v / counts[k] for k, v in by_name.items()})
+    if not math.isfinite(total):
+        opt.zero_grad(set_to_none=True)
+        return total, math.nan
+    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
+    if not math.isfinite(gnorm):
+        opt.zero_grad(set_to_none=True)
+        return total, gnorm
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total, gnorm
