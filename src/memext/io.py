@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -94,6 +95,63 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """Build the folder ``path`` in one step: the block fills an empty temporary folder beside
+    it, which is renamed to ``path`` when the block ends and removed when it raises.
+
+    A reader therefore sees no folder or a complete one. If ``path`` appeared meanwhile (another
+    process built the same thing), that one is kept and this one dropped. A process killed inside
+    the block leaves its temporary folder, ``.NAME.PID-XXXXXXXX.tmp``; ``sweep_temp_dirs`` removes
+    those whose process is gone.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        tmp.mkdir()
+    except OSError as e:
+        raise _translated(e, path) from None
+    try:
+        yield tmp
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not path.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # built meanwhile by another process: keep it
+        fsync_dir(path.parent)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise _translated(e, path) from None
+        raise
+
+
+def sweep_temp_dirs(folder: str | Path) -> list[Path]:
+    """Remove the temporary folders ``atomic_dir`` left in ``folder`` whose process is no longer
+    running (a kill mid-build); a live process's are left alone. Returns those removed."""
+    removed = []
+    for tmp in sorted(Path(folder).glob(".*.*-*.tmp")):
+        pid = tmp.name.rsplit(".", 2)[-2].split("-")[0]
+        if tmp.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists but is not ours (EPERM), or the platform cannot tell
+        return True
+    return True
 
 
 @contextmanager
