@@ -96,6 +96,13 @@ class CachePolicy:
 
     name: str
 
+    @classmethod
+    def covering(cls, tokens: int) -> dict[str, Any] | None:
+        """Options under which this policy keeps every key and value of a ``tokens``-token
+        sequence as written, so it computes what ``full`` computes (greedy decoding included);
+        None for a policy that claims no such exactness (it approximates, as int8 storage)."""
+        return None
+
     def layout(self) -> Layout:
         raise NotImplementedError
 
@@ -171,6 +178,10 @@ class Full(CachePolicy):
     def __init__(self, max_len: int | None = None) -> None:
         _check_positive(max_len=max_len)
         self.max_len = max_len
+
+    @classmethod
+    def covering(cls, tokens: int) -> dict[str, Any]:
+        return {"max_len": tokens}
 
     def layout(self) -> Layout:
         return Layout(max_len=self.max_len)
@@ -374,6 +385,10 @@ class Window(CachePolicy):
         _check_positive(window=window)
         self.window = window
 
+    @classmethod
+    def covering(cls, tokens: int) -> dict[str, Any]:
+        return {"window": tokens}  # the newest tokens - 1 and the query itself: all of them
+
     def layout(self) -> Layout:
         return Layout(window=self.window)
 
@@ -391,6 +406,10 @@ class Sinks(CachePolicy):
     ) -> None:
         _check_positive(sinks=sinks, window=window)
         self.sinks, self.window, self.rotary = sinks, window, rotary
+
+    @classmethod
+    def covering(cls, tokens: int) -> dict[str, Any]:
+        return {"sinks": 4, "window": tokens}  # the band alone reaches back to token 0
 
     def layout(self) -> Layout:
         return Layout(sinks=self.sinks, window=self.window)
