@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from memext.hf.model import cache_kwargs
 from memext.infer.cache import CACHES, KVLayer, Layout, band_mask, kept, make_kv_layer
 
 # Rope types whose frequencies change with the sequence length: a fixed re-rotation is wrong.
@@ -185,8 +186,8 @@ def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Te
             input_ids=piece,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=True,
+            **cache_kwargs(model, cache),
         )
         logits = out.logits[:, -1]
     return logits, cache

@@ -76,6 +76,15 @@ def _transformers() -> Any:
     return transformers
 
 
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for a transformers forward, under the name it takes: ``cache`` in recent
+    transformers 5.x, where ``past_key_values`` warns that it is going away, else that."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 class HFCausalLM(nn.Module):
     """A transformers causal LM as a memext model: ``forward(tokens, state) -> (logits, state)``.
 
@@ -113,11 +122,11 @@ class HFCausalLM(nn.Module):
         out = self.model(
             input_ids=tokens,
             position_ids=positions,
-            past_key_values=cache,
             use_cache=cache is not None,
+            **cache_kwargs(self.model, cache),
         )
-        new_cache = out.past_key_values if cache is not None else None
-        return out.logits, replace(state, pos=end, cache=new_cache)
+        # transformers fills the Cache passed in, in place.
+        return out.logits, replace(state, pos=end, cache=cache)
 
 
 def _check_cache(cache: Any, pos: int) -> None:
