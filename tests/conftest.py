@@ -1,13 +1,19 @@
-"""Shared fixtures: an isolated token-store cache and a tiny, fast model config."""
+"""Shared fixtures: an isolated token-store cache, the user's cache for real models, and a tiny,
+fast model config."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from memext.config import ModelConfig
+
+#: The memext cache as the session found it (``$MEMEXT_CACHE``, else ``~/.cache/memext``),
+#: before ``_isolated_cache`` points the tests elsewhere: real models, fetched once per machine.
+USER_CACHE = Path(os.environ.get("MEMEXT_CACHE") or Path.home() / ".cache" / "memext").expanduser()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,3 +32,9 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def tiny_model_cfg() -> ModelConfig:
     """A model small enough that a forward pass takes milliseconds on one CPU core."""
     return ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, max_seq_len=512)
+
+
+@pytest.fixture(scope="session")
+def user_cache() -> Path:
+    """Where tests that need a real model find it (fetched there once, kept between runs)."""
+    return USER_CACHE

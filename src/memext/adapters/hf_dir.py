@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from memext.adapters.base import files_fingerprint, register_model_kind
+from memext.errors import MemextError
 
 
 @register_model_kind("hf")
@@ -73,14 +74,33 @@ class HFAdapter:
         return self.model(tokens.to(self.device))[0]
 
     def generate(
-        self, prompt: str, max_new_tokens: int, *, stop: Sequence[str] = (), **sampling: Any
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        **sampling: Any,
     ) -> Iterator[str]:
         """memext's sampling (``sample_next``) over the transformers model with a KV cache:
-        transformers' own for ``cache="full"``, else memext's policy as a ``PolicyCache``."""
+        transformers' own for ``cache="full"``, else memext's policy as a ``PolicyCache``.
+        ``chat``: the prompt as a user turn in the chat template (None: when there is one)."""
         from memext.infer.generate import text_pieces
 
-        ids = self._generate_ids(self.tokenizer.encode(prompt), max_new_tokens, **sampling)
+        ids = self._generate_ids(self.prompt_ids(prompt, chat), max_new_tokens, **sampling)
         return text_pieces(self.tokenizer, ids, stop)
+
+    def prompt_ids(self, prompt: str, chat: bool | None = None) -> list[int]:
+        """The ids ``generate`` reads for ``prompt``: in the chat template with ``chat`` (None:
+        when the tokenizer has one), else the plain text."""
+        templated = self.tokenizer.has_chat_template
+        if chat and not templated:
+            raise MemextError(
+                f"{self.name}: its tokenizer has no chat template, so --chat cannot apply; "
+                "drop it (the prompt is read as plain text)"
+            )
+        use = templated if chat is None else chat
+        return self.tokenizer.encode_chat(prompt) if use else self.tokenizer.encode(prompt)
 
     @torch.no_grad()
     def _generate_ids(
@@ -96,7 +116,7 @@ class HFAdapter:
         cache_options: dict[str, Any] | None = None,
         chunk: int | None = None,
     ) -> Iterator[int]:
-        from memext.hf.model import _transformers
+        from memext.hf.model import _transformers, cache_kwargs
         from memext.infer.generate import sample_next
 
         if not prompt:
@@ -106,7 +126,7 @@ class HFAdapter:
         ids = torch.tensor([prompt], device=self.device)
         if cache == "full" and not cache_options and not chunk:
             past: Any = _transformers().DynamicCache(config=lm.config)
-            logits = lm(input_ids=ids, past_key_values=past, use_cache=True).logits[:, -1]
+            logits = lm(input_ids=ids, use_cache=True, **cache_kwargs(lm, past)).logits[:, -1]
         else:  # memext's policy, its exact band over the prompt, ``chunk`` tokens per forward
             from memext.hf.cache import PolicyCache, prefill
             from memext.infer.cache import CACHES
@@ -123,7 +143,10 @@ class HFAdapter:
             if i + 1 < max_new_tokens:  # the last token needs no forward pass
                 where = torch.tensor([[pos]], device=self.device)
                 out = lm(
-                    input_ids=nxt[:, None], position_ids=where, past_key_values=past, use_cache=True
+                    input_ids=nxt[:, None],
+                    position_ids=where,
+                    use_cache=True,
+                    **cache_kwargs(lm, past),
                 )
                 logits, pos = out.logits[:, -1], pos + 1
 

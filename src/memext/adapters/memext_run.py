@@ -14,6 +14,7 @@ from torch import Tensor
 from memext.adapters.base import files_fingerprint, register_model_kind
 from memext.curriculum import trained_length
 from memext.data.sampling import segments
+from memext.errors import MemextError
 
 #: How a memext run reads long input; changing it must change the fingerprint (suite cell cache).
 READ_RULE = "segments-from-end"
@@ -110,12 +111,24 @@ class MemextAdapter:
         return torch.cat(out, dim=1)
 
     def generate(
-        self, prompt: str, max_new_tokens: int, *, stop: Sequence[str] = (), **sampling: Any
+        self,
+        prompt: str,
+        max_new_tokens: int,
+        *,
+        stop: Sequence[str] = (),
+        chat: bool | None = None,
+        **sampling: Any,
     ) -> Iterator[str]:
         """``generate_text`` on the run's model: KV-cached, or segment by segment through its
         memory (memory models always read with their memory: ``memory=False`` is a reading rule
-        of the evaluation, not of generation)."""
+        of the evaluation, not of generation). A memext run has no chat template: ``chat=True``
+        is refused."""
         from memext.infer.generate import generate_text
+
+        if chat:
+            raise MemextError(
+                f"{self.name} is a memext run, which has no chat template: drop --chat"
+            )
 
         return generate_text(
             self.model, self.tokenizer, prompt, max_new_tokens, stop=stop, **sampling

@@ -104,6 +104,12 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a setting: SECTION.FIELD=VALUE (repeatable)."),
 ]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, mps or auto.")]
+#: What a model argument may be (``memext.adapters`` reads each kind).
+MODEL_HELP = (
+    "A model: a memext run, a local Hugging Face model dir, a GGUF file or a known model name "
+    "(smollm2; `memext info` lists them), fetched and converted once into the memext cache."
+)
+ModelArg = Annotated[Path, typer.Argument(help=MODEL_HELP)]
 CacheOpt = Annotated[
     str, typer.Option(help="KV-cache policy by name, see `memext info` (docs/context.md).")
 ]

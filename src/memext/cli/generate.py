@@ -15,6 +15,7 @@ from memext.cli.common import (
     CacheOpt,
     CacheOptsOpt,
     DeviceOpt,
+    ModelArg,
     cache_options,
     default,
     err,
@@ -30,9 +31,7 @@ from memext.infer.generate import generate_ids
 
 @user_errors
 def generate(
-    run_dir: Annotated[
-        Path, typer.Argument(help="A model: a run directory or a local Hugging Face model dir.")
-    ],
+    run_dir: ModelArg,
     prompt: Annotated[str | None, typer.Option(help="The prompt text.")] = None,
     prompt_file: Annotated[
         Path | None, typer.Option(help="Read the prompt from this file.")
@@ -56,9 +55,18 @@ def generate(
     chunk: Annotated[
         int | None, typer.Option(min=1, help="Read the prompt this many tokens per forward.")
     ] = None,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Wrap the prompt in the model's chat template as a user turn (default: when its "
+            "tokenizer has one, as instruct models do).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
-    """Continue a prompt with a trained model (KV-cached; window/sinks read input of any length)."""
+    """Continue a prompt with a model (KV-cached; window/sinks read input of any length); an
+    instruct model answers it in its chat template."""
     from memext.adapters import open_model
     from memext.runtime import resolve_device
 
@@ -83,6 +91,7 @@ def generate(
         cache=cache,
         cache_options=cache_options(cache_opt),
         chunk=chunk,
+        chat=chat,
     ):
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -103,7 +112,7 @@ def stream_defaults(max_seq_len: int, cache: str) -> dict[str, int]:
 
 @user_errors
 def stream(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
+    run_dir: Annotated[Path, typer.Argument(help="A memext run directory (so far).")],
     text: Annotated[
         str,
         typer.Option(help="Text to read: 'stdlib' (its validation split), a file or directory."),
@@ -129,12 +138,19 @@ def stream(
 ) -> None:
     """Streaming perplexity: feed a long text through a KV-cache policy in chunks, measuring that
     memory stays flat."""
+    from memext.adapters import detect_kind
     from memext.checkpoint import load, run_tokenizer
     from memext.config import DataConfig
     from memext.data import prepare_data
     from memext.io import atomic_write_text
     from memext.runtime import resolve_device
 
+    kind = detect_kind(run_dir)
+    if kind != "memext":
+        raise MemextError(
+            f"{str(run_dir)!r} is a {kind} model: memext stream reads memext runs so far "
+            f"(`memext generate {run_dir} --cache sinks` reads long prompts through a cache)"
+        )
     model, cfg = load(run_dir, resolve_device(device))
     if model.segment_len:
         raise MemextError(
@@ -180,9 +196,7 @@ def stream(
 
 @user_errors
 def extend(
-    src: Annotated[
-        Path, typer.Argument(help="A memext run, or a local Hugging Face causal-LM directory.")
-    ],
+    src: ModelArg,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the extended copy goes.")],
     scaling: Annotated[
         str, typer.Option(help="Rotary scaling rule by name, see `memext info`.")

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from memext.cli.common import DeviceOpt, EncoderOpt, default, err, out, user_errors
+from memext.cli.common import MODEL_HELP, DeviceOpt, EncoderOpt, default, err, out, user_errors
 from memext.errors import MemextError
 from memext.pipelines.ask import ask as run_ask
 from memext.pipelines.store import RetrievalStore, StoreError, require_store
@@ -122,7 +122,7 @@ def memory_search(
 def ask(
     question: Annotated[str, typer.Argument(help="The question.")],
     store: StoreOpt,
-    model: Annotated[Path, typer.Option(help="A memext run or a local HF causal-LM dir.")],
+    model: Annotated[Path, typer.Option(help=MODEL_HELP)],
     encoder: EncoderOpt = None,
     k: Annotated[int, typer.Option("-k", help="Chunks to consider.")] = default(run_ask, "k"),
     mode: ModeOpt = default(run_ask, "mode"),

@@ -14,6 +14,7 @@ import memext
 from memext.cli.common import (
     ConfigOpt,
     DeviceOpt,
+    ModelArg,
     PresetOpt,
     SetOpt,
     assignments,
@@ -178,10 +179,7 @@ def _report(inputs: list[Path], out_dir: Path) -> None:
 
 @user_errors
 def eval_(
-    run_dir: Annotated[
-        Path,
-        typer.Argument(help="A model: a run directory or a local Hugging Face model dir."),
-    ],
+    run_dir: ModelArg,
     suite: Annotated[
         str,
         typer.Option(
@@ -216,8 +214,10 @@ def eval_(
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
-    run_and_print_suite(run_dir, suite, parsed, max_tokens, resolve_device(device), output, memory)
-    out.print(f"next: memext report {run_dir}")
+    target = run_and_print_suite(
+        run_dir, suite, parsed, max_tokens, resolve_device(device), output, memory
+    )
+    out.print(f"next: memext report {run_dir if target.parent.parent == run_dir else target}")
 
 
 @user_errors
@@ -241,7 +241,8 @@ def info(
     run_dir: Annotated[
         Path | None,
         typer.Argument(
-            help="A model: a run directory or a local Hugging Face model dir; none = what this "
+            help="A model: a memext run, a local Hugging Face model dir, a GGUF file or a known "
+            "model name; none = what this "
             "memext offers."
         ),
     ] = None,
@@ -256,21 +257,23 @@ def info(
         for registry in registries():
             out.print(f"{registry.kind}: {', '.join(registry.names())}", soft_wrap=True)
         return
-    from memext.adapters import detect_kind, model_kind
+    from memext.adapters import detect_kind, model_home, model_kind
     from memext.evals.results import load_results
 
     kind = detect_kind(run_dir)
+    lines = model_kind(kind).summary(run_dir)  # a broken model fails here, before any output
     out.print(f"[bold]{run_dir}[/] ({kind})")
-    for line in model_kind(kind).summary(run_dir):
+    for line in lines:
         out.print(line, highlight=False)
-    for path in sorted((Path(run_dir) / "eval").glob("*.json")):
+    home = model_home(run_dir, kind)
+    for path in sorted((home / "eval").glob("*.json")):
         try:
             summary = load_results(path)["summary"]
         except MemextError:
             continue  # another evaluation's file, or one of an older schema
         reached = summary.get("effective_context")
         out.print(
-            f"{path.relative_to(run_dir)}: effective context "
+            f"{path.relative_to(home) if home == run_dir else path}: effective context "
             f"{'none' if reached is None else reached} (tasks solved: "
             f"{', '.join(summary.get('solved_tasks', [])) or 'none'})",
             highlight=False,

@@ -33,9 +33,11 @@ def evaluate_model(
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], Path]:
     """Run ``suite`` (a name or a .yaml file) on the model at ``path`` and write its results
-    (default: ``PATH/eval/SUITE.json``, ``SUITE-no-memory.json`` with ``memory=False``).
-    ``lengths`` replaces the suite's; ``max_tokens`` the scored tokens of its text tasks."""
-    from memext.adapters import open_model
+    (default: ``HOME/eval/SUITE.json``, ``SUITE-no-memory.json`` with ``memory=False``; HOME is
+    the run or model directory, or for a GGUF file or a known model its converted directory in
+    the cache: ``memext.adapters.model_home``). ``lengths`` replaces the suite's;
+    ``max_tokens`` the scored tokens of its text tasks."""
+    from memext.adapters import model_home, open_model
 
     if max_tokens is not None and max_tokens < 1:  # 0 is not "the default": None is
         raise MemextError(f"--max-tokens={max_tokens} is invalid: expected a number >= 1")
@@ -50,7 +52,9 @@ def evaluate_model(
         spec = dataclasses.replace(spec, tasks=tasks)
     adapter = open_model(path, device, memory=memory)
     name = spec.name if memory else f"{spec.name}-no-memory"
-    target = Path(out_file) if out_file else Path(path) / "eval" / f"{name}.json"
+    target = (
+        Path(out_file) if out_file else model_home(path, adapter.kind) / "eval" / f"{name}.json"
+    )
     log(f"suite {spec.name} on {adapter.name} ({adapter.kind}) -> {target}")
     results = run_suite(adapter, spec, target, progress=progress, log=log)
     return results, target

@@ -37,6 +37,20 @@ class HFTokenizer:
         text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
         return list(self.hf.encode(text, add_special_tokens=False))
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    def encode_chat(self, prompt: str) -> list[int]:
+        """``prompt`` as one user turn in the tokenizer's chat template, ready for the reply
+        (the ids transformers' ``apply_chat_template`` gives)."""
+        if not self.has_chat_template:
+            raise MemextError(f"the tokenizer in {self._path} has no chat template")
+        text = self.hf.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+        return list(self.hf.encode(text, add_special_tokens=False))
+
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         return self.decode(ids).encode("utf-8")
 
