@@ -68,7 +68,9 @@ def ask(
             f"max_new_tokens={max_new_tokens} fills the model's whole window ({gen.window})"
         )
     hits = store.search(question, k=k, mode=mode)
-    prompt = assemble(question, hits, lambda text: len(gen.tokenizer.encode(text)), budget)
+    # Counted as the model will read it: an instruct model's chat template adds its own tokens.
+    read = getattr(gen, "prompt_ids", gen.tokenizer.encode)
+    prompt = assemble(question, hits, lambda text: len(read(text)), budget)
     return {
         "answer": "".join(gen.generate(prompt.text, max_new_tokens, temperature=0.0)),
         "prompt": prompt.text,
