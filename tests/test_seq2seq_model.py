@@ -192,10 +192,13 @@ def test_forward_equals_reference_over_shapes(name, b, s, t, window, g, seed) ->
 def test_cached_greedy_equals_recompute(name, b, s, seed) -> None:
     model = _model(name)
     src, _ = _data(b, s, 1, seed)
-    cached = greedy_decode(model, src, bos=256, eos=257, max_new_tokens=20)
-    recomputed = greedy_decode(model, src, bos=256, eos=257, max_new_tokens=20, cache=None)
+    # eos=-1 is never an argmax: every row decodes all 20 steps, so all of them are compared.
+    cached = greedy_decode(model, src, bos=256, eos=-1, max_new_tokens=20)
+    recomputed = greedy_decode(model, src, bos=256, eos=-1, max_new_tokens=20, cache=None)
     assert cached == recomputed
-    assert all(len(row) == 20 for row in cached)  # an untrained model never says eos here
+    assert all(len(row) == 20 for row in cached)
+    # And with a real end token, decoding stops at it in both paths alike.
+    assert greedy_decode(model, src, 256, 257, 20) == greedy_decode(model, src, 256, 257, 20, None)
 
 
 def test_cached_logits_equal_one_pass() -> None:
