@@ -60,7 +60,12 @@ def test_seed_makes_init_reproducible(tiny_model_cfg) -> None:
 
 
 # Parameter counts (without the embedding) pin the architecture each preset promises.
-PRESET_PARAMS = {"tiny": 106_820, "small": 10_621_824, "base": 84_953_856}
+PRESET_PARAMS = {
+    "tiny": 106_820,
+    "small": 10_621_824,
+    "base": 84_953_856,
+    "seq2seq-tiny": 246_784,
+}
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -73,15 +78,19 @@ def test_every_preset_builds_and_trains_one_step(name: str) -> None:
     tokens = torch.randint(0, 256, (1, 33), generator=torch.Generator().manual_seed(0))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    if cfg.train.segment_len:  # two segments, so a memory read (and its gate) is used
+    targets = tokens[:, 1:]
+    if cfg.model.arch == "seq2seq":  # 16 source tokens, a target of 16
+        logits, state = model(tokens[:, :16], tokens[:, 16:-1])
+        targets = tokens[:, 17:]
+    elif cfg.train.segment_len:  # two segments, so a memory read (and its gate) is used
         first, state = model(tokens[:, :16])
         second, state = model(tokens[:, 16:-1], state)
         logits = torch.cat([first, second], dim=1)
     else:
         logits, state = model(tokens[:, :-1])
-    assert logits.shape == (1, 32, cfg.model.vocab_size)
-    assert state.pos == 32
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    assert logits.shape == (1, targets.shape[1], cfg.model.vocab_size)
+    assert state.pos == targets.shape[1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
     # Small init: the first loss is close to a uniform guess over the vocabulary.
     assert abs(loss.item() - math.log(cfg.model.vocab_size)) < 0.5
     loss.backward()

@@ -46,7 +46,7 @@ FORMAT = "memext-config"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The architecture of a ``LongLM``: a decoder-only Transformer."""
+    """The architecture: a decoder-only Transformer (``LongLM``), an encoder-decoder or an LSTM."""
 
     vocab_size: int = doc(264, "Vocabulary size; 264 = 256 byte values + 8 reserved special ids.")
     d_model: int = doc(128, "Width of the residual stream.")
@@ -75,7 +75,8 @@ class ModelConfig:
         ATTENTION,
         "global_tokens",
         "the first g positions are global. Bidirectional: they see all and are seen by all. "
-        "Causal: every later token sees them (like attention sinks).",
+        "Causal: every later token sees them (like attention sinks). arch=seq2seq: the encoder "
+        "prepends g learned tokens, which are those positions (no mask to pass).",
     )
     lsh_chunk: int = variant_field(
         ATTENTION, "lsh_chunk", "chunk length; each chunk attends to itself and the previous one."
@@ -134,8 +135,20 @@ class ModelConfig:
         "knn_backend",
         "exact top-k in torch, or faiss-cpu (pip install faiss-cpu) for large stores.",
     )
-    arch: Literal["transformer", "lstm"] = doc(
-        "transformer", "transformer (LongLM) or lstm (the recurrent baseline: d_model, n_layers)."
+    arch: Literal["transformer", "lstm", "seq2seq"] = doc(
+        "transformer",
+        "transformer (LongLM), lstm (the recurrent baseline: d_model, n_layers) or seq2seq (an "
+        "encoder-decoder: `attention` is the encoder's kernel, bidirectional; the decoder's "
+        "self- and cross-attention are dense). seq2seq trains on data.mixture tasks read as "
+        "source (prompt) and target (answer).",
+    )
+    encoder_layers: int = doc(
+        0, "arch=seq2seq: encoder blocks (0 = n_layers); the decoder has n_layers blocks."
+    )
+    max_target_len: int = doc(
+        256,
+        "arch=seq2seq: longest target the decoder reads (its start token included); "
+        "max_seq_len bounds the source.",
     )
     rope_base: float = doc(10000.0, "Base of the rotary position embedding's frequencies.")
     rope_scaling: str = doc(
@@ -193,6 +206,28 @@ class ModelConfig:
                 "model", "memory", self.memory, "'none' for arch='lstm' (its state is its memory)"
             )
         _check_choice("model", self, "arch")
+        self._check_seq2seq()
+
+    def _check_seq2seq(self) -> None:
+        if self.encoder_layers < 0:
+            _fail("model", "encoder_layers", self.encoder_layers, "0 (= n_layers) or > 0")
+        _check_positive("model", self, "max_target_len")
+        if self.arch != "seq2seq":
+            return
+        if self.max_target_len < 2:
+            _fail("model", "max_target_len", self.max_target_len, ">= 2 (a start token and one)")
+        if self.memory != "none":
+            _fail("model", "memory", self.memory, "'none' for arch='seq2seq'")
+        if self.reversible:
+            _fail("model", "reversible", self.reversible, "false for arch='seq2seq'")
+        if not ATTENTION[self.attention].bidirectional:
+            able = ", ".join(n for n in ATTENTION if ATTENTION[n].bidirectional)
+            _fail(
+                "model",
+                "attention",
+                self.attention,
+                f"a kernel that attends bidirectionally for the seq2seq encoder: {able}",
+            )
 
     def _check_rope(self) -> None:
         try:
@@ -429,6 +464,16 @@ class Config:
                 self.train.curriculum,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
             )
+        if self.model.arch == "seq2seq":
+            lm = [i for i, s in enumerate(self.data.mixture) if s.task == "lm"]
+            if not self.data.mixture or lm:
+                _fail(
+                    "data",
+                    "mixture",
+                    plain(self.data.mixture),
+                    "synthetic tasks only for model.arch='seq2seq' (it reads source/target "
+                    "pairs, not running text), e.g. [{task: digest}]",
+                )
         check_mixture(
             self.data.mixture,
             segment_len=self.train.segment_len,

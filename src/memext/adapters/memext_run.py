@@ -31,8 +31,16 @@ class MemextAdapter:
     def __init__(
         self, path: str | Path, device: torch.device | str = "cpu", memory: bool = True
     ) -> None:
-        from memext.checkpoint import WEIGHTS, load, run_tokenizer
+        from memext.checkpoint import WEIGHTS, load, load_config, run_tokenizer
 
+        if load_config(path).model.arch == "seq2seq":
+            # The contract is a decoder's (forward(tokens, state)); refused before loading.
+            raise MemextError(
+                f"{str(path)!r} is an encoder-decoder run (model.arch=seq2seq): the evaluation "
+                "suite, generate and the other model commands do not read encoder-decoders yet; "
+                "its held-out scores are the probes memext train logged (metrics.jsonl), and "
+                "benchmarks/seq2seq_digest.py scores it against a prefix baseline"
+            )
         self.path = str(path)
         self.name = Path(path).resolve().name + ("" if memory else " (no memory)")
         self.memory = memory

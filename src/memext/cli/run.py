@@ -97,7 +97,13 @@ def train(
     )
     if result.status != "completed":
         raise typer.Exit(130)
-    if evaluate and suite != "none":
+    if evaluate and suite != "none" and cfg.model.arch == "seq2seq":
+        out.print(
+            "The evaluation suite does not read encoder-decoders yet: the held-out probes above "
+            "(eval.probes: ROUGE-L and loss) are this run's scores.",
+            highlight=False,
+        )
+    elif evaluate and suite != "none":
         out.print(
             "The trainer's val_bits_per_byte and bits_per_byte_by_length above are its monitor: "
             "one forward pass over each window, on other positions than the suite's. The suite's "

@@ -1,5 +1,6 @@
 """Text sources, token stores and samplers."""
 
+from memext.data import digest as _digest  # noqa: F401  (registers the summarization tasks)
 from memext.data import ruler as _ruler  # noqa: F401  (registers the RULER-style tasks)
 from memext.data.corpus import Corpus, read_corpus
 from memext.data.prepare import prepare_data

@@ -21,8 +21,8 @@ from torch import Tensor
 
 from memext.config import Config
 from memext.data.filler import CLASSIC_FILLER, Filler
-from memext.data.sampling import sample_batch, task_batch
-from memext.data.tasks import Sample, TooShort, make_samples
+from memext.data.sampling import pair_batch, sample_batch, task_batch
+from memext.data.tasks import TASKS, Sample, TooShort, make_samples
 from memext.errors import MemextError
 from memext.source import Source
 from memext.tokenizer import Tokenizer
@@ -40,7 +40,9 @@ ANSWER_GUESS = 5
 @dataclass
 class Batch:
     """One source's micro-batch: inputs and targets (B, T), per-target ``weights`` (tasks: the
-    answer's share of the loss) or None, and whether document boundaries reset memory (text)."""
+    answer's share of the loss) or None, and whether document boundaries reset memory (text).
+    An encoder-decoder's batch also has its sources ``src`` (B, S); x and y are then the
+    decoder's inputs and targets."""
 
     name: str
     share: float
@@ -48,6 +50,7 @@ class Batch:
     y: Tensor
     weights: Tensor | None = None
     resets: bool = False
+    src: Tensor | None = None
 
 
 class BatchSource:
@@ -62,6 +65,9 @@ class BatchSource:
         self.train_tokens = train_tokens
         self._fillers: dict[str, Filler] = {}
         self.names = _names(self.sources)
+        # An encoder-decoder reads each task sample as (source = prompt, target = answer).
+        self.pairs = cfg.model.arch == "seq2seq"
+        self.max_target_len = cfg.model.max_target_len
 
     def active(self, stage: int) -> list[int]:
         """Indices of the sources active in curriculum stage ``stage``."""
@@ -80,6 +86,8 @@ class BatchSource:
             draw = step * self.grad_accum + micro
             x, y = sample_batch(self.train_tokens, size, length, self.seed, draw, index)
             return Batch(name, share, x, y, resets=True)
+        if self.pairs:
+            return self._pairs(index, length, size, rng)
         try:
             samples = [self._sample(src, length, rng) for _ in range(size)]
         except TooShort as e:
@@ -89,6 +97,37 @@ class BatchSource:
             ) from None
         x, y, answer = task_batch(samples)
         return Batch(name, share, x, y, weights=answer_weights(answer, src.answer_weight))
+
+    def _pairs(self, index: int, length: int, size: int, rng: np.random.Generator) -> Batch:
+        """Source ``index``'s encoder-decoder batch: ``size`` samples of ``length``-token
+        sources, each at a random depth, targets weighted equally (the loss is their mean)."""
+        src, name = self.sources[index], self.names[index]
+        filler = self._filler(src.filler)
+        try:
+            samples = [
+                TASKS.build(
+                    src.task,
+                    tok=self.tok,
+                    filler=filler,
+                    length=length,
+                    depth=float(rng.uniform()),
+                    seed=int(rng.integers(0, TRAIN_SEEDS)),
+                )
+                for _ in range(size)
+            ]
+        except TooShort as e:
+            raise MemextError(f"data.mixture source {name!r}: {e}") from None
+        longest = 1 + max(s.answer.size for s in samples)
+        if longest > self.max_target_len:
+            raise MemextError(
+                f"data.mixture source {name!r} made a target of {longest} tokens (start token "
+                f"included) but model.max_target_len={self.max_target_len}: raise it"
+            )
+        special = self.tok.special_id
+        source, x, y, real = pair_batch(
+            samples, special("<bos>"), special("<eod>"), special("<pad>")
+        )
+        return Batch(name, src.share, x, y, weights=real.float(), src=source)
 
     def _sample(self, src: Source, length: int, rng: np.random.Generator) -> Sample:
         """A ``src.task`` sample of exactly ``length + 1`` tokens (inputs and targets of

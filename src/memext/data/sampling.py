@@ -57,3 +57,28 @@ def segments(n_tokens: int, segment_len: int) -> list[tuple[int, int]]:
         raise ValueError(f"n_tokens={n_tokens} must be non-negative")
     ends = range(n_tokens, 0, -segment_len)
     return [(max(0, end - segment_len), end) for end in reversed(ends)]
+
+
+def pair_batch(
+    samples: Sequence[Sample], bos: int, eos: int, pad: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An encoder-decoder's batch of samples whose prompts share a length: the sources (B, S) =
+    the prompts; the decoder's inputs (B, T) = ``bos`` + answer, and its targets (B, T) =
+    answer + ``eos``, padded with ``pad`` to the longest answer; and a (B, T) bool mask, True
+    on real targets (the causal decoder never reads the padding of a row's own future)."""
+    if not samples:
+        raise ValueError("pair_batch needs at least one sample")
+    lengths = {s.answer_start for s in samples}
+    if len(lengths) > 1:
+        raise ValueError(f"sources in one batch must share a length, got {sorted(lengths)}")
+    src = torch.from_numpy(np.stack([s.prompt for s in samples]))
+    t = 1 + max(s.answer.size for s in samples)
+    x = torch.full((len(samples), t), pad, dtype=torch.long)
+    y = torch.full((len(samples), t), pad, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = s.answer.size
+        answer = torch.from_numpy(s.answer.astype(np.int64))
+        x[i, 0], x[i, 1 : n + 1] = bos, answer
+        y[i, :n], y[i, n] = answer, eos
+    mask = torch.arange(t)[None, :] <= torch.tensor([s.answer.size for s in samples])[:, None]
+    return src, x, y, mask

@@ -22,6 +22,7 @@ from memext.data.mixture import TRAIN_SEEDS, fitted_sample
 from memext.data.tasks import TASKS, Sample, TooShort
 from memext.errors import MemextError
 from memext.evals.perplexity import evaluate_lengths
+from memext.evals.seq2seq import HeldOutPairs, held_out_samples
 from memext.evals.tasks import evaluate_samples
 from memext.tokenizer import Tokenizer, load_tokenizer
 from memext.train.probes import Moment, Probe, ProbeContext
@@ -115,6 +116,8 @@ def training_probes(cfg: Config) -> list[Probe]:
     """What ``memext train`` measures during a run of ``cfg``: validation, the stage reports and
     the held-out tasks of ``eval.probes``. A task probe that cannot be built (an unknown task, a
     length too short for its question) is refused now, not after ``train.eval_every`` steps."""
+    if cfg.model.arch == "seq2seq":
+        return _seq2seq_probes(cfg)
     tasks = [HeldOutTask(task, n, cfg.eval.probe_samples) for task, n in cfg.eval.probe_cells]
     if tasks:
         tok = load_tokenizer(cfg.data.tokenizer)
@@ -127,3 +130,19 @@ def training_probes(cfg: Config) -> list[Probe]:
             # The same sizes as the real haystack's: the task's pieces and question decide them.
             probe.samples(tok, Filler.from_text(tok, CLASSIC_FILLER))
     return [Validation(), StageReport(), *tasks]
+
+
+def _seq2seq_probes(cfg: Config) -> list[Probe]:
+    """An encoder-decoder reads no running text, so it has no bits-per-byte: its probes are the
+    held-out pairs of ``eval.probes`` (ROUGE-L and loss), checked now as ``training_probes``
+    checks its task probes."""
+    probes = [HeldOutPairs(task, n, cfg.eval.probe_samples) for task, n in cfg.eval.probe_cells]
+    tok = load_tokenizer(cfg.data.tokenizer) if probes else None
+    for probe in probes:
+        if probe.task not in TASKS:
+            raise MemextError(
+                f"eval.probes: {probe.task!r} in {probe.task}@{probe.length} is not a task; "
+                f"expected {TASKS.accepted(probe.task)}"
+            )
+        held_out_samples(probe.task, tok, Filler.from_text(tok, CLASSIC_FILLER), probe.length, 1)
+    return probes

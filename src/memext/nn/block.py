@@ -19,8 +19,18 @@ from memext.nn.rotary import apply_rotary
 class SelfAttention(nn.Module):
     """Projections + rotary + a pluggable kernel; the kernel decides which keys each query sees."""
 
-    def __init__(self, d_model: int, n_heads: int, kernel: AttentionKernel, dropout: float = 0.0):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        kernel: AttentionKernel,
+        dropout: float = 0.0,
+        causal: bool = True,
+    ):
         super().__init__()
+        # False in an encoder: every position sees the keys the kernel's pattern allows on both
+        # sides. A KV cache (decoding) needs causal attention.
+        self.causal = causal
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
@@ -56,7 +66,7 @@ class SelfAttention(nn.Module):
             # a cache comes only with memory "none", whose attend is the kernel.
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         elif memory is None:
-            y = self.kernel(q, k, v, causal=True)  # (B, H, T, D)
+            y = self.kernel(q, k, v, causal=self.causal)  # (B, H, T, D)
         else:
             y = memory.attend(layer, q, k, v, self.kernel, q_raw, k_raw)
         y = y.transpose(1, 2).reshape(b, t, -1)

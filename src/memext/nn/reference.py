@@ -8,6 +8,7 @@ last Tq key positions (the kernels' bottom-right alignment).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -166,3 +167,62 @@ def segment_memory_mask(
     j = torch.arange(t, device=device)[None, :]
     start = (i // segment_len) * segment_len
     return (j <= i) & (j >= start - mem_len)
+
+
+def seq2seq_reference(
+    model: torch.nn.Module,
+    src: Tensor,
+    tgt: Tensor,
+    encoder_attention: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:
+    """An ``EncoderDecoder``'s logits (B, T, vocab) for src (B, S) and tgt (B, T), recomputed with
+    explicit attention matrices from the model's own weights.
+
+    ``encoder_attention(q, k, v)`` is the encoder kernel's naive twin on (B, H, G + S, D) (e.g.
+    ``attention`` with ``sliding_mask(..., causal=False, global_tokens=G)``); None = dense.
+    The decoder: ``causal_mask`` self-attention, then unmasked cross-attention to every encoder
+    state. Norms, feed-forwards and rotary are the model's own modules: only the attention is
+    rewritten.
+    """
+    from memext.nn.rotary import apply_rotary
+
+    def heads(x: Tensor, n: int) -> Tensor:  # (B, T, n * d) -> n tensors (B, H, T, D)
+        b, t, _ = x.shape
+        h = model.decoder[0].attn.n_heads
+        return x.view(b, t, n, h, -1).permute(2, 0, 3, 1, 4)
+
+    def merge(y: Tensor) -> Tensor:
+        return y.transpose(1, 2).reshape(y.shape[0], y.shape[2], -1)
+
+    def self_attn(attn, x: Tensor, positions: Tensor, causal: bool, kernel_twin) -> Tensor:
+        q, k, v = heads(attn.qkv(x), 3)
+        cos, sin = model.rotary(positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if attn.kernel.shared_qk:
+            k = q
+        if causal:
+            y = attention(q, k, v, causal_mask(x.shape[1], x.shape[1], x.device))
+        elif kernel_twin is not None:
+            y = kernel_twin(q, k, v)
+        else:
+            y = attention(q, k, v)
+        return attn.out(merge(y))
+
+    x = model.embed(src)
+    if model.global_slots is not None:
+        x = torch.cat([model.global_slots.expand(x.shape[0], -1, -1), x], dim=1)
+    pos = torch.arange(x.shape[1], device=src.device)
+    for block in model.encoder:
+        x = x + self_attn(block.attn, block.attn_norm(x), pos, False, encoder_attention)
+        x = x + block.ffn(block.ffn_norm(x))
+    memory = model.encoder_norm(x)
+    y = model.embed(tgt)
+    pos = torch.arange(tgt.shape[1], device=tgt.device)
+    for block in model.decoder:
+        y = y + self_attn(block.attn, block.attn_norm(y), pos, True, None)
+        cross = block.cross
+        (q,) = heads(cross.q(block.cross_norm(y)), 1)
+        k, v = heads(cross.kv(memory), 2)
+        y = y + cross.out(merge(attention(q, k, v)))
+        y = y + block.ffn(block.ffn_norm(y))
+    return model.head(model.norm(y))

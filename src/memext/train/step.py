@@ -90,6 +90,31 @@ def sequence_backward(
     return total
 
 
+def pair_backward(
+    fwd: torch.nn.Module,
+    src: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weights: torch.Tensor,
+    t: TrainConfig,
+    device: torch.device,
+    *,
+    scale: float = 1.0,
+) -> float:
+    """An encoder-decoder's forward and backward on one batch: sources (B, S), decoder inputs
+    and targets (B, T), ``weights`` (B, T) on the targets (0 on padding). Returns the weighted
+    mean loss (before ``scale``)."""
+    src, x, y, w = src.to(device), x.to(device), y.to(device), weights.to(device).float()
+    with autocast(device, t.precision):
+        logits, _ = fwd(src, x)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+    )
+    loss = (nll * w.reshape(-1)).sum() / w.sum()
+    (loss * scale).backward()
+    return float(loss.detach())
+
+
 def train_step(
     fwd: torch.nn.Module,
     model: torch.nn.Module,
@@ -118,16 +143,20 @@ def train_step(
     total, by_name, counts = 0.0, {}, {}
     for b in parts:
         weight = b.share / shares
-        loss = sequence_backward(
-            fwd,
-            b.x,
-            b.y,
-            t,
-            device,
-            scale=weight,
-            weights=b.weights,
-            reset_id=reset_id if b.resets else None,
-        )
+        if b.src is not None:
+            assert b.weights is not None, "an encoder-decoder batch weighs its targets"
+            loss = pair_backward(fwd, b.src, b.x, b.y, b.weights, t, device, scale=weight)
+        else:
+            loss = sequence_backward(
+                fwd,
+                b.x,
+                b.y,
+                t,
+                device,
+                scale=weight,
+                weights=b.weights,
+                reset_id=reset_id if b.resets else None,
+            )
         total += weight * loss
         by_name[b.name] = by_name.get(b.name, 0.0) + loss
         counts[b.name] = counts.get(b.name, 0) + 1

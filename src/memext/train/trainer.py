@@ -238,7 +238,9 @@ def train(
                     f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
                 )
             loop.step += 1
-            tokens_done += sum(b.x.numel() for b in batches)
+            tokens_done += sum(
+                b.x.numel() + (0 if b.src is None else b.src.numel()) for b in batches
+            )
             result.losses.append(total)
             bar.update(1)
             if loop.step % t.log_every == 0 or loop.step == t.total_steps:

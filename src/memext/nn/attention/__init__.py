@@ -37,6 +37,9 @@ class AttentionKernel(nn.Module):
     #: query attends to a later key, but LSH's choice of *which* earlier keys share a query's chunk
     #: depends on where later tokens hash, so it sets this False.
     prefix_exact: bool = True
+    #: True when the kernel honours ``causal=False`` (every key may be seen, as an encoder
+    #: needs); an encoder-decoder refuses a kernel that sets it False, by name.
+    bidirectional: bool = True
 
     def forward(
         self,
