@@ -101,7 +101,13 @@ class Retrieval(CachePolicy):
                 "choose reps <= block"
             )
         self.sinks, self.window, self.block, self.topk, self.reps = sinks, window, block, topk, reps
-        self.store_device, self.rotary = torch.device(store_device), rotary
+        try:
+            self.store_device = torch.device(store_device)
+        except RuntimeError:
+            raise ValueError(
+                f"store_device must name a torch device such as 'cpu', got {store_device!r}"
+            ) from None
+        self.rotary = rotary
 
     def plan(self, pos: int) -> tuple[int, int, int]:
         return plan(pos, self.sinks, self.window, self.block)
