@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 from memext.config import ModelConfig
-from memext.hf.cache import PolicyCache, RetrievalPolicyLayer, _inv_freq32, prefill
+from memext.hf.cache import PolicyCache, RetrievalPolicyLayer, _inv_freq32, hf_rotations, prefill
 from memext.infer.cache import CACHES, build_cache
 from memext.infer.generate import generate_ids, new_state
 from memext.infer.prefill import prefill as memext_prefill
@@ -335,7 +335,7 @@ def test_hf_layer_and_memext_cache_give_the_same_attention() -> None:
     rotary = Rotary(d, base=config.rope_parameters["rope_theta"])
     options = {"sinks": 2, "window": 6, "block": 4, "topk": 2, "reps": 2}
     ours = Retrieval(rotary=rotary, **options).allocate(1, 1, h, d)
-    theirs = RetrievalPolicyLayer(Retrieval(**options), inv)
+    theirs = RetrievalPolicyLayer(Retrieval(**options), hf_rotations(inv))
     gen = torch.Generator().manual_seed(1)
     for t in [7, 5, 11, 1, 1, 9, 1]:
         k, v = torch.randn(1, h, t, d, generator=gen), torch.randn(1, h, t, d, generator=gen)
@@ -345,7 +345,7 @@ def test_hf_layer_and_memext_cache_give_the_same_attention() -> None:
         cos, sin = rotary(torch.arange(pos, pos + t))
         out = _attend(apply_rotary(q, cos, sin), keys, values)
         ours.advance(t)
-        cos, sin = theirs.cos_sin(torch.arange(start, start + t))
+        cos, sin = theirs.cos_sin(start, start + t)
         theirs.queries = q
         sizes = theirs.get_mask_sizes(t)  # asked before the update, as transformers does
         hk, hv = theirs.update(apply_rotary(k, cos, sin), v)

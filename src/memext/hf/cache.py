@@ -47,7 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memext.hf.model import cache_kwargs
 from memext.infer.cache import CACHES, KVLayer, Layout, band_mask, kept, make_kv_layer
-from memext.infer.retrieval import Retrieval, RetrievalLayer
+from memext.infer.retrieval import Retrieval, RetrievalLayer, Rotations
 from memext.nn.rotary import apply_rotary
 
 # Rope types whose frequencies change with the sequence length: a fixed re-rotation is wrong.
@@ -181,22 +181,17 @@ class RetrievalPolicyLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, policy: Retrieval, inv_freq: Tensor):
+    def __init__(self, policy: Retrieval, rotations: Rotations):
         super().__init__()
-        self.policy, self.inv_freq = policy, inv_freq
+        self.policy, self.cos_sin = policy, rotations
         self.kv: RetrievalLayer | None = None
         self.queries: Tensor | None = None
         self.cumulative_length = 0
 
-    def cos_sin(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(cos, sin) (T, D) at ``positions``, computed as transformers' rotary computes them."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
+        self.cos_sin.device = self.device  # the model's: rotations are computed there
         self.kv = self.policy.make_layer(batch, heads, dim, self.dtype, self.device, self.cos_sin)
         self.is_initialized = True
 
@@ -213,12 +208,12 @@ class RetrievalPolicyLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        cos, sin = self.cos_sin(torch.arange(start, start + t, device=key_states.device))
+        cos, sin = self.cos_sin(start, start + t)
         raw = apply_rotary(key_states, cos, -sin)  # the keys before rotary
         keys, values = self.kv.step(start, raw, value_states, queries.to(key_states.dtype))
         # The chunk at its true positions, everything before it contiguously right before.
         first = start + t - keys.shape[-2]
-        cos, sin = self.cos_sin(torch.arange(first, start + t, device=keys.device))
+        cos, sin = self.cos_sin(first, start + t)
         self.cumulative_length += t
         return apply_rotary(keys, cos, sin), values
 
@@ -245,6 +240,18 @@ class RetrievalPolicyLayer(CacheLayerMixin):
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = PolicyLayer._refuse
 
 
+def hf_rotations(inv_freq: Tensor, device: Any = "cpu") -> Rotations:
+    """(cos, sin) at positions [start, stop) as transformers' rotary computes them (fp32 angles,
+    no attention factor), shared by the layers of a cache."""
+
+    def compute(positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    return Rotations(compute, device)
+
+
 def _query_hook(cache: PolicyCache, layer: int, head_dim: int) -> Any:
     ref = weakref.ref(cache)
 
@@ -268,8 +275,8 @@ class PolicyCache(Cache):
         self._hooks: list[Any] = []
         n = config.num_hidden_layers
         if isinstance(policy, Retrieval):
-            inv_freq = _inv_freq32(config)
-            super().__init__(layers=[RetrievalPolicyLayer(policy, inv_freq) for _ in range(n)])
+            rotations = hf_rotations(_inv_freq32(config))
+            super().__init__(layers=[RetrievalPolicyLayer(policy, rotations) for _ in range(n)])
             self.policy, self.sinks, self.window = cache, policy.sinks, None
             return
         layout = policy.layout()

@@ -46,6 +46,7 @@ capacity that doubles as it fills.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -58,7 +59,26 @@ from memext.nn.rotary import apply_rotary
 #: Queries per piece when scoring local tokens (bounds that step's scores to piece x local).
 SCORE_PIECE = 128
 
-CosSin = Callable[[Tensor], tuple[Tensor, Tensor]]
+CosSin = Callable[[int, int], tuple[Tensor, Tensor]]
+
+
+class Rotations:
+    """(cos, sin) (stop - start, D) at positions [start, stop), from ``compute(positions)``; the
+    last few asked for are kept, since every layer of a forward asks for the same ones."""
+
+    def __init__(
+        self, compute: Callable[[Tensor], tuple[Tensor, Tensor]], device: Any, keep: int = 4
+    ):
+        self.compute, self.device, self.keep = compute, torch.device(device), keep
+        self._kept: OrderedDict[tuple[Any, ...], tuple[Tensor, Tensor]] = OrderedDict()
+
+    def __call__(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        key = (start, stop, self.device)
+        if key not in self._kept:
+            self._kept[key] = self.compute(torch.arange(start, stop, device=self.device))
+            if len(self._kept) > self.keep:
+                self._kept.popitem(last=False)
+        return self._kept[key]
 
 
 def plan(pos: int, sinks: int, window: int, block: int) -> tuple[int, int, int]:
@@ -130,7 +150,8 @@ class Retrieval(CachePolicy):
         device: torch.device | str,
         cos_sin: CosSin,
     ) -> RetrievalLayer:
-        """One layer's storage; ``cos_sin(positions)`` gives the (cos, sin) to score with."""
+        """One layer's storage; ``cos_sin(start, stop)`` gives the (cos, sin) at positions
+        [start, stop) to score with (a ``Rotations``)."""
         return RetrievalLayer(self, batch, n_heads, head_dim, dtype, device, cos_sin)
 
     def allocate(
@@ -144,9 +165,7 @@ class Retrieval(CachePolicy):
     ) -> RetrievalCache:
         rotary = self.rotation()
 
-        def cos_sin(positions: Tensor) -> tuple[Tensor, Tensor]:
-            return rotary(positions, seq_len=int(positions[-1]) + 1)
-
+        cos_sin = Rotations(lambda positions: rotary(positions, seq_len=len(positions)), device)
         layers = [
             self.make_layer(batch, n_heads, head_dim, dtype, device, cos_sin)
             for _ in range(n_layers)
@@ -291,7 +310,7 @@ class RetrievalLayer:
                 continue
             # Rotate at small positions from ``base``: only distances matter.
             base = min(first + j0, start + i0)
-            cos, sin = self.cos_sin(torch.arange(start + i1 - base, device=self.device))
+            cos, sin = self.cos_sin(0, start + i1 - base)
             at = slice(first + j0 - base, first + j1 - base)
             keys = apply_rotary(cand_k[:, :, j0:j1].float(), cos[at], sin[at])
             at = slice(start + i0 - base, start + i1 - base)
