@@ -378,7 +378,9 @@ def test_retrieval_picks_the_block_holding_a_planted_key(b, h, g, planted, block
     k = 0.1 * torch.randn(b, h, n, d, generator=gen)
     k -= (k @ direction)[..., None] * direction  # nothing else points at the planted direction
     where = sinks + planted * block + int(torch.randint(block, (1,), generator=gen))
-    k[:, :, where] = 3 * direction
+    # Strong enough to beat the first tokens after the sinks, which the first queries (seeing few
+    # local tokens) give most of their attention (the rule's start-of-input bias).
+    k[:, :, where] = 6 * direction
     v = torch.randn(b, h, n, d, generator=gen)
     # Queries that look for the direction: the planted key draws their attention locally, so it
     # becomes its block's representative, and later the same look-up retrieves its block.
