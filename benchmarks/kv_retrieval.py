@@ -71,7 +71,7 @@ def cache_bytes(policy: str, opts: dict[str, int], tokens: int, model_shape: tup
     if policy == "sinks":
         return 2 * layers * heads * (opts["sinks"] + opts["window"] - 1) * d * e
     s, w, b, k = opts["sinks"], opts["window"], opts["block"], opts["topk"]
-    return layers * heads * (2 * (s + w + b - 2 + k * b) * d * e + 4 * (w + b - 2))
+    return layers * heads * (2 * (s + w + b - 2 + k * b) * d * e + 8 * (w + b - 2))
 
 
 def first_number(text: str) -> int | None:

@@ -25,7 +25,7 @@ import math
 import pytest
 import torch
 import transformers
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
 
@@ -367,6 +367,10 @@ def test_hf_layer_and_memext_cache_give_the_same_attention() -> None:
     reps=st.integers(1, 2),
     seed=st.integers(0, 1000),
 )
+# Found by hypothesis when weights were summed, not taken relative to uniform: the first
+# tokens after the sinks outscored a planted key late in block 0.
+@example(b=1, h=1, g=1, planted=0, block=3, reps=1, seed=0)
+@example(b=1, h=3, g=1, planted=0, block=6, reps=1, seed=1)
 def test_retrieval_picks_the_block_holding_a_planted_key(b, h, g, planted, block, reps, seed):
     d, sinks, window, n_blocks = 16, 2, 6, 10
     gen = torch.Generator().manual_seed(seed)
@@ -378,9 +382,7 @@ def test_retrieval_picks_the_block_holding_a_planted_key(b, h, g, planted, block
     k = 0.1 * torch.randn(b, h, n, d, generator=gen)
     k -= (k @ direction)[..., None] * direction  # nothing else points at the planted direction
     where = sinks + planted * block + int(torch.randint(block, (1,), generator=gen))
-    # Strong enough to beat the first tokens after the sinks, which the first queries (seeing few
-    # local tokens) give most of their attention (the rule's start-of-input bias).
-    k[:, :, where] = 6 * direction
+    k[:, :, where] = 3 * direction
     v = torch.randn(b, h, n, d, generator=gen)
     # Queries that look for the direction: the planted key draws their attention locally, so it
     # becomes its block's representative, and later the same look-up retrieves its block.
@@ -428,7 +430,7 @@ def _formula(L, B, H, D, sinks, window, block, topk, e=4, **_) -> int:
         L
         * B
         * H
-        * (2 * (sinks + window + block - 2 + topk * block) * D * e + 4 * (window + block - 2))
+        * (2 * (sinks + window + block - 2 + topk * block) * D * e + 8 * (window + block - 2))
     )
 
 

@@ -25,9 +25,12 @@ beyond the local window at one fixed distance; that needs two rotations of each 
 one-attention cache contract cannot express.)
 
 Block scores. A block's representatives are the ``reps`` of its tokens that received the most
-attention from the queries that came after them while they were local (the sum of their
-softmax weights over the local part, summed over the query heads of each KV head), InfLLM's
-rule: a token the model attends to nearby is a token a later query may look for. A chunk scores
+attention from the queries that came after them while they were local (InfLLM's rule: a token
+the model attends to nearby is a token a later query may look for). A query's softmax weight
+over the local part is taken relative to a uniform spread (times the number of tokens it sees)
+and averaged over the (query, head) pairs of the KV head's group that saw the token, so that
+neither the first tokens of the input (whose first queries see few tokens) nor the oldest of a
+block (seen by more queries) are favoured. A chunk scores
 a block, per KV head, by max over its representatives of (mean query of the chunk and of the
 head's query group) · key, all before rotary (position-free: no distance is baked into the
 score). Each KV head retrieves its own ``topk`` blocks (Memorizing Transformers retrieves per
@@ -37,7 +40,7 @@ queries against the local tokens within ``window + block`` of each query, so the
 the window, not the chunk.
 
 Bytes. ``nbytes()`` is what attention works from between calls, allocated up front and flat:
-``L·B·H·(2·(s + w + b − 2 + k·b)·D·e + 4·(w + b − 2))`` (sinks, local part and its fp32 scores,
+``L·B·H·(2·(s + w + b − 2 + k·b)·D·e + 8·(w + b − 2))`` (sinks, local part and its fp32 scores,
 and the buffer the retrieved blocks are copied into). ``store_nbytes()`` is the block store,
 which grows with the input: per stored block per head per layer 2·b·D·e (keys and values, on
 ``store_device``, CPU RAM by default) + r·D·e (representatives, on the model's device), held in
@@ -204,7 +207,8 @@ class RetrievalLayer:
 
         self.sink_k, self.sink_v = empty(p.sinks), empty(p.sinks)
         self.local_k, self.local_v = empty(self.capacity), empty(self.capacity)
-        self.local_score = empty(self.capacity, dims=(), dt=torch.float32)
+        # Per local token: attention received relative to uniform, summed; queries that saw it.
+        self.local_score = empty(self.capacity, dims=(2,), dt=torch.float32)
         self.fetch_k, self.fetch_v = empty(p.topk * p.block), empty(p.topk * p.block)
         self.n_blocks = 0
         self.store_k = self.store_v = self.store_reps = None
@@ -280,8 +284,8 @@ class RetrievalLayer:
         # Candidates: the local part, then the chunk's tokens past the sinks.
         cand_k = torch.cat((self.local_k[:, :, :n_local], k[:, :, to_sinks:].to(self.dtype)), -2)
         cand_v = torch.cat((self.local_v[:, :, :n_local], v[:, :, to_sinks:].to(self.dtype)), -2)
-        fresh = torch.zeros(*cand_k.shape[:2], t - to_sinks, device=self.device)
-        score = torch.cat((self.local_score[:, :, :n_local], fresh), dim=-1)
+        fresh = torch.zeros(*cand_k.shape[:2], t - to_sinks, 2, device=self.device)
+        score = torch.cat((self.local_score[:, :, :n_local], fresh), dim=2)
         first = start + to_sinks - n_local  # the first candidate's position in the sequence
         self._score(score, cand_k, first, q, start)
         _, blocks_after, local_after = p.plan(start + t)
@@ -295,8 +299,10 @@ class RetrievalLayer:
         self.local_score[:, :, :local_after] = score[:, :, cut:]
 
     def _score(self, score: Tensor, cand_k: Tensor, first: int, q: Tensor, start: int) -> None:
-        """Add to ``score`` (B, H, M) the softmax weight each candidate key receives from each
-        query of the chunk, over the candidates within ``window + block`` before it."""
+        """Add to ``score`` (B, H, M, 2) the softmax weight each candidate key receives from
+        each query of the chunk (over the candidates within ``window + block`` before it) times
+        the number of candidates that query sees, i.e. relative to a uniform spread, and the
+        number of (query, head) pairs that saw it."""
         b, h, d = self.shape
         p = self.policy
         t, m = q.shape[-2], cand_k.shape[-2]
@@ -323,14 +329,19 @@ class RetrievalLayer:
             seen = (dist >= 0) & (dist < span)
             logits = logits.view(b, h, -1, i1 - i0, j1 - j0).masked_fill(~seen, float("-inf"))
             weights = torch.nan_to_num(logits.softmax(dim=-1))  # a row may see nothing
-            score[:, :, j0:j1] += weights.sum(dim=(2, 3))
+            # Relative to uniform: the first queries, seeing few tokens, would otherwise give
+            # each of them a large share and favour the first tokens of the input.
+            relative = weights * seen.sum(dim=-1, keepdim=True)
+            score[:, :, j0:j1, 0] += relative.sum(dim=(2, 3))
+            score[:, :, j0:j1, 1] += seen.sum(dim=0) * (q.shape[1] // h)
 
     def _store(self, k: Tensor, v: Tensor, score: Tensor, n_new: int) -> None:
         """Append ``n_new`` blocks (B, H, n_new·block, D) and their representatives."""
         b, h, d = self.shape
         size, r = self.policy.block, self.policy.reps
         blocks_k = k.reshape(b, h, n_new, size, d)
-        top = score.reshape(b, h, n_new, size).topk(r, dim=-1).indices  # (B, H, n, r)
+        mean = score[..., 0] / score[..., 1].clamp(min=1)  # over the queries that saw each
+        top = mean.reshape(b, h, n_new, size).topk(r, dim=-1).indices  # (B, H, n, r)
         reps = blocks_k.gather(3, top[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, r, D)
         end = self.n_blocks + n_new
         self._reserve(end)
