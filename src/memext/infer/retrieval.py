@@ -132,6 +132,12 @@ class Retrieval(CachePolicy):
             ) from None
         self.rotary = rotary
 
+    @classmethod
+    def covering(cls, tokens: int) -> dict[str, Any]:
+        # Small window and blocks, so that tokens go through the store, but every block back:
+        # at true positions, exactly full attention.
+        return {"sinks": 2, "window": 4, "block": 4, "topk": max(1, tokens)}
+
     def plan(self, pos: int) -> tuple[int, int, int]:
         return plan(pos, self.sinks, self.window, self.block)
 
