@@ -17,7 +17,7 @@ def test_configuration_reference_is_current():
 
 def test_context_guide_examples_run(capsys):
     blocks = re.findall(r"```python\n(.*?)```", (DOCS / "context.md").read_text(), flags=re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     namespace: dict = {}
     for block in blocks:
         exec(compile(block, "docs/context.md", "exec"), namespace)
@@ -25,6 +25,8 @@ def test_context_guide_examples_run(capsys):
     assert printed[0].startswith("1.1386")
     assert printed[1] == "8"
     assert printed[2] == "1024 torch.Size([1, 300, 264])"
+    assert printed[3] == "520 74"
+    assert printed[4] == "63360 True"
 
 
 def test_evaluation_guide_examples_run(tmp_path):

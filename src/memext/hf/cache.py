@@ -23,10 +23,22 @@ T > 1 tokens (generate's prompt) attends causally to the whole chunk plus what t
 and only then is the cache cut to its window. One token at a time (decoding) the band never
 cuts anything, so decoding is exact. ``prefill`` reads a prompt in chunks with the band passed
 as an explicit 4D mask, for the exact policy over a long prompt.
+
+Retrieval (``memext.infer.retrieval``). The policy chooses blocks by the chunk's queries, which a
+``Cache`` is never given: ``PolicyCache.attach(model)`` hooks every attention's query projection
+(``q_proj``, or ``q_norm`` where the model has one) so each layer's ``update`` finds its queries
+(``prefill`` attaches by itself). Keys come in rotated at their true positions; the layer
+un-rotates them (the same fp32 angles transformers used, so the round trip is exact to rounding),
+keeps them before rotary as memext's cache does, and rotates what it returns so that the
+chunk's keys sit at their true positions and everything before them contiguously right before
+(sinks, retrieved blocks, local part): every query-key distance is the one memext's cache gives
+at cache positions. The mask is plain causal over the keys returned (no band), so
+``model.generate`` over a long prompt reads what a chunked ``prefill`` reads.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -35,6 +47,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memext.hf.model import cache_kwargs
 from memext.infer.cache import CACHES, KVLayer, Layout, band_mask, kept, make_kv_layer
+from memext.infer.retrieval import Retrieval, RetrievalLayer, Rotations
+from memext.nn.rotary import apply_rotary
 
 # Rope types whose frequencies change with the sequence length: a fixed re-rotation is wrong.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -56,6 +70,25 @@ def _inv_freq(config: Any) -> Tensor:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     return ROPE_INIT_FUNCTIONS[rope_type](config)[0].double()
+
+
+def _inv_freq32(config: Any) -> Tensor:
+    """The inverse frequencies exactly as transformers computes them (fp32), so that keys it
+    rotated can be un-rotated with the same angles."""
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    if rope_type in _LENGTH_DEPENDENT_ROPE:
+        raise ValueError(
+            f"the retrieval cache re-rotates keys at fixed angles; rope_type {rope_type!r} "
+            "changes its frequencies with the length"
+        )
+    if rope_type == "default":
+        dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        base = params.get("rope_theta", 10000.0)
+        return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[rope_type](config)[0].float()
 
 
 def rotate_by(x: Tensor, delta: int, inv_freq: Tensor) -> Tensor:
@@ -141,6 +174,96 @@ class PolicyLayer(CacheLayerMixin):
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = _refuse
 
 
+class RetrievalPolicyLayer(CacheLayerMixin):
+    """One decoder layer's cache under the ``retrieval`` policy (see the module doc); the
+    queries of each forward arrive through the hook ``PolicyCache.attach`` installs."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, policy: Retrieval, rotations: Rotations):
+        super().__init__()
+        self.policy, self.cos_sin = policy, rotations
+        self.kv: RetrievalLayer | None = None
+        self.queries: Tensor | None = None
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.cos_sin.device = self.device  # the model's: rotations are computed there
+        self.kv = self.policy.make_layer(batch, heads, dim, self.dtype, self.device, self.cos_sin)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        queries, self.queries = self.queries, None
+        start, t = self.cumulative_length, key_states.shape[-2]
+        if queries is None or queries.shape[-2] != t:
+            raise ValueError(
+                "the retrieval cache chooses blocks by each forward's queries, which "
+                "transformers does not hand a cache: call cache.attach(model) before "
+                "generate or a forward (memext.hf.cache.prefill does)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cos, sin = self.cos_sin(start, start + t)
+        raw = apply_rotary(key_states, cos, -sin)  # the keys before rotary
+        keys, values = self.kv.step(start, raw, value_states, queries.to(key_states.dtype))
+        # The chunk at its true positions, everything before it contiguously right before.
+        first = start + t - keys.shape[-2]
+        cos, sin = self.cos_sin(first, start + t)
+        self.cumulative_length += t
+        return apply_rotary(keys, cos, sin), values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        held = self.policy.held(self.cumulative_length)
+        return held + query_length, self.cumulative_length - held
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.kv, self.is_initialized, self.cumulative_length = None, False, 0
+        self.queries = None
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() if self.kv is not None else 0
+
+    def store_nbytes(self) -> int:
+        return self.kv.store_nbytes() if self.kv is not None else 0
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = PolicyLayer._refuse
+
+
+def hf_rotations(inv_freq: Tensor, device: Any = "cpu") -> Rotations:
+    """(cos, sin) at positions [start, stop) as transformers' rotary computes them (fp32 angles,
+    no attention factor), shared by the layers of a cache."""
+
+    def compute(positions: Tensor) -> tuple[Tensor, Tensor]:
+        freqs = positions.float()[:, None] * inv_freq.to(positions.device)[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    return Rotations(compute, device)
+
+
+def _query_hook(cache: PolicyCache, layer: int, head_dim: int) -> Any:
+    ref = weakref.ref(cache)
+
+    def hook(module: Any, inputs: Any, output: Tensor) -> None:
+        owner = ref()
+        if owner is not None:  # (B, T, H·D) or (B, T, H, D) -> (B, H, T, D)
+            b, t = output.shape[:2]
+            owner.layers[layer].queries = output.reshape(b, t, -1, head_dim).transpose(1, 2)
+
+    return hook
+
+
 class PolicyCache(Cache):
     """A ``transformers.Cache`` running the memext policy registered as ``cache``, with its
     ``options`` (``window=...``; see ``memext.infer.cache``). ``config`` is the model's (layers,
@@ -148,21 +271,67 @@ class PolicyCache(Cache):
 
     def __init__(self, config: Any, cache: str = "window", **options: Any):
         policy = CACHES.build(cache, **options)
+        self.reads_queries = getattr(policy, "reads_queries", False)
+        self._hooks: list[Any] = []
+        n = config.num_hidden_layers
+        if isinstance(policy, Retrieval):
+            rotations = hf_rotations(_inv_freq32(config))
+            super().__init__(layers=[RetrievalPolicyLayer(policy, rotations) for _ in range(n)])
+            self.policy, self.sinks, self.window = cache, policy.sinks, None
+            return
         layout = policy.layout()
         inv_freq = _inv_freq(config) if layout.sinks else None
-        layers = [PolicyLayer(layout, inv_freq) for _ in range(config.num_hidden_layers)]
-        super().__init__(layers=layers)
+        super().__init__(layers=[PolicyLayer(layout, inv_freq) for _ in range(n)])
         self.policy, self.sinks, self.window = cache, layout.sinks, layout.window
 
+    def band(self, start: int, t: int, device: Any = None) -> Tensor | None:
+        """The (t, keys) mask a chunk of ``t`` tokens read after ``start`` needs, None when plain
+        causal does."""
+        return band_mask(start, t, self.sinks, self.window, device)
+
+    def attach(self, model: Any) -> PolicyCache:
+        """Hook ``model``'s attention query projections so that a policy that reads queries
+        (``retrieval``) gets them; nothing to do for the others. Returns the cache."""
+        if not self.reads_queries or self._hooks:
+            return self
+        for module in model.modules():
+            layer = getattr(module, "layer_idx", None)
+            proj = getattr(module, "q_norm", None)
+            proj = getattr(module, "q_proj", None) if proj is None else proj
+            if layer is None or proj is None or not 0 <= layer < len(self.layers):
+                continue
+            hook = _query_hook(self, layer, module.head_dim)
+            self._hooks.append(proj.register_forward_hook(hook))
+        if len(self._hooks) != len(self.layers):
+            self.detach()
+            raise ValueError(
+                f"the {self.policy!r} cache reads each layer's queries, but the model has no "
+                "attention module with layer_idx and q_proj for every one of its "
+                f"{len(self.layers)} layers"
+            )
+        return self
+
+    def detach(self) -> None:
+        """Remove the hooks ``attach`` installed."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
     def nbytes(self) -> int:
-        """Bytes of the tensors held, all layers (the formulas: ``memext.infer.cache``)."""
+        """Bytes of the tensors held, all layers (the formulas: ``memext.infer.cache``; for
+        ``retrieval`` what attention works from, ``memext.infer.retrieval``)."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def store_nbytes(self) -> int:
+        """Bytes of a retrieval cache's block store (0 for the other policies)."""
+        return sum(getattr(layer, "store_nbytes", lambda: 0)() for layer in self.layers)
 
 
 @torch.no_grad()
 def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Tensor, PolicyCache]:
     """Read ``ids`` (B, T) into ``cache`` ``chunk`` tokens per forward, each chunk under the
-    policy's exact band (an explicit 4D mask). Returns the last position's logits (B, vocab)."""
+    policy's exact band (an explicit 4D mask); a policy that reads queries is attached to
+    ``model`` first (``PolicyCache.attach``). Returns the last position's logits (B, vocab)."""
     if chunk < 1:
         raise ValueError(f"chunk must be a positive number of tokens, got {chunk}")
     if ids.dim() != 2 or ids.shape[1] == 0:
@@ -170,12 +339,13 @@ def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Te
             f"prefill needs token ids shaped (B, T) with T >= 1, got {tuple(ids.shape)}"
         )
     dtype = next(model.parameters()).dtype
+    cache.attach(model)
     logits = None
     for a in range(0, ids.shape[1], chunk):
         piece = ids[:, a : a + chunk]
         start, t = cache.get_seq_length(), piece.shape[1]
         positions = torch.arange(start, start + t, device=ids.device)[None].expand(ids.shape[0], -1)
-        band = band_mask(start, t, cache.sinks, cache.window, ids.device)
+        band = cache.band(start, t, ids.device)
         mask = None
         if band is not None:
             # Additive form: both the eager and the SDPA attention of transformers take it.

@@ -1,1 +1,4 @@
 """Inference: KV caches and generation."""
+
+# Cache policies in their own modules register themselves on import.
+from memext.infer import retrieval  # noqa: F401

@@ -17,6 +17,9 @@ Optional, with the default a plain cache gets (``LongLM`` and ``SelfAttention`` 
 - ``position(pos) -> int`` (``pos``): the rotary position of the next token after ``pos`` tokens.
 - ``rotates_keys`` (False): ``update`` takes keys *before* rotary and returns them rotated at
   the cache's own positions.
+- ``reads_queries`` (False): ``update(layer, k, v, queries=q)`` is also given the chunk's queries
+  (B, H_q, T, D), rotated as its keys come in (before rotary when ``rotates_keys``), for a
+  policy that chooses what to return by them (``retrieval``).
 - ``unbounded`` (False): the cache reads input of any length, so the model checks only each
   chunk against ``max_seq_len``; a cache without it is held to ``max_seq_len`` in all.
 
@@ -24,7 +27,8 @@ Policies, by the name ``build_cache`` takes (``CACHES``). A policy is its option
 (a ``CachePolicy``): what each layer keeps is its ``layout()``, which ``allocate`` turns into
 memext's cache for a model's shape and ``memext.hf.cache`` into a Hugging Face one, so both take
 the same options. A new policy is a ``CachePolicy`` subclass with ``@register_cache("name")``
-(in this module, or in its own module imported at the end of this one). The policies:
+(in this module, or in its own module imported by ``memext/infer/__init__.py``, as
+``retrieval`` is). The policies:
 
 - ``full`` (``max_len``): every token, up to ``max_len``; refuses more.
 - ``window`` (``window`` = w): the newest w - 1 tokens. Each query sees itself and the w - 1
@@ -37,6 +41,10 @@ the same options. A new policy is a ``CachePolicy`` subclass with ``@register_ca
   token's position is ``position(pos)`` = the number of tokens kept (at most s + w - 1). One
   token at a time this is StreamingLLM exactly; in a chunk of T tokens a query sits up to T - 1
   positions further from the sinks than it would decoding one token at a time.
+- ``retrieval`` (``sinks``, ``window``, ``block``, ``topk``, ``reps``, ``store_device``,
+  ``rotary``; module ``memext.infer.retrieval``): InfLLM-style memory. Sinks, a local window, and
+  evicted tokens stored in blocks with representative keys; each chunk brings back the ``topk``
+  blocks its queries match best, at cache positions. Bytes and positions: that module's doc.
 - ``quantized`` (``policy`` = full | window | sinks, their options, ``axis``, ``group`` = G):
   the same policies over int8 storage (``memext.infer.kv_store``), symmetric absmax, so every
   stored element is within scale / 2 of what was written. ``axis="token"``: one fp32 scale per

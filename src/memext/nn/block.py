@@ -55,11 +55,19 @@ class SelfAttention(nn.Module):
             k = q
         mask = None
         if cache is not None:
-            if getattr(cache, "rotates_keys", False):
+            rotates = getattr(cache, "rotates_keys", False)
+            # A cache that chooses what to return by the queries (retrieval) is given them, in
+            # the rotation its keys come in.
+            extra = (
+                {"queries": q_raw if rotates else q}
+                if getattr(cache, "reads_queries", False)
+                else {}
+            )
+            if rotates:
                 # The cache places keys at its own positions (sinks) and rotates them on read.
-                k, v = cache.update(layer, q_raw if self.kernel.shared_qk else k_raw, v)
+                k, v = cache.update(layer, q_raw if self.kernel.shared_qk else k_raw, v, **extra)
             else:
-                k, v = cache.update(layer, k, v)  # (B, H, T_cache + T, D)
+                k, v = cache.update(layer, k, v, **extra)  # (B, H, T_cache + T, D)
             mask = cache.mask(t) if hasattr(cache, "mask") else None
         if mask is not None:
             # The cache's band (a chunk reaching past a window) replaces the kernel's causal rule;
