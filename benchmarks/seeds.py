@@ -71,6 +71,14 @@ BENCHES: dict[str, Bench] = {
         ("passkey-4x.yaml",),
         extends=("linear", "ntk", "dynamic", "yarn"),
     ),
+    # The same with one head of 64 dimensions (32 rotary frequency pairs instead of 8): does a
+    # rule extend zero-shot when the head has pairs to spare?
+    "extend-zero-shot-h64": Bench(
+        "extend-base.yaml",
+        ("passkey-4x.yaml",),
+        extends=("linear", "ntk", "dynamic", "yarn"),
+        sets=("model.n_heads=1",),
+    ),
     # The control: the same recipe and fine-tune at 512 without rescaling the rotary.
     "extend-none": Bench(
         "extend-yarn.yaml",
