@@ -108,7 +108,9 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--chunk", type=int, default=512, help="Prompt tokens per forward.")
-    p.add_argument("--new-tokens", type=int, default=8)
+    # SmolLM2 writes digits one token each: "The pass key is " and five digits take ~10 tokens;
+    # 8 cut every answer after its third digit.
+    p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--filler", choices=("classic", "stdlib"), default="classic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
