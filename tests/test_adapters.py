@@ -33,6 +33,7 @@ from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConf
 from memext.curriculum import trained_length
 from memext.errors import MemextError
 from memext.tokenizer import ByteTokenizer
+from tiny_hf import save_tiny_llama
 
 runner = CliRunner()
 
@@ -52,36 +53,6 @@ def _save_run(path: Path, corpus: Path, **model: Any) -> Path:
     return path
 
 
-def _save_hf(path: Path) -> Path:
-    """A random 2-layer Llama with a byte-level BPE tokenizer of its own."""
-    import tokenizers
-    import transformers
-
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<eos>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(["The pass key is 12345. Remember it."] * 20, trainer)
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
-    config = transformers.LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -92,7 +63,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "memext": _save_run(root / "plain", corpus),
         "memext-xl": _save_run(root / "xl", corpus, memory="xl", mem_len=32, max_seq_len=64),
-        "hf": _save_hf(root / "llama"),
+        "hf": save_tiny_llama(root / "llama"),
     }
 
 

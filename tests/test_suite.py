@@ -27,6 +27,7 @@ from memext.evals.results import (
     summarize,
 )
 from memext.evals.suite import SUITES, SuiteSpec, get_suite, plan, run_suite
+from tiny_hf import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -327,32 +328,7 @@ def test_memory_model_reads_any_length_in_segments(tmp_path: Path, corpus: Path)
 
 # --- a Hugging Face model through the same suite -------------------------------------------------
 def test_the_same_suite_grades_a_local_hf_model(tmp_path: Path) -> None:
-    import tokenizers
-    import transformers
-
-    path = tmp_path / "llama"
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<eos>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    bpe.train_from_iterator(["The pass key is 12345. Remember it."] * 20, trainer)
-    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
-    config = transformers.LlamaConfig(
-        vocab_size=len(hf_tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(path)
-    hf_tok.save_pretrained(path)
+    path = save_tiny_llama(tmp_path / "llama")
     adapter = open_model(path)
     assert adapter.kind == "hf" and adapter.trained_length == 128
     ids = adapter.tokenizer.encode("The pass key is 12345.")
