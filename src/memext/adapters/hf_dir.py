@@ -126,7 +126,8 @@ class HFAdapter:
         ids = torch.tensor([prompt], device=self.device)
         if cache == "full" and not cache_options and not chunk:
             past: Any = _transformers().DynamicCache(config=lm.config)
-            logits = lm(input_ids=ids, use_cache=True, **cache_kwargs(lm, past)).logits[:, -1]
+            out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(lm, past))
+            logits = out.logits[:, -1]
         else:  # memext's policy, its exact band over the prompt, ``chunk`` tokens per forward
             from memext.hf.cache import PolicyCache, prefill
             from memext.infer.cache import CACHES

@@ -357,6 +357,7 @@ def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Te
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
+            logits_to_keep=1,  # the vocabulary projection of the last position only
             **cache_kwargs(model, cache),
         )
         logits = out.logits[:, -1]
