@@ -31,10 +31,11 @@ from torch import Tensor
 
 from memext.config import ModelConfig
 from memext.hf.cache import PolicyCache, RetrievalPolicyLayer, _inv_freq32, hf_rotations, prefill
+from memext.infer import retrieval
 from memext.infer.cache import CACHES, build_cache
 from memext.infer.generate import generate_ids, new_state
 from memext.infer.prefill import prefill as memext_prefill
-from memext.infer.retrieval import Retrieval, plan
+from memext.infer.retrieval import PAGE_BLOCKS, Retrieval, plan
 from memext.model import build_model
 from memext.nn.rotary import Rotary, apply_rotary
 from memext.nn.transformer import LongLM
@@ -451,9 +452,28 @@ def test_nbytes_matches_formula_and_stays_flat_while_the_store_grows() -> None:
     assert sizes == {_formula(L, B, H, D, **options)}
     n_blocks = cache.layers[0].n_blocks
     assert n_blocks == plan(cache.seq_len, 3, 9, 4)[1]
-    per_block = L * B * H * (2 * 4 * D * 4 + 2 * D * 4)  # keys + values, reps
-    assert per_block * n_blocks <= stores[-1] < 2 * per_block * n_blocks + 4 * per_block
+    # Keys and values in whole pages; representatives (2 a block) in doubling capacity.
+    pages = -(-n_blocks // PAGE_BLOCKS)
+    kv = L * B * H * pages * PAGE_BLOCKS * 2 * 4 * D * 4
+    reps_per_block = L * B * H * 2 * D * 4
+    assert reps_per_block * n_blocks <= stores[-1] - kv < reps_per_block * (2 * n_blocks + 4)
     assert stores[0] < stores[-1]
+
+
+def test_store_pages_never_move_and_blocks_come_back_across_pages(monkeypatch) -> None:
+    # Pages of 2 blocks: every retrieval reads across page boundaries, against the reference.
+    monkeypatch.setattr(retrieval, "PAGE_BLOCKS", 2)
+    options = {"sinks": 2, "window": 5, "block": 3, "topk": 2, "reps": 2}
+    partial = _run_against_reference(2, 2, 1, 8, [4, 9, 1, 1, 12, 1, 7, 1], options)
+    assert partial >= 4
+    layer = build_cache("retrieval", 1, 1, 1, 4, rotary=Rotary(4), **options).layers[0]
+    gen = torch.Generator().manual_seed(1)
+    first = None
+    for start in range(0, 60, 6):
+        k, v, q = (torch.randn(1, 1, 6, 4, generator=gen) for _ in range(3))
+        layer.step(start, k, v, q)
+        first = first or (layer.pages_k[0].data_ptr() if layer.pages_k else None)
+    assert len(layer.pages_k) > 3 and layer.pages_k[0].data_ptr() == first
 
 
 @torch.no_grad()

@@ -43,8 +43,8 @@ Bytes. ``nbytes()`` is what attention works from between calls, allocated up fro
 ``L·B·H·(2·(s + w + b − 2 + k·b)·D·e + 8·(w + b − 2))`` (sinks, local part and its fp32 scores,
 and the buffer the retrieved blocks are copied into). ``store_nbytes()`` is the block store,
 which grows with the input: per stored block per head per layer 2·b·D·e (keys and values, on
-``store_device``, CPU RAM by default) + r·D·e (representatives, on the model's device), held in
-capacity that doubles as it fills.
+``store_device``, CPU RAM by default, in pages of ``PAGE_BLOCKS`` blocks so that growing never
+copies them) + r·D·e (representatives, on the model's device, in capacity that doubles).
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ from memext.nn.rotary import apply_rotary
 
 #: Queries per piece when scoring local tokens (bounds that step's scores to piece x local).
 SCORE_PIECE = 128
+#: Blocks per page of the block store.
+PAGE_BLOCKS = 64
 
 CosSin = Callable[[int, int], tuple[Tensor, Tensor]]
 
@@ -217,7 +219,11 @@ class RetrievalLayer:
         self.local_score = empty(self.capacity, dims=(2,), dt=torch.float32)
         self.fetch_k, self.fetch_v = empty(p.topk * p.block), empty(p.topk * p.block)
         self.n_blocks = 0
-        self.store_k = self.store_v = self.store_reps = None
+        # Keys and values of stored blocks, in pages of PAGE_BLOCKS blocks on ``store_device``:
+        # growing never copies what is stored (at 128k tokens a SmolLM2 store is ~6 GB).
+        self.pages_k: list[Tensor] = []
+        self.pages_v: list[Tensor] = []
+        self.store_reps: Tensor | None = None
         self.selected: Tensor | None = None
 
     # --- reading ------------------------------------------------------------------------------
@@ -266,11 +272,15 @@ class RetrievalLayer:
         """The blocks ``index`` (B, H, n), copied into the retrieval buffer: (B, H, n·block, D)."""
         b, h, d = self.shape
         n, size = index.shape[-1], self.policy.block
-        rows = torch.arange(b * h, device=self.store_k.device)[:, None]
-        flat = index.reshape(b * h, n).to(self.store_k.device)
+        flat = index.reshape(b * h, n).to(self.policy.store_device)
+        page, offset = flat // PAGE_BLOCKS, flat % PAGE_BLOCKS
         got = []
-        for store, buffer in ((self.store_k, self.fetch_k), (self.store_v, self.fetch_v)):
-            picked = store.view(b * h, -1, size, d)[rows, flat]  # (B·H, n, block, D)
+        for pages, buffer in ((self.pages_k, self.fetch_k), (self.pages_v, self.fetch_v)):
+            picked = torch.empty(b * h, n, size, d, dtype=self.dtype, device=flat.device)
+            for p in page.unique().tolist():  # at most n·B·H pages, usually a few
+                rows, cols = (page == p).nonzero(as_tuple=True)
+                stored = pages[p].view(b * h, PAGE_BLOCKS, size, d)
+                picked[rows, cols] = stored[rows, offset[rows, cols]]
             dest = buffer[:, :, : n * size]
             dest.copy_(picked.reshape(b, h, n * size, d))
             got.append(dest)
@@ -346,36 +356,40 @@ class RetrievalLayer:
         b, h, d = self.shape
         size, r = self.policy.block, self.policy.reps
         blocks_k = k.reshape(b, h, n_new, size, d)
+        blocks_v = v.reshape(b, h, n_new, size, d)
         mean = score[..., 0] / score[..., 1].clamp(min=1)  # over the queries that saw each
         top = mean.reshape(b, h, n_new, size).topk(r, dim=-1).indices  # (B, H, n, r)
         reps = blocks_k.gather(3, top[..., None].expand(-1, -1, -1, -1, d))  # (B, H, n, r, D)
         end = self.n_blocks + n_new
-        self._reserve(end)
-        where = self.policy.store_device
-        self.store_k[:, :, self.n_blocks : end] = blocks_k.to(where)
-        self.store_v[:, :, self.n_blocks : end] = v.reshape(b, h, n_new, size, d).to(where)
+        self._reserve_reps(end)
         self.store_reps[:, :, self.n_blocks : end] = reps
+        where = self.policy.store_device
+        done = 0
+        while done < n_new:  # page by page: a page is allocated whole, and never moves
+            at = self.n_blocks + done
+            page, offset = divmod(at, PAGE_BLOCKS)
+            if page == len(self.pages_k):
+                shape = (b, h, PAGE_BLOCKS, size, d)
+                self.pages_k.append(torch.zeros(shape, dtype=self.dtype, device=where))
+                self.pages_v.append(torch.zeros(shape, dtype=self.dtype, device=where))
+            m = min(n_new - done, PAGE_BLOCKS - offset)
+            self.pages_k[page][:, :, offset : offset + m] = blocks_k[:, :, done : done + m]
+            self.pages_v[page][:, :, offset : offset + m] = blocks_v[:, :, done : done + m]
+            done += m
         self.n_blocks = end
 
-    def _reserve(self, n: int) -> None:
-        """Grow the store (capacity doubling) to hold ``n`` blocks."""
-        have = 0 if self.store_k is None else self.store_k.shape[2]
+    def _reserve_reps(self, n: int) -> None:
+        """Grow the representatives (capacity doubling; r of every block's keys) to ``n``."""
+        have = 0 if self.store_reps is None else self.store_reps.shape[2]
         if n <= have:
             return
-        new = max(n, 2 * have, 4)
         b, h, d = self.shape
-        size, r = self.policy.block, self.policy.reps
-        where = self.policy.store_device
-
-        def grown(old: Tensor | None, dims: tuple[int, ...], device: Any) -> Tensor:
-            out = torch.zeros(b, h, new, *dims, dtype=self.dtype, device=device)
-            if old is not None:
-                out[:, :, :have] = old
-            return out
-
-        self.store_k = grown(self.store_k, (size, d), where)
-        self.store_v = grown(self.store_v, (size, d), where)
-        self.store_reps = grown(self.store_reps, (r, d), self.device)
+        grown = torch.zeros(
+            b, h, max(n, 2 * have, 4), self.policy.reps, d, dtype=self.dtype, device=self.device
+        )
+        if self.store_reps is not None:
+            grown[:, :, :have] = self.store_reps
+        self.store_reps = grown
 
     # --- bytes ------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -384,8 +398,9 @@ class RetrievalLayer:
         return sum(x.numel() * x.element_size() for x in held)
 
     def store_nbytes(self) -> int:
-        stores = (self.store_k, self.store_v, self.store_reps)
-        return sum(x.numel() * x.element_size() for x in stores if x is not None)
+        stores = [*self.pages_k, *self.pages_v]
+        stores += [self.store_reps] if self.store_reps is not None else []
+        return sum(x.numel() * x.element_size() for x in stores)
 
 
 class RetrievalCache:
