@@ -20,6 +20,7 @@ differently, as in test_hf_cache.py); attention outputs <= 1e-5 against the naiv
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 
 import pytest
@@ -460,6 +461,29 @@ def test_nbytes_matches_formula_and_stays_flat_while_the_store_grows() -> None:
     assert stores[0] < stores[-1]
 
 
+def test_a_store_on_disk_reads_as_one_in_ram_and_leaves_no_files(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(retrieval, "PAGE_BLOCKS", 2)
+    options = {"sinks": 2, "window": 5, "block": 3, "topk": 2, "reps": 2}
+    outs = []
+    for extra in ({}, {"store_dir": str(tmp_path)}):
+        cache = build_cache("retrieval", 2, 1, 2, 4, rotary=Rotary(4), **options, **extra)
+        gen = torch.Generator().manual_seed(3)
+        got = []
+        for _ in range(8):
+            for layer in range(2):
+                k, v, q = (torch.randn(1, 2, 5, 4, generator=gen) for _ in range(3))
+                got += list(cache.update(layer, k, v, queries=q))
+            cache.advance(5)
+        if extra:
+            assert len(list(tmp_path.rglob("*.bin"))) == 4 * len(cache.layers[0].pages_k)
+            assert cache.store_nbytes() == outs[0][1]
+        outs.append((got, cache.store_nbytes()))
+        del cache
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][0], outs[1][0], strict=True))
+    gc.collect()
+    assert list(tmp_path.iterdir()) == []  # the cache's folder went with it
+
+
 def test_store_pages_never_move_and_blocks_come_back_across_pages(monkeypatch) -> None:
     # Pages of 2 blocks: every retrieval reads across page boundaries, against the reference.
     monkeypatch.setattr(retrieval, "PAGE_BLOCKS", 2)
@@ -503,6 +527,7 @@ def test_hf_nbytes_stays_flat_as_the_input_grows() -> None:
         ({"sinks": 4, "window": 8, "reps": 0}, r"reps=0"),
         ({"sinks": 4, "window": 8, "block": 4, "reps": 5}, r"reps=5 .* block of 4 .* reps <="),
         ({"sinks": 4, "window": 8, "store_device": "floppy"}, r"store_device must name a torch"),
+        ({"sinks": 4, "window": 8, "store_dir": "/no/such/dir"}, r"not an existing folder"),
         ({"sinks": 4, "window": 8, "max_len": 9}, r"cache 'retrieval' takes no option max_len"),
         ({"sinks": 4, "window": 8}, r"the retrieval cache rotates keys itself: pass rotary="),
     ],

@@ -43,14 +43,19 @@ Bytes. ``nbytes()`` is what attention works from between calls, allocated up fro
 ``L·B·H·(2·(s + w + b − 2 + k·b)·D·e + 8·(w + b − 2))`` (sinks, local part and its fp32 scores,
 and the buffer the retrieved blocks are copied into). ``store_nbytes()`` is the block store,
 which grows with the input: per stored block per head per layer 2·b·D·e (keys and values, on
-``store_device``, CPU RAM by default, in pages of ``PAGE_BLOCKS`` blocks so that growing never
-copies them) + r·D·e (representatives, on the model's device, in capacity that doubles).
+``store_device``, CPU RAM by default, or memory-mapped files under ``store_dir``; in pages of
+``PAGE_BLOCKS`` blocks so that growing never copies them) + r·D·e (representatives, on the model's device, in capacity that doubles).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
+import tempfile
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -104,7 +109,9 @@ class Retrieval(CachePolicy):
 
     ``rotary`` is the model's ``Rotary``: memext's cache rotates keys at cache positions; a
     Hugging Face cache takes the rotary from the model's config instead. ``store_device`` holds
-    the evicted blocks (default CPU RAM).
+    the evicted blocks (default CPU RAM); ``store_dir`` puts them on disk instead, as
+    memory-mapped files in a fresh folder under it (removed with the cache), which the operating
+    system pages in when a block is read: the store is then bounded by the disk, not the RAM.
     """
 
     reads_queries = True
@@ -117,6 +124,7 @@ class Retrieval(CachePolicy):
         topk: int = 16,
         reps: int = 4,
         store_device: str = "cpu",
+        store_dir: str | None = None,
         rotary: Rotation | None = None,
     ) -> None:
         _check_positive(sinks=sinks, window=window, block=block, topk=topk, reps=reps)
@@ -132,6 +140,15 @@ class Retrieval(CachePolicy):
             raise ValueError(
                 f"store_device must name a torch device such as 'cpu', got {store_device!r}"
             ) from None
+        if store_dir is not None:
+            if self.store_device.type != "cpu":
+                raise ValueError(
+                    f"store_dir keeps the block store in memory-mapped files, which live on the "
+                    f"CPU: drop store_device={store_device!r} or store_dir"
+                )
+            if not Path(store_dir).is_dir():
+                raise ValueError(f"store_dir={store_dir!r} is not an existing folder")
+        self.store_dir = store_dir
         self.rotary = rotary
 
     @classmethod
@@ -224,6 +241,7 @@ class RetrievalLayer:
         self.pages_k: list[Tensor] = []
         self.pages_v: list[Tensor] = []
         self.store_reps: Tensor | None = None
+        self._folder: str | None = None  # the memory-mapped pages' folder (``store_dir``)
         self.selected: Tensor | None = None
 
     # --- reading ------------------------------------------------------------------------------
@@ -363,20 +381,32 @@ class RetrievalLayer:
         end = self.n_blocks + n_new
         self._reserve_reps(end)
         self.store_reps[:, :, self.n_blocks : end] = reps
-        where = self.policy.store_device
         done = 0
         while done < n_new:  # page by page: a page is allocated whole, and never moves
             at = self.n_blocks + done
             page, offset = divmod(at, PAGE_BLOCKS)
             if page == len(self.pages_k):
                 shape = (b, h, PAGE_BLOCKS, size, d)
-                self.pages_k.append(torch.zeros(shape, dtype=self.dtype, device=where))
-                self.pages_v.append(torch.zeros(shape, dtype=self.dtype, device=where))
+                self.pages_k.append(self._new_page(shape, f"{page}-keys"))
+                self.pages_v.append(self._new_page(shape, f"{page}-values"))
             m = min(n_new - done, PAGE_BLOCKS - offset)
             self.pages_k[page][:, :, offset : offset + m] = blocks_k[:, :, done : done + m]
             self.pages_v[page][:, :, offset : offset + m] = blocks_v[:, :, done : done + m]
             done += m
         self.n_blocks = end
+
+    def _new_page(self, shape: tuple[int, ...], name: str) -> Tensor:
+        """A zeroed page in RAM on ``store_device``, or a memory-mapped file under ``store_dir``."""
+        if self.policy.store_dir is None:
+            return torch.zeros(shape, dtype=self.dtype, device=self.policy.store_device)
+        if self._folder is None:
+            self._folder = tempfile.mkdtemp(prefix="memext-kv-", dir=self.policy.store_dir)
+            # The files go when the layer does (or at exit), whatever ends the read.
+            weakref.finalize(self, shutil.rmtree, self._folder, ignore_errors=True)
+        path = str(Path(self._folder) / f"{name}.bin")
+        return torch.from_file(path, shared=True, size=math.prod(shape), dtype=self.dtype).view(
+            shape
+        )
 
     def _reserve_reps(self, n: int) -> None:
         """Grow the representatives (capacity doubling; r of every block's keys) to ``n``."""
