@@ -1,0 +1,1 @@
+"""Distributed training: process groups, data/model parallel wrappers, context parallelism."""
