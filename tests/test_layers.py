@@ -18,8 +18,12 @@ first component under ``memext`` (``memext.nn.attention.full`` is in ``nn``; the
   contract; above ``train`` (a kind may fine-tune through it), ``checkpoint`` and ``hf``, which
   it opens, and ``data`` (a run's validation text);
 - ``train`` runs the loop over what is below;
+- ``dist``: distributed training pieces the trainer drives: joining torchrun's process group,
+  the data-parallel strategies (DDP, FSDP2), context-parallel attention over process groups;
 - the package root re-exports ``load``, ``Config`` and ``build_model``;
-- ``checkpoint`` reads and writes runs, rebuilding a model (with its curriculum stage's rotary);
+- ``checkpoint`` reads and writes runs, rebuilding a model (with its curriculum stage's rotary),
+  with ``dcp`` beside it: sharded checkpoints (``torch.distributed.checkpoint``), which a
+  single process reads too;
 - ``model`` builds a ``LongLM`` from a config;
 - ``data``, ``infer`` and ``hf``: corpora, stores and synthetic tasks; caches and generation;
   Hugging Face glue;
@@ -53,8 +57,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("extend", "pipelines"),
     ("adapters",),
     ("train",),
+    ("dist",),
     ("",),
-    ("checkpoint",),
+    ("checkpoint", "dcp"),
     ("model",),
     ("data", "infer", "hf"),
     ("config_docs",),

@@ -1,1 +1,11 @@
-"""Distributed training: process groups, data/model parallel wrappers, context parallelism."""
+"""Distributed training under torchrun: process groups, data parallelism, context parallelism.
+
+- ``launch``: joining torchrun's process group (nccl on CUDA, gloo on CPU) as a ``World``, and
+  the torchrun command that ``memext train --nproc N`` executes.
+- ``strategy``: data parallelism, replicated (``ddp``: DistributedDataParallel) or sharded
+  (``fsdp``: FSDP2's ``fully_shard``), behind the few calls the trainer makes.
+- ``ring``, ``ulysses`` (and ``cp_common``): context-parallel attention over a process group.
+
+Which rows of a batch each data-parallel rank reads is ``memext.data.sampling.rows``; sharded
+checkpoints are ``memext.dcp``. See docs/distributed.md.
+"""
