@@ -102,7 +102,8 @@ def _worker(rank: int, world: int, port: int, method: str, kernel: str, args, ou
     def measure(t: int) -> int:  # every rank measures; the group agrees on the largest
         peak = torch.tensor(_footprint(attend, t, rank, world, args), dtype=torch.float64)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        print(f"  {method}/{kernel} x{world} T={t}: {peak.item() / 2**20:.1f} MiB", flush=True)
+        if rank == 0:
+            print(f"  {method}/{kernel} x{world} T={t}: {peak.item() / 2**20:.1f} MiB", flush=True)
         return int(peak.item())
 
     found = _search(measure, args)

@@ -75,7 +75,8 @@ def ring_attention(
     (``memext.nn.reference.sliding_mask``). ``heads_per_pass``: KV heads per trip round the ring
     (memory against message count); ``block``: query rows per tile (0: from the window);
     ``fused``: tiles through PyTorch's fused CPU attention (None: when on CPU; False: the math
-    twin that other devices run). Returns this rank's rows of the output, ``(B, H, T/N, D)``, differentiable.
+    twin that other devices run). Returns this rank's rows of the output, ``(B, H, T/N, D)``,
+    differentiable.
     """
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(
