@@ -124,32 +124,40 @@ class HFAdapter:
         lm = self.model.model
         gen = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         ids = torch.tensor([prompt], device=self.device)
-        if cache == "full" and not cache_options and not chunk:
-            past: Any = _transformers().DynamicCache(config=lm.config)
-            out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(lm, past))
-            logits = out.logits[:, -1]
-        else:  # memext's policy, its exact band over the prompt, ``chunk`` tokens per forward
-            from memext.hf.cache import PolicyCache, prefill
-            from memext.infer.cache import CACHES
+        unhook: Any = None
+        try:
+            if cache == "full" and not cache_options and not chunk:
+                past: Any = _transformers().DynamicCache(config=lm.config)
+                out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(lm, past))
+                logits = out.logits[:, -1]
+            else:  # memext's policy, its exact band over the prompt, ``chunk`` tokens per forward
+                from memext.hf.cache import PolicyCache, prefill
+                from memext.infer.cache import CACHES
 
-            # As ``new_state``: the model supplies what the policy takes from it (its length).
-            given = {"max_len": len(prompt) + max_new_tokens}
-            taken = {k: v for k, v in given.items() if k in CACHES.takes(cache)}
-            past = PolicyCache(lm.config, cache, **{**taken, **(cache_options or {})})
-            logits, past = prefill(lm, ids, past, chunk or len(prompt))
-        pos = len(prompt)
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
-            yield int(nxt)
-            if i + 1 < max_new_tokens:  # the last token needs no forward pass
-                where = torch.tensor([[pos]], device=self.device)
-                out = lm(
-                    input_ids=nxt[:, None],
-                    position_ids=where,
-                    use_cache=True,
-                    **cache_kwargs(lm, past),
-                )
-                logits, pos = out.logits[:, -1], pos + 1
+                # As ``new_state``: the model supplies what the policy takes from it (its length).
+                given = {"max_len": len(prompt) + max_new_tokens}
+                taken = {k: v for k, v in given.items() if k in CACHES.takes(cache)}
+                past = PolicyCache(lm.config, cache, **{**taken, **(cache_options or {})})
+                unhook = past.detach
+                logits, past = prefill(lm, ids, past, chunk or len(prompt))
+            pos = len(prompt)
+            for i in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, gen)
+                yield int(nxt)
+                if i + 1 < max_new_tokens:  # the last token needs no forward pass
+                    where = torch.tensor([[pos]], device=self.device)
+                    out = lm(
+                        input_ids=nxt[:, None],
+                        position_ids=where,
+                        use_cache=True,
+                        **cache_kwargs(lm, past),
+                    )
+                    logits, pos = out.logits[:, -1], pos + 1
+        finally:
+            # ``prefill`` hooks the query projections for a policy that reads queries; left
+            # there, each later forward of this model would run one dead hook per generation.
+            if unhook is not None:
+                unhook()
 
     def validation(self) -> tuple[np.ndarray, str, str]:
         from memext.config import DataConfig
