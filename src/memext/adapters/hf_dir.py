@@ -141,6 +141,8 @@ class HFAdapter:
                 unhook = past.detach
                 logits, past = prefill(lm, ids, past, chunk or len(prompt))
             pos = len(prompt)
+            # Once, not per token: it inspects the forward's signature.
+            past_kw = cache_kwargs(lm, past)
             for i in range(max_new_tokens):
                 nxt = sample_next(logits, temperature, top_k, top_p, gen)
                 yield int(nxt)
@@ -150,7 +152,7 @@ class HFAdapter:
                         input_ids=nxt[:, None],
                         position_ids=where,
                         use_cache=True,
-                        **cache_kwargs(lm, past),
+                        **past_kw,
                     )
                     logits, pos = out.logits[:, -1], pos + 1
         finally:
