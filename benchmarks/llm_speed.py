@@ -88,6 +88,9 @@ DECODE_CONFIGS = (
 )
 MEMORY_CONFIGS = ("one-shot", "chunked-transformers", "chunked-memext")
 WARMUP_TOKENS = 4
+# TRANSFORMERS_SDPA_FORCE_GQA: transformers' SDPA then attends grouped heads without repeating
+# K/V even under a mask (chunked prefill), which changes prefill's peak memory.
+ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRANSFORMERS_SDPA_FORCE_GQA")
 
 
 # --- the model and the prompt ------------------------------------------------------------------
@@ -599,6 +602,8 @@ def main(argv: list[str] | None = None) -> None:
         "command": command_line("benchmarks/llm_speed.py", args, ("memory_child",)),
         "provenance": provenance(device),
         "model": args.model.as_posix(),
+        # Settings read from the environment that change these paths or their threads.
+        "environment": {k: os.environ.get(k) for k in ENVIRONMENT},
         "decode_timing": (
             "tokens/s = (N - 1) / (stamp of token N - stamp of token 1), stamps as each token "
             "reaches the caller (generate's streamer; memext's yield): N - 1 single-token "
