@@ -14,13 +14,20 @@ from memext.data.tasks import Sample
 
 
 def sample_batch(
-    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, stream: int = 0
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+    stream: int = 0,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random segments of ``seq_len + 1`` tokens as (inputs, targets), each (B, T) int64.
 
     The batch is a pure function of (seed, step, stream), so a resumed run draws exactly the
     batches an uninterrupted one would, without saving sampler state; ``stream`` > 0 draws an
-    independent sequence of batches (another text source of a mixture).
+    independent sequence of batches (another text source of a mixture). ``rows``: only these
+    rows of the batch are read (a data-parallel rank's share; ``memext.dist.sharding``).
     """
     if tokens.size < seq_len + 1:
         raise ValueError(
@@ -28,6 +35,8 @@ def sample_batch(
         )
     rng = np.random.default_rng([seed, step, stream] if stream else [seed, step])
     starts = rng.integers(0, tokens.size - seq_len, size=batch_size)
+    if rows is not None:  # every row's start is drawn first, so a row reads the same span
+        starts = starts[rows]
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     seg = torch.from_numpy(tokens[idx].astype(np.int64))
     return seg[:, :-1], seg[:, 1:]
