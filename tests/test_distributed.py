@@ -1,7 +1,7 @@
 """Training on several processes (torchrun, gloo, 2 ranks x 1 thread) against one process.
 
 The reference is one process training a batch of 4 rows; two ranks each read 2 of those rows
-(``memext.dist.sharding``), so their averaged gradients are the reference's up to the order of
+(``memext.data.sampling.rows``), so their averaged gradients are the reference's up to the order of
 float additions. The model has no dropout (``model.dropout`` is 0 here, its default), so no
 random draw differs between ranks and the reference either. Losses are compared to 1e-6
 relative (DDP) and 1e-5 (FSDP), parameters to 1e-6 and 1e-5 absolute.
@@ -28,9 +28,8 @@ import pytest
 import torch
 
 import memext
-from memext import Config, load
+from memext import Config, dcp, load
 from memext.checkpoint import SHARDED, WEIGHTS, read_metrics
-from memext.dist import dcp
 from memext.dist.strategy import held_bytes
 from memext.errors import MemextError
 from memext.train import train

@@ -32,9 +32,6 @@ first component under ``memext`` (``memext.nn.attention.full`` is in ``nn``; the
 - ``source`` (a ``data.mixture`` record) and ``presets`` (the named configs), which ``config``
   reads, on ``fields`` (how a config record declares, checks and parses its fields);
 - ``nn``: blocks that never read a config;
-- ``dist``: torchrun's process group, the data-parallel strategies and sharded checkpoints,
-  on plain values (no config), so the trainer, the checkpoint reader and the data below them
-  can use it, and so can a kernel that communicates;
 - ``io``, ``errors``, ``runtime``, ``profiling`` and ``registry``: leaves.
 
 Every import counts, function-local and ``TYPE_CHECKING`` ones too: a local import is how an
@@ -70,7 +67,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("source", "presets"),
     ("fields",),
     ("nn",),
-    ("dist",),
     ("io", "errors", "runtime", "profiling", "registry"),
 )
 

@@ -4,7 +4,7 @@ A run directory holds ``config.json``, ``model.safetensors``, ``train_state.pt``
 RNG state, loaded with ``weights_only=True``), ``metrics.jsonl`` and, when the tokenizer is not
 the byte tokenizer, ``tokenizer.json``. A run trained with ``train.strategy=fsdp`` holds its
 weights and optimizer state sharded instead, in the folder ``model.dcp/``
-(``torch.distributed.checkpoint``; ``memext.dist.dcp``), and its ``train_state.pt`` holds the
+(``torch.distributed.checkpoint``; ``memext.dcp``), and its ``train_state.pt`` holds the
 step and RNG state only; ``load`` reads it into one process.
 
 A checkpoint (weights + training state) is one unit. ``save_checkpoint`` writes both files into
@@ -30,9 +30,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
+from memext import dcp
 from memext.config import Config
 from memext.curriculum import stage_at
-from memext.dist import dcp
 from memext.errors import MemextError, is_environmental, storage_error
 from memext.io import atomic_write, atomic_write_text, fsync_dir, temp_files
 from memext.model import build_model

@@ -21,9 +21,8 @@ from torch import Tensor
 
 from memext.config import Config
 from memext.data.filler import CLASSIC_FILLER, Filler
-from memext.data.sampling import pair_batch, sample_batch, task_batch
+from memext.data.sampling import pair_batch, rows, sample_batch, task_batch
 from memext.data.tasks import TASKS, Sample, TooShort, make_samples
-from memext.dist.sharding import rows
 from memext.errors import MemextError
 from memext.source import Source
 from memext.tokenizer import Tokenizer
@@ -69,7 +68,7 @@ class BatchSource:
         shard: tuple[int, int] = (0, 1),
     ):
         """``shard``: (rank, ranks) of data parallelism; every batch is then this rank's rows of
-        the one global batch (``memext.dist.sharding.rows``)."""
+        the one global batch (``memext.data.sampling.rows``)."""
         self.sources = cfg.data.mixture or (Source(),)
         self.seed = cfg.train.seed
         self.segment_len = cfg.train.segment_len

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from memext import checkpoint as ckpt
 from memext.config import Config
 from memext.curriculum import stages
+from memext.data.sampling import per_rank
 from memext.dist.launch import World, job_id, rank_seed, restart_count
-from memext.dist.sharding import per_rank
 from memext.dist.strategy import Strategy
 from memext.errors import MemextError
 

@@ -9,7 +9,7 @@ the checkpoint.
 
 On several ranks (``memext.dist``) every rank calls both. With ``train.strategy=ddp`` rank 0
 writes the one weights file, as a single process does; with ``fsdp`` every rank writes its
-shards (``memext.dist.dcp``) and rank 0 commits them. Each rank's RNG state is saved; a run
+shards (``memext.dcp``) and rank 0 commits them. Each rank's RNG state is saved; a run
 resumed at another world size reads the same weights, optimizer state and global batches.
 """
 
@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 
 from memext import checkpoint as ckpt
+from memext import dcp
 from memext.config import Config
-from memext.dist import dcp
 from memext.dist.launch import World, rank_seed
 from memext.dist.strategy import Strategy
 from memext.errors import MemextError
