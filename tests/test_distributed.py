@@ -326,3 +326,55 @@ def test_two_nodes_one_rendezvous(tmp_path, corpus, reference):
     assert "2 ranks, train.strategy=ddp" in " ".join("".join(e for _, e in results).split())
     _close(_losses(out), reference["losses"], 1e-6)
     _same_weights(out, reference, 1e-6)
+
+
+def test_a_sharded_run_is_read_by_one_process(tmp_path, corpus):
+    """A run with sharded checkpoints (train.strategy=fsdp; written here by one process) is read
+    by every single-process reader: the model adapter (eval, generate), info, and extend, whose
+    copy holds the weights as one model.safetensors."""
+    from memext.adapters import open_model
+    from memext.adapters.memext_run import MemextAdapter
+    from memext.extend import extend_model
+
+    run = tmp_path / "run"
+    _train_here(_settings(corpus, **{"train.strategy": "fsdp", "train.steps": "4"}), run)
+    assert (run / SHARDED).is_dir() and not (run / WEIGHTS).exists()
+    model, _ = load(run)
+    adapter = open_model(run)
+    tokens = torch.randint(0, 200, (1, 16))
+    assert torch.equal(adapter.logits(tokens), model(tokens)[0])
+    assert adapter.fingerprint()  # over the shard files
+    assert any("checkpoint present" in line for line in MemextAdapter.summary(run))
+
+    copy = tmp_path / "extended"
+    extend_model(run, copy, "linear", 2.0)
+    assert (copy / WEIGHTS).is_file() and not (copy / SHARDED).exists()
+    extended, _ = load(copy)
+    weights = extended.state_dict()
+    for name, p in model.state_dict().items():
+        assert torch.equal(p, weights[name]), name
+
+
+def test_a_run_changes_strategy_on_resume(tmp_path, corpus, reference):
+    """Sharded (fsdp) to one file (ddp): the resumed run continues the same curve, and its
+    checkpoint is then one model.safetensors (the shards are removed once it is committed)."""
+    out = tmp_path / "run"
+
+    def stop(loop) -> None:
+        loop.stop_requested = loop.step == 10
+
+    _train_here(_settings(corpus, **{"train.strategy": "fsdp"}), out, callback=stop)
+    assert (out / SHARDED).is_dir()
+    _train_here(_settings(corpus), out, resume=True)
+    assert (out / WEIGHTS).is_file() and not (out / SHARDED).exists()
+    _close(_losses(out), reference["losses"], 1e-6)
+    _same_weights(out, reference, 1e-6)
+
+
+def test_a_batch_that_does_not_split_is_refused():
+    from memext.train.parallel import check_split
+
+    cfg = Config.preset("tiny").override({**SETTINGS, "train.batch_size": "5"})
+    check_split(cfg, 1)
+    with pytest.raises(MemextError, match="5 rows does not split evenly over 2"):
+        check_split(cfg, 2)
