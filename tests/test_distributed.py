@@ -378,3 +378,87 @@ def test_a_batch_that_does_not_split_is_refused():
     check_split(cfg, 1)
     with pytest.raises(MemextError, match="5 rows does not split evenly over 2"):
         check_split(cfg, 2)
+
+
+# Each grandchild (forked from one warm child) trains a 4-step sharded run (one process writes
+# the sharded format too) and SIGKILLs itself at POINT of its second save (step 2).
+KILL_AT = """
+import json, os, signal, sys
+import memext.checkpoint as ckpt
+from memext import Config
+from memext.train import train
+
+root, cfg_file, points = sys.argv[1], sys.argv[2], sys.argv[3:]
+cfg = Config.load(cfg_file)
+
+
+def grandchild(point):
+    saves = []
+
+    def hook(at):
+        if at == "start":
+            saves.append(at)
+        if len(saves) == 2 and at == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt.save_hook = hook
+    train(cfg, os.path.join(root, point), progress=False, log=lambda m: None)
+
+
+train(cfg, os.path.join(root, "warm-up"), progress=False, log=lambda m: None)
+signals = {}
+for point in points:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            grandchild(point)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    signals[point] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+print(json.dumps(signals))
+"""
+
+# The step each kill leaves: before the commit marker the last complete checkpoint (step 1),
+# from it on the new one (step 2), whose move the next start finishes. "shards-aside": the old
+# shards renamed aside, the new ones not yet in place.
+SHARDED_KILL_POINTS = {
+    "start": 1,
+    "weights-written": 1,
+    "state-written": 1,
+    "committed": 2,
+    "renamed-1": 2,
+    "shards-aside": 2,
+    "renamed-shards": 2,
+}
+
+
+def test_a_kill_at_any_point_of_a_sharded_save_leaves_a_resumable_run(corpus, tmp_path):
+    settings = _settings(
+        corpus, **{"train.strategy": "fsdp", "train.steps": "4", "train.save_every": "1"}
+    )
+    cfg = Config.preset("tiny").override(settings)
+    straight = tmp_path / "straight"
+    _train_here(settings, straight)
+    cfg_file = tmp_path / "cfg.json"
+    cfg.save(cfg_file)
+    done = _run([sys.executable, "-c", KILL_AT, str(tmp_path), str(cfg_file), *SHARDED_KILL_POINTS])
+    assert done.returncode == 0, done.stderr
+    killed = json.loads(done.stdout.splitlines()[-1])
+    assert set(killed.values()) == {9}, (killed, done.stderr[-3000:])
+    for point, step in SHARDED_KILL_POINTS.items():
+        out = tmp_path / point
+        logs: list[str] = []
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            resumed = train(cfg, out, resume=True, progress=False, log=logs.append)
+        finally:
+            torch.set_num_threads(threads)
+        assert f"resuming {out} from step {step}" in logs, (point, logs)
+        assert resumed.step == 4
+        assert [r["loss"] for r in read_metrics(out) if "loss" in r] == [
+            r["loss"] for r in read_metrics(straight) if "loss" in r
+        ], point
+        leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
+        assert leftovers == [] and not (out / WEIGHTS).exists(), (point, leftovers)

@@ -377,6 +377,7 @@ def _move_into_place(run_dir: Path) -> None:
         if (run_dir / SHARDED).is_dir():
             shutil.rmtree(run_dir / _ASIDE, ignore_errors=True)
             os.rename(run_dir / SHARDED, run_dir / _ASIDE)
+            _hook("shards-aside")
         os.rename(pending / SHARDED, run_dir / SHARDED)
         (run_dir / WEIGHTS).unlink(missing_ok=True)  # a run that switched to fsdp on resume
         _hook("renamed-shards")
