@@ -462,3 +462,27 @@ def test_a_kill_at_any_point_of_a_sharded_save_leaves_a_resumable_run(corpus, tm
         ], point
         leftovers = [p.name for p in out.iterdir() if p.name.startswith(".")]
         assert leftovers == [] and not (out / WEIGHTS).exists(), (point, leftovers)
+
+
+def test_a_full_disk_during_a_sharded_save_keeps_the_last_checkpoint(tmp_path, corpus, monkeypatch):
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from memext.errors import StorageError
+
+    settings = _settings(corpus, **{"train.strategy": "fsdp", "train.steps": "2"})
+    out = tmp_path / "run"
+    _train_here(settings, out)
+
+    def full(*args, **kwargs):  # what DCP raises: each rank's error wrapped, a BaseException
+        raise CheckpointException("save", {0: (OSError(errno.ENOSPC, "No space left"), None)})
+
+    monkeypatch.setattr(dcp.dcp, "save", full)
+    more = {**settings, "train.steps": "3"}
+    with pytest.raises(StorageError, match=r"the disk is full.*last complete checkpoint is kept"):
+        _train_here(more, out, resume=True)
+    assert not (out / ".checkpoint-pending").exists()
+    assert dcp.saved_step(out / SHARDED) == 2
+    monkeypatch.undo()
+    assert _train_here(more, out, resume=True).step == 3

@@ -43,8 +43,13 @@ def save(
     ``sharded``: every rank calls this and writes its shards; otherwise one process writes all."""
     model_sd, optim_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd, STEP: step}
-    with _quiet():
-        dcp.save(state, checkpoint_id=str(path), no_dist=not _collective(sharded))
+    try:
+        with _quiet():
+            dcp.save(state, checkpoint_id=str(path), no_dist=not _collective(sharded))
+    except CheckpointException as e:
+        # A BaseException wrapping each rank's error: raise the first (a full disk stays an
+        # OSError, which memext.checkpoint reports as a storage error).
+        raise _first(e) from None
 
 
 def load(model: nn.Module, opt: torch.optim.Optimizer, path: Path, *, sharded: bool) -> int:
@@ -87,12 +92,17 @@ def _read(state: dict, path: Path, sharded: bool) -> None:
     except (Exception, CheckpointException) as e:  # a missing key, a wrong shape, a short file
         # A CheckpointException (a BaseException, not an Exception) holds each failing rank's
         # (exception, traceback): show the first exception.
-        failures = e.failures if isinstance(e, CheckpointException) else {}
-        cause = next(iter(failures.values()), (e, None))[0]
+        cause = _first(e) if isinstance(e, CheckpointException) else e
         raise MemextError(
             f"{str(path)!r} is corrupt or holds another architecture than the run's config "
             f"describes ({type(cause).__name__}: {str(cause).strip()[:200]})"
         ) from None
+
+
+def _first(e: CheckpointException) -> BaseException:
+    """The first rank's own exception inside DCP's wrapper (each failure is (error, trace))."""
+    failure = next(iter(e.failures.values()), None)
+    return failure[0] if failure is not None else RuntimeError(str(e))
 
 
 @contextlib.contextmanager
