@@ -2,13 +2,18 @@
 
 A run directory holds ``config.json``, ``model.safetensors``, ``train_state.pt`` (optimizer and
 RNG state, loaded with ``weights_only=True``), ``metrics.jsonl`` and, when the tokenizer is not
-the byte tokenizer, ``tokenizer.json``.
+the byte tokenizer, ``tokenizer.json``. A run trained with ``train.strategy=fsdp`` holds its
+weights and optimizer state sharded instead, in the folder ``model.dcp/``
+(``torch.distributed.checkpoint``; ``memext.dcp``), and its ``train_state.pt`` holds the
+step and RNG state only; ``load`` reads it into one process.
 
 A checkpoint (weights + training state) is one unit. ``save_checkpoint`` writes both files into
 a pending folder, flushes them, then writes a commit marker; only then are they renamed into
 place. ``recover`` (run when training starts or resumes) finishes a committed checkpoint that a
 kill interrupted mid-rename, or drops an uncommitted one, so the pair at the top of the run
-always belongs to one step. Readers of the weights alone never wait: every rename is atomic.
+always belongs to one step. Readers of the weights alone never wait: every rename is atomic. (A
+sharded checkpoint is a folder, which cannot be renamed over another: the old folder is renamed
+aside first, so for a moment a reader finds none; ``recover`` completes the move after a kill.)
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, save_model
 
+from memext import dcp
 from memext.config import Config
 from memext.curriculum import stage_at
 from memext.errors import MemextError, is_environmental, storage_error
@@ -36,6 +42,7 @@ STATE_FORMAT = "memext-state"
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+SHARDED = "model.dcp"  # a sharded checkpoint (train.strategy=fsdp): a folder DCP writes
 TRAIN_STATE = "train_state.pt"
 METRICS = "metrics.jsonl"
 TOKENIZER = "tokenizer.json"
@@ -46,7 +53,7 @@ COMMIT = "COMMITTED"  # the pending checkpoint's commit marker: it names the ste
 
 # Every file memext writes at the top of a run directory, and the folders of suite results and
 # reports it writes into; ``--overwrite`` removes these and nothing else.
-TRAINER_FILES = (CONFIG, WEIGHTS, TRAIN_STATE, METRICS, TOKENIZER, RUN_INFO)
+TRAINER_FILES = (CONFIG, WEIGHTS, SHARDED, TRAIN_STATE, METRICS, TOKENIZER, RUN_INFO)
 RUN_FILES = (*TRAINER_FILES, EVAL)
 SUITE_DIR, REPORT_DIR = "eval", "report"
 REPORT_FILES = ("report.html", "report.md")
@@ -57,7 +64,7 @@ KEPT = "the last complete checkpoint is kept"
 
 
 def is_run(path: Path) -> bool:
-    return (path / CONFIG).is_file() or (path / WEIGHTS).is_file()
+    return (path / CONFIG).is_file() or (path / WEIGHTS).is_file() or (path / SHARDED).is_dir()
 
 
 def is_memext_run(path: Path) -> bool:
@@ -84,8 +91,12 @@ def clear_run(path: Path) -> None:
     try:
         for name in RUN_FILES:
             for p in (path / name, *temp_files(path / name)):
-                p.unlink(missing_ok=True)
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink(missing_ok=True)
         shutil.rmtree(path / PENDING, ignore_errors=True)
+        shutil.rmtree(path / _ASIDE, ignore_errors=True)
         suite = path / SUITE_DIR
         if suite.is_dir():
             for p in suite.glob("*.cells.jsonl"):
@@ -142,13 +153,34 @@ def weights_metadata(path: Path) -> dict[str, str]:
 def _saved_step(path: Path) -> int:
     """The step a weights file was saved at; 0 when unreadable (``load_weights`` says why)."""
     try:
+        if path.is_dir():
+            return dcp.saved_step(path)
         return int(weights_metadata(path).get("step", 0))
     except Exception:
         return 0
 
 
+def weights_path(run_dir: str | Path) -> Path:
+    """Where a run's weights are: ``model.safetensors``, or the sharded ``model.dcp/`` of an
+    fsdp run (``model.safetensors`` when neither exists, for the error that follows)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / WEIGHTS).is_file() and (run_dir / SHARDED).is_dir():
+        return run_dir / SHARDED
+    return run_dir / WEIGHTS
+
+
+def weights_files(run_dir: str | Path) -> list[Path]:
+    """The files holding a run's weights (one, or a sharded checkpoint's), for fingerprints."""
+    path = weights_path(run_dir)
+    return dcp.files(path) if path.is_dir() else [path]
+
+
 def load_weights(model: LongLM, path: Path) -> None:
-    """Load weights into ``model``; any mismatch or corruption is a MemextError saying which."""
+    """Load weights into ``model`` from a safetensors file or a sharded checkpoint folder; any
+    mismatch or corruption is a MemextError saying which."""
+    if path.is_dir():
+        dcp.load_weights(model, path)
+        return
     if not path.is_file():
         raise MemextError(f"{str(path)!r} does not exist: the run has no weights yet")
     try:
@@ -187,8 +219,9 @@ def load(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[LongL
     run_dir = Path(run_dir)
     cfg = load_config(run_dir)
     # A curriculum run's rotary scaling is that of the stage its last saved step belonged to.
-    model = build_model(stage_at(cfg, max(0, _saved_step(run_dir / WEIGHTS) - 1)).model, seed=None)
-    load_weights(model, run_dir / WEIGHTS)
+    weights = weights_path(run_dir)
+    model = build_model(stage_at(cfg, max(0, _saved_step(weights) - 1)).model, seed=None)
+    load_weights(model, weights)
     # Models trained in segments read long input (and generate) the same way.
     model.segment_len = cfg.train.segment_len or None
     return model.to(device).eval(), cfg
@@ -268,6 +301,49 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, state: dict, step: in
         raise _storage(e, run_dir, f"save the checkpoint of step {step} in", done) from None
 
 
+def save_sharded_checkpoint(
+    run_dir: Path,
+    write: Callable[[Path], None],
+    state: dict,
+    step: int,
+    *,
+    main: bool,
+    barrier: Callable[[], None],
+) -> None:
+    """``save_checkpoint`` for a sharded checkpoint, called on every rank: ``write(folder)``
+    writes the weights and optimizer state into ``folder`` (every rank its shards, DCP), and
+    rank 0 (``main``) alone prepares the pending folder, writes the training state ``state``,
+    commits and moves the unit into place. ``barrier`` waits for every rank."""
+    pending = run_dir / PENDING
+    try:
+        if main:
+            _finish_pending(run_dir)
+            _hook("start")
+            shutil.rmtree(pending, ignore_errors=True)
+            pending.mkdir()
+        barrier()  # the folder exists (and the last checkpoint is in place) before anyone writes
+        write(pending / SHARDED)
+        if not main:
+            return
+        _hook("weights-written")
+        atomic_write(pending / TRAIN_STATE, lambda tmp: _torch_save(state, tmp))
+        _hook("state-written")
+        atomic_write_text(pending / COMMIT, json.dumps({"step": step}) + "\n")
+        _hook("committed")
+    except (OSError, RuntimeError) as e:
+        if main:
+            shutil.rmtree(pending, ignore_errors=True)
+        cause = _storage(e, run_dir, f"save the checkpoint of step {step} in", KEPT)
+        if cause is e:
+            raise
+        raise cause from None
+    try:
+        _move_into_place(run_dir)
+    except OSError as e:  # committed: the next start finishes the move
+        done = "it is complete, and the next start moves it into place"
+        raise _storage(e, run_dir, f"save the checkpoint of step {step} in", done) from None
+
+
 def recover(run_dir: Path) -> None:
     """Finish a checkpoint that was committed but not yet moved into place, drop one that was
     not committed, and remove temporary files a killed trainer left beside the run's files.
@@ -286,12 +362,28 @@ def _finish_pending(run_dir: Path) -> None:
         shutil.rmtree(pending)
 
 
+_ASIDE = ".model.dcp-old"  # the last sharded checkpoint, while the next one moves into place
+
+
 def _move_into_place(run_dir: Path) -> None:
     pending = run_dir / PENDING
     for i, name in enumerate((TRAIN_STATE, WEIGHTS)):
         if (pending / name).is_file():
             os.replace(pending / name, run_dir / name)
         _hook(f"renamed-{i + 1}")
+    if (pending / SHARDED).is_dir():
+        # A folder cannot replace a folder in one rename: the old one goes aside first. A kill
+        # in between leaves the committed pending folder, which the next start moves again.
+        if (run_dir / SHARDED).is_dir():
+            shutil.rmtree(run_dir / _ASIDE, ignore_errors=True)
+            os.rename(run_dir / SHARDED, run_dir / _ASIDE)
+            _hook("shards-aside")
+        os.rename(pending / SHARDED, run_dir / SHARDED)
+        (run_dir / WEIGHTS).unlink(missing_ok=True)  # a run that switched to fsdp on resume
+        _hook("renamed-shards")
+    elif (run_dir / WEIGHTS).is_file():
+        shutil.rmtree(run_dir / SHARDED, ignore_errors=True)  # one that switched to ddp
+    shutil.rmtree(run_dir / _ASIDE, ignore_errors=True)
     fsync_dir(run_dir)
     (pending / COMMIT).unlink()
     shutil.rmtree(pending)
@@ -301,7 +393,8 @@ def _move_into_place(run_dir: Path) -> None:
 
 def load_train_state(run_dir: Path) -> dict:
     """The training state of a run's checkpoint (optimizer, RNG, step), checked for its shape:
-    anything else is a MemextError naming the file."""
+    anything else is a MemextError naming the file. A sharded checkpoint's state names
+    ``model.dcp`` under ``weights`` and holds no optimizer (it is in the shards)."""
     path = run_dir / TRAIN_STATE
     if not path.is_file():
         raise MemextError(
@@ -315,7 +408,7 @@ def load_train_state(run_dir: Path) -> dict:
         isinstance(state, dict)
         and isinstance(state.get("step"), int)
         and state["step"] >= 0
-        and isinstance(state.get("optimizer"), dict)
+        and (isinstance(state.get("optimizer"), dict) or state.get("weights") == SHARDED)
         and isinstance(state.get("torch_rng"), torch.Tensor)
     )
     if not ok:
@@ -361,7 +454,16 @@ def _disk_nearly_full(path: Path) -> bool:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "_orig_mod", model)  # torch.compile wraps the module
+    """The model inside torch.compile's and DistributedDataParallel's wrappers."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 def save_state(state: State, path: str | Path, model_name: str = "") -> None:

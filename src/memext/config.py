@@ -322,7 +322,12 @@ class TrainConfig:
     curriculum_steps: tuple[int, ...] = doc(
         (), "Optimizer steps of each curriculum stage, one per curriculum length."
     )
-    batch_size: int = doc(16, "Sequences per micro-batch.")
+    batch_size: int = doc(
+        16,
+        "Sequences per micro-batch, over all ranks: under torchrun each of W data-parallel ranks "
+        "reads batch_size / W of them, so a run is the same at any world size "
+        "(docs/distributed.md).",
+    )
     grad_accum: int = doc(1, "Micro-batches accumulated per optimizer step.")
     steps: int = doc(600, "Optimizer steps.")
     lr: float = doc(3e-3, "Peak learning rate.")
@@ -338,6 +343,18 @@ class TrainConfig:
     )
     compile: bool = doc(False, "torch.compile the model.")
     activation_checkpointing: bool = doc(False, "Recompute each block's activations in backward.")
+    strategy: Literal["ddp", "fsdp"] = doc(
+        "ddp",
+        "Data parallelism under torchrun (docs/distributed.md). ddp: every rank holds the whole "
+        "model; checkpoints are one model.safetensors. fsdp: FSDP2 shards parameters, gradients "
+        "and optimizer state over the ranks (bf16 parameters on CUDA when precision asks for "
+        "bf16); checkpoints are sharded (model.dcp/), readable at any world size.",
+    )
+    dist_timeout: float = doc(
+        1800.0,
+        "Seconds a rank waits for the others in a collective before the job stops (a hung "
+        "rank); torchrun jobs only.",
+    )
     eval_every: int = doc(
         200,
         "Run the training probes (validation bits-per-byte, eval.probes) every this many steps "
@@ -349,7 +366,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "seq_len", "batch_size", "grad_accum", "steps", "lr")
-        _check_positive("train", self, "save_every", "log_every", "eval_tokens")
+        _check_positive("train", self, "save_every", "log_every", "eval_tokens", "dist_timeout")
         for name in ("segment_len", "bptt"):
             if getattr(self, name) < 0:
                 _fail("train", name, getattr(self, name), "a number >= 0")
@@ -362,6 +379,7 @@ class TrainConfig:
             if not 0.0 <= getattr(self, name) <= 1.0:
                 _fail("train", name, getattr(self, name), "a number in [0, 1]")
         _check_choice("train", self, "precision")
+        _check_choice("train", self, "strategy")
         if len(self.curriculum_steps) != len(self.curriculum):
             _fail(
                 "train",

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from memext import checkpoint as ckpt
+from memext import dcp
 from memext.adapters import detect_kind
 from memext.config import Config
 from memext.curriculum import trained_length
@@ -107,7 +108,7 @@ def extend_run(
     if src.resolve() == out.resolve():
         raise MemextError("the extended copy needs its own directory: --out must differ from SRC")
     new = extended_config(cfg, scaling, factor, original_len, alpha, beta, steps, lr)
-    weights = src / ckpt.WEIGHTS
+    weights = ckpt.weights_path(src)  # model.safetensors, or a sharded run's model.dcp
     if steps:
         from memext.train import train
 
@@ -127,12 +128,13 @@ def extend_run(
 
     check_run_dir(out, resume=False, overwrite=overwrite)
     model, _ = ckpt.load(src)  # refuses corrupt or foreign weights before anything is written
-    del model
     make_run_dir(out, overwrite)
     new.save(out / ckpt.CONFIG)  # first: a copy cut short is still a memext run (--overwrite)
     for name in (ckpt.TOKENIZER, ckpt.WEIGHTS):
         if (src / name).is_file():
             atomic_write(out / name, lambda tmp, name=name: shutil.copyfile(src / name, tmp))
+    if weights.is_dir():  # a sharded run's copy holds its weights as one file (no optimizer)
+        ckpt.save_weights(model, out / ckpt.WEIGHTS, {"step": str(dcp.saved_step(weights))})
     return out
 
 

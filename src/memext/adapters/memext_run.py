@@ -31,7 +31,7 @@ class MemextAdapter:
     def __init__(
         self, path: str | Path, device: torch.device | str = "cpu", memory: bool = True
     ) -> None:
-        from memext.checkpoint import WEIGHTS, load, load_config, run_tokenizer
+        from memext.checkpoint import load, load_config, run_tokenizer, weights_files
 
         if load_config(path).model.arch == "seq2seq":
             # The contract is a decoder's (forward(tokens, state)); refused before loading.
@@ -47,7 +47,7 @@ class MemextAdapter:
         self.device = torch.device(device)
         self.model, self.cfg = load(path, self.device)
         self.tokenizer = run_tokenizer(path)
-        self._weights = Path(path) / WEIGHTS
+        self._weights = weights_files(path)  # one file, or a sharded checkpoint's
         self.trained_length = trained_length(self.cfg)
         self.segment_len = self.model.segment_len
         # A memory model reads any length in segments; a plain one is bounded by its rotary table.
@@ -66,7 +66,7 @@ class MemextAdapter:
     def summary(path: str | Path) -> list[str]:
         """What ``memext info`` prints: config, size and training progress, without the weights
         (a run still training, or one whose weights are missing, is described too)."""
-        from memext.checkpoint import WEIGHTS, load_config, read_metrics
+        from memext.checkpoint import load_config, read_metrics, weights_path
         from memext.model import build_model
 
         cfg = load_config(path)
@@ -80,12 +80,12 @@ class MemextAdapter:
         metrics = read_metrics(path)
         steps = [r for r in metrics if "loss" in r]
         vals = [r for r in metrics if "val_bits_per_byte" in r]
-        weights = Path(path) / WEIGHTS
+        weights = weights_path(path)
         # Every stage's steps: a curriculum run of 1,000 + 800 steps once read "1800 of 1000".
         total = cfg.train.total_steps
         state = f"step {steps[-1]['step']} of {total}" if steps else "not started"
         lines.append(
-            f"training: {state}; checkpoint {'present' if weights.is_file() else 'missing'}"
+            f"training: {state}; checkpoint {'present' if weights.exists() else 'missing'}"
         )
         if steps:
             lines.append(
@@ -158,4 +158,4 @@ class MemextAdapter:
     def fingerprint(self) -> str:
         # The reading rule is part of the identity: cached suite cells read another way are stale.
         read = READ_RULE + ("" if self.memory else "-no-memory")
-        return f"{files_fingerprint([self._weights])}-{read}"
+        return f"{files_fingerprint(self._weights)}-{read}"

@@ -66,13 +66,36 @@ def train(
             "only), quick, a .yaml file, or none."
         ),
     ] = "longctx",
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on N processes of this machine: runs `torchrun --standalone "
+            "--nproc-per-node N -m memext train ...` (train.strategy: ddp or fsdp; "
+            "docs/distributed.md)."
+        ),
+    ] = None,
+    max_restarts: Annotated[
+        int,
+        typer.Option(
+            help="With --nproc: torchrun restarts the job this many times after a rank fails; "
+            "each restart resumes from the last checkpoint."
+        ),
+    ] = 0,
 ) -> None:
     """Train a long-context LM (the main job: `memext train` trains `tiny` on the built-in corpus)."""
     from memext.checkpoint import load_config
+    from memext.dist.launch import exec_torchrun, launched
     from memext.evals.probes import training_probes
     from memext.runtime import resolve_device
     from memext.train import train as run_training  # looked up per call: a test wraps it
 
+    if nproc is not None:  # torchrun starts the ranks, each running this command without --nproc
+        chosen = Path("runs") / f"{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        exec_torchrun(nproc, max_restarts, chosen if resume is None and out_dir is None else None)
+    if max_restarts:
+        raise MemextError("--max-restarts goes with --nproc (under torchrun, give it to torchrun)")
+    if launched() and resume is None and out_dir is None:
+        raise MemextError("under torchrun every rank must write the same run: pass --out DIR")
     dev = resolve_device(device)
     if resume is not None:
         if out_dir is not None and out_dir != resume:
@@ -92,6 +115,8 @@ def train(
         log=lambda m: err.print(m, highlight=False),
         probes=training_probes(cfg),
     )
+    if not result.main:  # rank 0 alone reports and evaluates
+        return
     out.print(
         f"{result.status} at step {result.step} in {time.perf_counter() - t0:.0f}s: {run_dir}"
     )

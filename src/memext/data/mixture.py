@@ -21,7 +21,7 @@ from torch import Tensor
 
 from memext.config import Config
 from memext.data.filler import CLASSIC_FILLER, Filler
-from memext.data.sampling import pair_batch, sample_batch, task_batch
+from memext.data.sampling import pair_batch, rows, sample_batch, task_batch
 from memext.data.tasks import TASKS, Sample, TooShort, make_samples
 from memext.errors import MemextError
 from memext.source import Source
@@ -51,12 +51,24 @@ class Batch:
     weights: Tensor | None = None
     resets: bool = False
     src: Tensor | None = None
+    # The denominator of this rank's mean loss when the batch is split over data-parallel ranks:
+    # the whole batch's target weight over the number of ranks, so that the ranks' averaged
+    # gradients are those of the whole batch's mean. None: the rows' own (one process).
+    denom: float | None = None
 
 
 class BatchSource:
     """The mixture of ``cfg.data.mixture`` over a token store's train split."""
 
-    def __init__(self, cfg: Config, tok: Tokenizer, train_tokens: np.ndarray):
+    def __init__(
+        self,
+        cfg: Config,
+        tok: Tokenizer,
+        train_tokens: np.ndarray,
+        shard: tuple[int, int] = (0, 1),
+    ):
+        """``shard``: (rank, ranks) of data parallelism; every batch is then this rank's rows of
+        the one global batch (``memext.data.sampling.rows``)."""
         self.sources = cfg.data.mixture or (Source(),)
         self.seed = cfg.train.seed
         self.segment_len = cfg.train.segment_len
@@ -68,6 +80,7 @@ class BatchSource:
         # An encoder-decoder reads each task sample as (source = prompt, target = answer).
         self.pairs = cfg.model.arch == "seq2seq"
         self.max_target_len = cfg.model.max_target_len
+        self.shard = shard
 
     def active(self, stage: int) -> list[int]:
         """Indices of the sources active in curriculum stage ``stage``."""
@@ -81,14 +94,18 @@ class BatchSource:
         length = int(rng.choice(src.lengths)) if src.lengths else seq_len
         size = src.batch_size or batch_size
         name, share = self.names[index], src.share
+        rank, ranks = self.shard
+        part = rows(size, rank, ranks) if ranks > 1 else None
         if src.task == "lm":
             # Stream 0 (a text source listed first) draws the batches a mixture-free run draws.
             draw = step * self.grad_accum + micro
-            x, y = sample_batch(self.train_tokens, size, length, self.seed, draw, index)
+            x, y = sample_batch(self.train_tokens, size, length, self.seed, draw, index, part)
             return Batch(name, share, x, y, resets=True)
         if self.pairs:
-            return self._pairs(index, length, size, rng)
+            return _rows(self._pairs(index, length, size, rng), part, ranks)
         try:
+            # Every sample of the global batch is drawn (each draw moves the generator), then
+            # this rank keeps its rows.
             samples = [self._sample(src, length, rng) for _ in range(size)]
         except TooShort as e:
             raise MemextError(
@@ -96,7 +113,8 @@ class BatchSource:
                 f"in a {self.segment_len}-token segment: {e}"
             ) from None
         x, y, answer = task_batch(samples)
-        return Batch(name, share, x, y, weights=answer_weights(answer, src.answer_weight))
+        whole = Batch(name, share, x, y, weights=answer_weights(answer, src.answer_weight))
+        return _rows(whole, part, ranks)
 
     def _pairs(self, index: int, length: int, size: int, rng: np.random.Generator) -> Batch:
         """Source ``index``'s encoder-decoder batch: ``size`` samples of ``length``-token
@@ -155,6 +173,24 @@ class BatchSource:
             else:
                 self._fillers[kind] = Filler(self.train_tokens[:CORPUS_FILLER_TOKENS])
         return self._fillers[kind]
+
+
+def _rows(batch: Batch, part: slice | None, ranks: int) -> Batch:
+    """``batch``'s rows ``part`` (all when None), with the whole batch's loss denominator
+    shared out over the ``ranks`` data-parallel ranks."""
+    if part is None:
+        return batch
+    assert batch.weights is not None, "text batches are split where they are drawn"
+    return Batch(
+        batch.name,
+        batch.share,
+        batch.x[part],
+        batch.y[part],
+        weights=batch.weights[part],
+        resets=batch.resets,
+        src=None if batch.src is None else batch.src[part],
+        denom=float(batch.weights.float().sum()) / ranks,
+    )
 
 
 def answer_weights(answer: Tensor, share: float) -> Tensor:

@@ -1,5 +1,5 @@
-"""Training batches: random spans of the token stream, synthetic-task samples as batches, and
-how a long input is cut into segments (training, evaluation and the model adapters cut alike;
+"""Training batches: random spans of the token stream, synthetic-task samples as batches, the
+rows of a batch each data-parallel rank reads, and how a long input is cut into segments (training, evaluation and the model adapters cut alike;
 evaluation windows live in memext.evals.perplexity)."""
 
 from __future__ import annotations
@@ -11,16 +11,24 @@ import torch
 from torch import Tensor
 
 from memext.data.tasks import Sample
+from memext.errors import MemextError
 
 
 def sample_batch(
-    tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, stream: int = 0
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
+    step: int,
+    stream: int = 0,
+    rows: slice | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Random segments of ``seq_len + 1`` tokens as (inputs, targets), each (B, T) int64.
 
     The batch is a pure function of (seed, step, stream), so a resumed run draws exactly the
     batches an uninterrupted one would, without saving sampler state; ``stream`` > 0 draws an
-    independent sequence of batches (another text source of a mixture).
+    independent sequence of batches (another text source of a mixture). ``rows``: only these
+    rows of the batch are read (a data-parallel rank's share: ``rows``).
     """
     if tokens.size < seq_len + 1:
         raise ValueError(
@@ -28,9 +36,30 @@ def sample_batch(
         )
     rng = np.random.default_rng([seed, step, stream] if stream else [seed, step])
     starts = rng.integers(0, tokens.size - seq_len, size=batch_size)
+    if rows is not None:  # every row's start is drawn first, so a row reads the same span
+        starts = starts[rows]
     idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
     seg = torch.from_numpy(tokens[idx].astype(np.int64))
     return seg[:, :-1], seg[:, 1:]
+
+
+def rows(batch_size: int, rank: int, ranks: int) -> slice:
+    """The rows of a ``batch_size``-row batch that data-parallel rank ``rank`` of ``ranks``
+    reads: contiguous equal shares, so the ranks together read exactly the batch one process
+    reads, and a run resumed at another world size reads the same global sequence of samples."""
+    per = per_rank(batch_size, ranks)
+    return slice(rank * per, (rank + 1) * per)
+
+
+def per_rank(batch_size: int, ranks: int, name: str = "the batch") -> int:
+    """Rows per data-parallel rank; a batch that does not split evenly is refused (an uneven
+    split would weigh the ranks' rows unequally in the mean loss)."""
+    if batch_size % ranks:
+        raise MemextError(
+            f"{name} of {batch_size} rows does not split evenly over {ranks} data-parallel "
+            f"ranks: choose a multiple of {ranks}"
+        )
+    return batch_size // ranks
 
 
 def task_batch(samples: Sequence[Sample]) -> tuple[Tensor, Tensor, Tensor]:

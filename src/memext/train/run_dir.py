@@ -6,6 +6,11 @@ makes it. ``commit_checkpoint`` saves weights, optimizer and RNG state as one un
 ``memext.checkpoint``), never weights that hold NaN or inf, and ``restore_checkpoint`` reads
 them back for a resumed run, with its run info, its own tokenizer and its metrics log cut to
 the checkpoint.
+
+On several ranks (``memext.dist``) every rank calls both. With ``train.strategy=ddp`` rank 0
+writes the one weights file, as a single process does; with ``fsdp`` every rank writes its
+shards (``memext.dcp``) and rank 0 commits them. Each rank's RNG state is saved; a run
+resumed at another world size reads the same weights, optimizer state and global batches.
 """
 
 from __future__ import annotations
@@ -17,9 +22,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from memext import checkpoint as ckpt
+from memext import dcp
 from memext.config import Config
+from memext.dist.launch import World, rank_seed
+from memext.dist.strategy import Strategy
 from memext.errors import MemextError
 from memext.io import atomic_write_text
 from memext.tokenizer import load_tokenizer
@@ -92,32 +101,134 @@ def _storage_error(e: OSError, path: Path) -> OSError:
 
 
 def commit_checkpoint(
-    run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, step: int
+    run_dir: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    step: int,
+    strategy: Strategy | None = None,
 ) -> None:
     """Save ``model``'s weights, ``opt``'s state and the RNG state at ``step`` as one unit
-    (``memext.checkpoint.save_checkpoint``), with Ctrl-C held off while it is written."""
+    (``memext.checkpoint.save_checkpoint``), with Ctrl-C held off while it is written.
+    ``strategy``: the data parallelism; every rank calls this, and its ``name`` decides the
+    format (``fsdp``: sharded, ``model.dcp``)."""
+    world = strategy.world if strategy is not None else World()
     # A non-finite step is never taken, so this holds; checked so a checkpoint never holds one.
-    bad = [n for n, p in ckpt.unwrap(model).named_parameters() if not torch.isfinite(p).all()]
+    bad = [n for n, p in ckpt.unwrap(model).named_parameters() if not _finite(p)]
+    if world.size > 1 and strategy is not None:  # a shard is checked by its rank: all agree
+        bad = bad or (["a shard on another rank"] if strategy.mean([float(bool(bad))])[0] else [])
     if bad:
         raise TrainingDiverged(
             f"the weights hold NaN or inf at step {step} ({bad[0]}): not saved; the last good "
             f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
         )
-    state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
+    state: dict = {"step": step, "torch_rng": torch.get_rng_state()}
+    if world.size > 1:  # each rank's generators, so dropout resumes exactly at the same size
+        rngs: list = [None] * world.size
+        dist.all_gather_object(rngs, _rank_rng(world))
+        state["rank_rng"] = rngs
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    sharded = strategy is not None and strategy.name == "fsdp"
     # Ignore Ctrl-C while the checkpoint is written (a kill is handled by ckpt.recover).
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if on_main_thread() else None
     try:
-        ckpt.save_checkpoint(run_dir, model, state, step)
+        if sharded:
+            assert strategy is not None
+            state["weights"] = ckpt.SHARDED
+
+            def write(folder: Path) -> None:
+                dcp.save(model, opt, folder, step, sharded=strategy.sharded)
+
+            ckpt.save_sharded_checkpoint(
+                run_dir, write, state, step, main=world.main, barrier=world.barrier
+            )
+        elif world.main:
+            state["optimizer"] = opt.state_dict()
+            ckpt.save_checkpoint(run_dir, model, state, step)
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
 
 
-def restore_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+def _finite(p: torch.Tensor) -> bool:
+    local = p.to_local() if hasattr(p, "to_local") else p  # a shard: this rank's part
+    return bool(torch.isfinite(local).all())
+
+
+def restore_checkpoint(
+    run_dir: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    strategy: Strategy | None = None,
+    log: Callable[[str], None] = print,
+) -> int:
     """Load the run's checkpoint into ``model`` and ``opt`` and set the RNG; returns its step.
-    Reads only: a refusal leaves the run as it was."""
+    Reads only: a refusal leaves the run as it was. ``strategy``: how ``model`` is spread over
+    the ranks (a sharded checkpoint is read at any world size, into a sharded model or not)."""
+    state = ckpt.load_train_state(run_dir)
+    if state.get("weights") == ckpt.SHARDED:
+        step = _restore_sharded(run_dir, model, opt, state, strategy)
+    else:
+        if strategy is not None and strategy.sharded:
+            raise MemextError(
+                f"cannot resume {str(run_dir)!r} with train.strategy=fsdp on several ranks: it "
+                "was saved with train.strategy=ddp (one model.safetensors); resume it with ddp"
+            )
+        step = _restore_whole(run_dir, model, opt, state)
+    _restore_rng(state, strategy.world if strategy is not None else World(), log)
+    return step
+
+
+def _restore_sharded(
+    run_dir: Path,
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    state: dict,
+    strategy: Strategy | None,
+) -> int:
+    path = run_dir / ckpt.SHARDED
+    if not path.is_dir():
+        raise MemextError(
+            f"cannot resume: {str(path)!r} is missing, so {str(run_dir)!r} has no checkpoint "
+            "to continue from; start it again with --overwrite"
+        )
+    saved = dcp.load(model, opt, path, sharded=strategy is not None and strategy.sharded)
+    if saved != state["step"]:
+        raise MemextError(
+            f"cannot resume: weights (step {saved}) and training state (step {state['step']}) "
+            "disagree"
+        )
+    return saved
+
+
+def _restore_rng(state: dict, world: World, log: Callable[[str], None]) -> None:
+    """Each rank's generator as saved; at another world size, a fresh stream per rank (only
+    dropout draws from it: with model.dropout=0 the run continues exactly)."""
+    rngs = state.get("rank_rng")
+    if rngs is None:  # saved by one process
+        rngs = [{"cpu": state["torch_rng"]}]
+    if len(rngs) == world.size:
+        torch.set_rng_state(rngs[world.rank]["cpu"])
+        if rngs[world.rank].get("cuda") is not None and world.device.type == "cuda":
+            torch.cuda.set_rng_state(rngs[world.rank]["cuda"], world.device)
+    else:
+        torch.manual_seed(rank_seed(state["step"], world.rank))
+        log(
+            f"note: the checkpoint was saved by {len(rngs)} ranks and resumes on {world.size}: "
+            "dropout masks will differ from an uninterrupted run (nothing else does)"
+        )
+    if "cuda_rng" in state and torch.cuda.is_available() and world.size == 1:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+
+def _rank_rng(world: World) -> dict[str, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(world.device) if world.device.type == "cuda" else None
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def _restore_whole(
+    run_dir: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict
+) -> int:
     weights = run_dir / ckpt.WEIGHTS
     if not weights.is_file():
         raise MemextError(
@@ -126,7 +237,6 @@ def restore_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.O
             "--overwrite"
         )
     ckpt.load_weights(model, weights)
-    state = ckpt.load_train_state(run_dir)
     path = run_dir / ckpt.TRAIN_STATE
     try:
         opt.load_state_dict(state["optimizer"])
@@ -138,9 +248,6 @@ def restore_checkpoint(run_dir: Path, model: torch.nn.Module, opt: torch.optim.O
         raise MemextError(
             f"cannot resume: weights (step {saved}) and training state (step {step}) disagree"
         )
-    torch.set_rng_state(state["torch_rng"])
-    if "cuda_rng" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return step
 
 

@@ -9,8 +9,10 @@ share and skips a step whose loss or gradient norm is not finite.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +20,17 @@ import torch.nn.functional as F
 from memext import checkpoint as ckpt
 from memext.config import Config, TrainConfig
 from memext.data.mixture import Batch
+from memext.dist.strategy import Strategy
 from memext.runtime import autocast
+
+# Around each segment's forward (and the backward that follows it): given True for the segments
+# whose backward is the batch's last one (a data-parallel strategy synchronises only the step's
+# last backward).
+Sync = Callable[[bool], AbstractContextManager]
+
+
+def _no_sync(final: bool) -> AbstractContextManager:
+    return contextlib.nullcontext()
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -47,6 +59,8 @@ def sequence_backward(
     scale: float = 1.0,
     weights: torch.Tensor | None = None,
     reset_id: int | None = None,
+    denom: float | None = None,
+    sync: Sync = _no_sync,
 ) -> float:
     """Forward and backward one batch of sequences; returns its mean loss (before ``scale``).
 
@@ -56,33 +70,40 @@ def sequence_backward(
     more than its filler); ``reset_id`` is the document-boundary token: a row whose segment held
     one starts the next segment with empty memory. A memory's auxiliary loss (compressive
     memory's reconstruction) is added to the loss it belongs to but not to the returned mean.
+    ``denom``: the mean's denominator when these rows are a data-parallel rank's share of a
+    batch (``Batch.denom``); ``sync(final)`` is entered around each segment, ``final`` for
+    those whose backward ends the batch.
     """
     x, y = x.to(device), y.to(device)
     seg = t.segment_len or x.shape[1]
     n = x.shape[1] // seg
     w = None if weights is None else weights.to(device).float()
-    denom = float(w.sum()) if w is not None else float(y.numel())
+    if denom is None:
+        denom = float(w.sum()) if w is not None else float(y.numel())
     memory = ckpt.unwrap(fwd).memory  # the variant's rules for cutting and forgetting state
+    # The first segment of the last truncated-backprop window: its backward ends the batch.
+    last_window = ((n - 1) // t.bptt) * t.bptt if t.bptt else 0
     state, pending, total = None, None, 0.0
     for i in range(n):
         xs, ys = x[:, i * seg : (i + 1) * seg], y[:, i * seg : (i + 1) * seg]
-        with autocast(device, t.precision):
-            logits, state = fwd(xs, state)
-        nll = F.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none"
-        )
-        if w is not None:
-            nll = nll * w[:, i * seg : (i + 1) * seg].reshape(-1)
-        loss = nll.sum() / denom
-        total += float(loss.detach())
-        if state.aux_loss is not None:
-            loss = loss + state.aux_loss / n
-        pending = loss if pending is None else pending + loss
-        if i == n - 1 or (t.bptt and (i + 1) % t.bptt == 0):
-            (pending * scale).backward()
-            pending = None
-            if i < n - 1 and state.memory:
-                state.memory = memory.detach(state.memory)
+        with sync(i >= last_window):
+            with autocast(device, t.precision):
+                logits, state = fwd(xs, state)
+            nll = F.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none"
+            )
+            if w is not None:
+                nll = nll * w[:, i * seg : (i + 1) * seg].reshape(-1)
+            loss = nll.sum() / denom
+            total += float(loss.detach())
+            if state.aux_loss is not None:
+                loss = loss + state.aux_loss / n
+            pending = loss if pending is None else pending + loss
+            if i == n - 1 or (t.bptt and (i + 1) % t.bptt == 0):
+                (pending * scale).backward()
+                pending = None
+                if i < n - 1 and state.memory:
+                    state.memory = memory.detach(state.memory)
         if reset_id is not None and i < n - 1 and state.memory:
             rows = (xs == reset_id).any(dim=1)
             if bool(rows.any()):
@@ -100,18 +121,21 @@ def pair_backward(
     device: torch.device,
     *,
     scale: float = 1.0,
+    denom: float | None = None,
+    sync: Sync = _no_sync,
 ) -> float:
     """An encoder-decoder's forward and backward on one batch: sources (B, S), decoder inputs
     and targets (B, T), ``weights`` (B, T) on the targets (0 on padding). Returns the weighted
-    mean loss (before ``scale``)."""
+    mean loss (before ``scale``); ``denom`` and ``sync`` as in ``sequence_backward``."""
     src, x, y, w = src.to(device), x.to(device), y.to(device), weights.to(device).float()
-    with autocast(device, t.precision):
-        logits, _ = fwd(src, x)
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
-    )
-    loss = (nll * w.reshape(-1)).sum() / w.sum()
-    (loss * scale).backward()
+    with sync(True):
+        with autocast(device, t.precision):
+            logits, _ = fwd(src, x)
+        nll = F.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none"
+        )
+        loss = (nll * w.reshape(-1)).sum() / (w.sum() if denom is None else denom)
+        (loss * scale).backward()
     return float(loss.detach())
 
 
@@ -125,6 +149,7 @@ def train_step(
     device: torch.device,
     reset_id: int | None = None,
     losses: dict[str, float] | None = None,
+    strategy: Strategy | None = None,
 ) -> tuple[float, float]:
     """One optimizer step over ``batches``; returns (loss, grad norm).
 
@@ -134,18 +159,23 @@ def train_step(
     loss. ``fwd`` is the module to call (``model`` itself, or its torch.compile wrapper).
 
     The step is skipped, leaving the weights those of the last good step, when the loss or the
-    gradient norm is not finite.
+    gradient norm is not finite. ``strategy``: the data parallelism the batches are this rank's
+    share of (``memext.dist.strategy``); the returned losses and norm are then the whole
+    batch's, the same on every rank, so every rank takes or skips the step alike.
     """
     parts = [b if isinstance(b, Batch) else Batch("lm", 1.0, *b, resets=True) for b in batches]
     for group in opt.param_groups:
         group["lr"] = lr
     shares = sum(b.share for b in parts)
     total, by_name, counts = 0.0, {}, {}
-    for b in parts:
+    for k, b in enumerate(parts):
         weight = b.share / shares
+        sync = _step_sync(strategy, last=k == len(parts) - 1)
         if b.src is not None:
             assert b.weights is not None, "an encoder-decoder batch weighs its targets"
-            loss = pair_backward(fwd, b.src, b.x, b.y, b.weights, t, device, scale=weight)
+            loss = pair_backward(
+                fwd, b.src, b.x, b.y, b.weights, t, device, scale=weight, denom=b.denom, sync=sync
+            )
         else:
             loss = sequence_backward(
                 fwd,
@@ -156,19 +186,35 @@ def train_step(
                 scale=weight,
                 weights=b.weights,
                 reset_id=reset_id if b.resets else None,
+                denom=b.denom,
+                sync=sync,
             )
         total += weight * loss
         by_name[b.name] = by_name.get(b.name, 0.0) + loss
         counts[b.name] = counts.get(b.name, 0) + 1
+    if strategy is not None:  # one collective for every number the step reports
+        names = list(by_name)
+        total, *means = strategy.mean([total, *(by_name[k] for k in names)])
+        by_name = dict(zip(names, means, strict=True))
     if losses is not None:
         losses.update({k: v / counts[k] for k, v in by_name.items()})
     if not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
         return total, math.nan
-    gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
+    if strategy is not None:
+        gnorm = strategy.grad_norm(model.parameters(), t.grad_clip)
+    else:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or math.inf))
     if not math.isfinite(gnorm):
         opt.zero_grad(set_to_none=True)
         return total, gnorm
     opt.step()
     opt.zero_grad(set_to_none=True)
     return total, gnorm
+
+
+def _step_sync(strategy: Strategy | None, last: bool) -> Sync:
+    """The ``sync`` of one micro-batch: only the last micro-batch's last backward is final."""
+    if strategy is None:
+        return _no_sync
+    return lambda final: strategy.sync(last and final)

@@ -10,6 +10,11 @@ What is measured during training (validation, held-out tasks) comes in as probes
 The loop is here; what one step does (``build_optimizer``, ``sequence_backward``,
 ``train_step``) is in ``step.py``, and the run directory (checks before writing, checkpoint
 commit and restore, the metrics log) in ``run_dir.py``.
+
+Under torchrun the same loop runs on every rank (``parallel.py``, ``memext.dist``): each rank
+reads its rows of every global batch, the strategy (``train.strategy``: DDP or FSDP2) averages
+the gradients, and rank 0 alone logs, shows progress, reports the probes and writes the run
+(a sharded checkpoint is written by every rank and committed by rank 0).
 """
 
 from __future__ import annotations
@@ -32,11 +37,21 @@ from memext.config import Config
 from memext.curriculum import Stage, stage_at
 from memext.data import prepare_data
 from memext.data.mixture import BatchSource
+from memext.dist.launch import World, job_id, join
+from memext.dist.strategy import make_strategy
 from memext.errors import MemextError
 from memext.io import atomic_write, atomic_write_text
 from memext.model import build_model, build_rotary
 from memext.runtime import provenance
 from memext.tokenizer import load_tokenizer
+from memext.train.parallel import (
+    agree,
+    check_split,
+    describe_batch,
+    elastic_start,
+    seed_rank,
+    stop_cleanly,
+)
 from memext.train.probes import Probe, ProbeContext, format_values, run_probes
 from memext.train.run_dir import (
     RUN_INFO,
@@ -76,6 +91,7 @@ class TrainResult:
     step: int
     last_val: dict[str, Any] | None = None  # the last values of the eval probes
     losses: list[float] = field(default_factory=list)
+    main: bool = True  # rank 0 (or the only process): the one that evaluates and reports
 
 
 @dataclass
@@ -85,6 +101,7 @@ class _Loop:
     step: int
     model: torch.nn.Module
     stop_requested: bool = False
+    opt: torch.optim.Optimizer | None = None
 
 
 def train(
@@ -104,20 +121,51 @@ def train(
 
     Ctrl-C finishes the current step, saves a checkpoint and returns with status "interrupted".
     A NaN/inf loss raises ``TrainingDiverged`` and leaves the last good checkpoint in place.
-    ``init_from``: a weights file (``model.safetensors``) to start from instead of a random
-    initialisation (fine-tuning, as ``memext extend --steps`` does); ignored when resuming.
+    ``init_from``: a run's weights (``model.safetensors`` or a sharded ``model.dcp``) to start
+    from instead of a random initialisation (fine-tuning, as ``memext extend --steps`` does);
+    ignored when resuming.
     ``probes``: measurements taken every ``train.eval_every`` steps, at the end and after each
     curriculum stage, logged to ``metrics.jsonl`` (``memext.train.probes``); none by default:
     ``memext train`` passes ``memext.evals.probes.training_probes(cfg)``.
+
+    Started by torchrun, every rank calls this with the same arguments (docs/distributed.md);
+    the process group is made here, unless the caller made one, and destroyed on return.
     """
-    run_dir = Path(out)
-    device = torch.device(device)
+    world = join(torch.device(device), cfg.train.dist_timeout)
+    try:
+        return _train(
+            cfg, Path(out), world, resume, overwrite, progress, callback, log, init_from, probes
+        )
+    finally:
+        world.leave()
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    world: World,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    callback: Callable[[_Loop], None] | None,
+    log: Callable[[str], None],
+    init_from: str | Path | None,
+    probes: Sequence[Probe],
+) -> TrainResult:
+    device, main = world.device, world.main
+    if not main:  # rank 0 alone logs and shows progress
+        log, progress = _silent, False
+    resume, overwrite = elastic_start(run_dir, resume, overwrite, log)
     # Everything is checked before anything is written: a refused start or resume leaves the
     # folder as it was (no half-made run, no rewritten config).
     check_run_dir(run_dir, resume, overwrite)
     t = cfg.train
+    strategy = make_strategy(t.strategy, world, bf16(device, t.precision))
+    check_split(cfg, strategy.dp_size)
     if resume:
-        ckpt.recover(run_dir)  # finish or drop a checkpoint a kill interrupted
+        if main:
+            ckpt.recover(run_dir)  # finish or drop a checkpoint a kill interrupted
+        world.barrier()
         old = read_run_info(run_dir)
     tok = run_tokenizer(cfg, run_dir, log) if resume else load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > cfg.model.vocab_size:
@@ -125,7 +173,11 @@ def train(
             f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size={tok.vocab_size}"
         )
+    if world.local_rank != 0:  # one rank per node builds the token store; the others read it
+        world.barrier()
     store, skipped = prepare_data(cfg.data, tok, log)
+    if world.local_rank == 0 and world.size > 1:
+        world.barrier()
     byte_lengths = tok.byte_lengths()
     reset_id = tok.special_id("<eod>") if t.segment_len else None
 
@@ -138,6 +190,9 @@ def train(
         "tokenizer": tok.fingerprint(),
         **({"init_from": str(init_from)} if init_from is not None else {}),
         **provenance(device),
+        **({"world_size": world.size} if world.size > 1 else {}),
+        # An elastic restart takes over only a run its own job wrote (parallel.elastic_start).
+        **({"job": job_id()} if world.size > 1 and job_id() else {}),
     }
     if resume:
         if old.get("corpus_hash") not in (None, store.corpus_hash):
@@ -159,33 +214,42 @@ def train(
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, seed=t.seed).to(device)
     model.activation_checkpointing = t.activation_checkpointing
+    n_params = model.num_params()  # before sharding: the whole model's
+    if init_from is not None and not resume:
+        ckpt.load_weights(model, Path(init_from))
+    seed_rank(t.seed, world)
+    strategy.shard(model)  # FSDP: in place, before the optimizer takes the parameters
     opt = build_optimizer(model, cfg)
     step = 0
     if resume:
-        step = restore_checkpoint(run_dir, model, opt)
-    elif init_from is not None:
-        ckpt.load_weights(model, Path(init_from))
-    source = BatchSource(cfg, tok, store.train)
+        step = restore_checkpoint(run_dir, model, opt, strategy, log)
+    source = BatchSource(cfg, tok, store.train, shard=(strategy.dp_rank, strategy.dp_size))
 
-    if not resume:
-        make_run_dir(run_dir, overwrite)
-    cfg.save(run_dir / ckpt.CONFIG)
-    if tok.name == "bpe" and not resume:  # a resumed run keeps (and reads) its own copy
-        atomic_write(run_dir / ckpt.TOKENIZER, lambda tmp: shutil.copyfile(tok.path, tmp))
-    atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
+    if main:
+        if not resume:
+            make_run_dir(run_dir, overwrite)
+        cfg.save(run_dir / ckpt.CONFIG)
+        if tok.name == "bpe" and not resume:  # a resumed run keeps (and reads) its own copy
+            atomic_write(run_dir / ckpt.TOKENIZER, lambda tmp: shutil.copyfile(tok.path, tmp))
+        atomic_write_text(run_dir / RUN_INFO, json.dumps(info, indent=2) + "\n")
+        if resume:
+            truncate_metrics(run_dir, step)
+    world.barrier()  # the run directory exists before any rank writes a shard into it
     if resume:
-        truncate_metrics(run_dir, step)
         log(f"resuming {run_dir} from step {step}")
     elif init_from is not None:
         log(f"starting from the weights in {init_from}")
-    fwd = torch.compile(model) if t.compile else model
-    n_params = model.num_params()
+    fwd = strategy.wrap(model)
+    fwd = torch.compile(fwd) if t.compile else fwd
     log(
         f"model: {n_params / 1e6:.2f}M parameters (without embeddings), device {device}; "
         f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens"
     )
+    if world.size > 1:
+        log(f"{world.size} ranks, train.strategy={t.strategy}; {describe_batch(cfg, world.size)}")
 
-    loop = _Loop(step=step, model=model)
+    loop = _Loop(step=step, model=model, opt=opt)
+    saved = step  # the step of the checkpoint on disk, named if the job stops
 
     def on_sigint(signum: int, frame: Any) -> None:
         if loop.stop_requested:
@@ -194,7 +258,7 @@ def train(
         log("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)")
 
     previous = signal.signal(signal.SIGINT, on_sigint) if on_main_thread() else None
-    result = TrainResult(run_dir, "completed", step)
+    result = TrainResult(run_dir, "completed", step, main=main)
     tokens_done = 0
     stage = _enter_stage(model, cfg, step, None, log)
     bar = tqdm(
@@ -210,69 +274,97 @@ def train(
     last_val = None
     shown: dict[str, str] = {}  # the last eval probes' numbers, on the progress bar
 
-    def context() -> ProbeContext:
-        return ProbeContext(
+    def measure(moment: str) -> dict[str, Any]:
+        """Rank 0's probe values. Sharded weights are gathered inside each forward, so then
+        every rank takes part in the probes' forward passes (and rank 0 alone reports)."""
+        if not (main or strategy.sharded):
+            return {}
+        ctx = ProbeContext(
             model, loop.step, stage, cfg, tok, store.validation, byte_lengths, device
+        )
+        values = run_probes(probes, moment, ctx)
+        return values if main else {}
+
+    def where() -> str:
+        return (
+            f"at step {loop.step + 1}; the checkpoint of step {saved} in {run_dir} is kept "
+            f"(continue with: memext train --resume {run_dir} --nproc {world.size})"
         )
 
     tic = time.perf_counter()
     model.train()
     try:
-        while loop.step < t.total_steps and not loop.stop_requested:
-            stage = _enter_stage(model, cfg, loop.step, stage, log)
-            lr = lr_at(loop.step, t)
-            batches = [
-                source.batch(i, loop.step, m, stage.seq_len, stage.batch_size)
-                for m in range(t.grad_accum)
-                for i in source.active(stage.index)
-            ]
-            by_source: dict[str, float] = {}
-            total, gnorm = train_step(
-                fwd, model, opt, batches, lr, t, device, reset_id, losses=by_source
-            )
-            if not (math.isfinite(total) and math.isfinite(gnorm)):
-                what = "loss" if not math.isfinite(total) else "gradient norm"
-                raise TrainingDiverged(
-                    f"the {what} became {total if what == 'loss' else gnorm} at step "
-                    f"{loop.step + 1}; the step was not taken and training stopped. The last good "
-                    f"checkpoint in {run_dir} is kept: lower train.lr or raise train.warmup_steps"
+        with stop_cleanly(world, where):
+            while loop.step < t.total_steps and not loop.stop_requested:
+                stage = _enter_stage(model, cfg, loop.step, stage, log)
+                lr = lr_at(loop.step, t)
+                batches = [
+                    source.batch(i, loop.step, m, stage.seq_len, stage.batch_size)
+                    for m in range(t.grad_accum)
+                    for i in source.active(stage.index)
+                ]
+                by_source: dict[str, float] = {}
+                total, gnorm = train_step(
+                    fwd,
+                    model,
+                    opt,
+                    batches,
+                    lr,
+                    t,
+                    device,
+                    reset_id,
+                    losses=by_source,
+                    strategy=strategy if world.size > 1 else None,
                 )
-            loop.step += 1
-            tokens_done += sum(
-                b.x.numel() + (0 if b.src is None else b.src.numel()) for b in batches
-            )
-            result.losses.append(total)
-            bar.update(1)
-            if loop.step % t.log_every == 0 or loop.step == t.total_steps:
-                tps = tokens_done / (time.perf_counter() - tic)
-                row = {"step": loop.step, "loss": total, "lr": lr, "grad_norm": gnorm}
-                if len(by_source) > 1:
-                    row |= {f"loss/{name}": v for name, v in by_source.items()}
-                pending.append(row | {"tokens_per_s": round(tps, 1)})
-                bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", **shown)
-            if callback is not None:
-                callback(loop)
-            at_end = loop.step == t.total_steps
-            if (t.eval_every and loop.step % t.eval_every == 0) or at_end:
-                values = run_probes(probes, "eval", context())
-                if values:
-                    last_val = values
-                    pending.append({"step": loop.step, **values})
-                    shown = {k: f"{v:.3f}" for k, v in values.items() if isinstance(v, float)}
-                    bar.set_postfix(loss=f"{total:.3f}", **shown)
-                    bar.write(f"step {loop.step}: {format_values(values)}")
-            if t.curriculum and loop.step == stage.end_step:
-                values = run_probes(probes, "stage", context())
-                if values:
-                    pending.append(_stage_row(stage) | values)
-                    bar.write(
-                        f"after stage {stage.index} (seq_len {stage.seq_len}): "
-                        + format_values(values)
+                if not (math.isfinite(total) and math.isfinite(gnorm)):
+                    what = "loss" if not math.isfinite(total) else "gradient norm"
+                    raise TrainingDiverged(
+                        f"the {what} became {total if what == 'loss' else gnorm} at step "
+                        f"{loop.step + 1}; the step was not taken and training stopped. The last "
+                        f"good checkpoint in {run_dir} is kept: lower train.lr or raise "
+                        "train.warmup_steps"
                     )
-            if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
-                append_metrics(run_dir, pending)
-                pending.clear()
-                commit_checkpoint(run_dir, model, opt, loop.step)
+                loop.step += 1
+                tokens_done += world.size * sum(  # every rank reads as many as this one
+                    b.x.numel() + (0 if b.src is None else b.src.numel()) for b in batches
+                )
+                result.losses.append(total)
+                bar.update(1)
+                if loop.step % t.log_every == 0 or loop.step == t.total_steps:
+                    tps = tokens_done / (time.perf_counter() - tic)
+                    row = {"step": loop.step, "loss": total, "lr": lr, "grad_norm": gnorm}
+                    if len(by_source) > 1:
+                        row |= {f"loss/{name}": v for name, v in by_source.items()}
+                    pending.append(row | {"tokens_per_s": round(tps, 1)})
+                    bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", **shown)
+                if callback is not None:
+                    callback(loop)
+                # A stop (Ctrl-C, a callback) reaches the ranks at different moments: they
+                # agree on it, so that all of them save the same step and stop together.
+                loop.stop_requested = agree(strategy, loop.stop_requested)
+                at_end = loop.step == t.total_steps
+                if (t.eval_every and loop.step % t.eval_every == 0) or at_end:
+                    values = measure("eval")
+                    if values:
+                        last_val = values
+                        pending.append({"step": loop.step, **values})
+                        shown = {k: f"{v:.3f}" for k, v in values.items() if isinstance(v, float)}
+                        bar.set_postfix(loss=f"{total:.3f}", **shown)
+                        bar.write(f"step {loop.step}: {format_values(values)}")
+                if t.curriculum and loop.step == stage.end_step:
+                    values = measure("stage")
+                    if values:
+                        pending.append(_stage_row(stage) | values)
+                        bar.write(
+                            f"after stage {stage.index} (seq_len {stage.seq_len}): "
+                            + format_values(values)
+                        )
+                if loop.step % t.save_every == 0 or at_end or loop.stop_requested:
+                    if main:
+                        append_metrics(run_dir, pending)
+                    pending.clear()
+                    commit_checkpoint(run_dir, model, opt, loop.step, strategy)
+                    saved = loop.step
     finally:
         bar.close()
         if previous is not None:
@@ -285,6 +377,16 @@ def train(
     result.step = loop.step
     result.last_val = last_val
     return result
+
+
+def _silent(message: str) -> None:
+    """The log of every rank but rank 0."""
+
+
+def bf16(device: torch.device, precision: str) -> bool:
+    """Whether FSDP keeps bf16 parameters for compute: on CUDA, where ``train.precision`` asks
+    for bf16 (``auto`` does there, as ``memext.runtime.autocast`` reads it)."""
+    return device.type == "cuda" and precision in ("bf16", "auto")
 
 
 def _enter_stage(
