@@ -7,7 +7,7 @@ that give other codes of the same form ("my bike lock code is 60412"), one user 
 the fact ("my locker combination is 48213"), drawn uniformly from the first ``--fact-span`` of the
 dialogue, and a last turn that asks for it. The reader (default SmolLM2-135M-Instruct, greedy,
 chat template) answers from a prompt of at most ``--window`` tokens, framed the same way for both
-(``memext.pipelines.dialogue.reply_prompt``):
+(``memext.pipelines.dialogue.reply_prompt``: the transcript, then the question):
 
 - ``memory``: ``Conversation``: the turns within ``--recent-tokens`` verbatim, older ones filed
   in a retrieval store (all-MiniLM-L6-v2, hybrid search), and ``reply`` fills the window with the
@@ -177,13 +177,17 @@ def make_dialogue(
 
 
 def window_transcript(
-    turns: Sequence[tuple[str, str]], budget: int, read: Callable[[str], list[int]]
+    turns: Sequence[tuple[str, str]],
+    message: str,
+    budget: int,
+    read: Callable[[str], list[int]],
 ) -> tuple[str, int]:
-    """The newest whole turns whose prompt (``reply_prompt``) reads as at most ``budget`` tokens,
-    one per line as ``Turn.line`` writes them, and the index of the oldest turn kept."""
+    """The newest whole ``turns`` whose prompt (``reply_prompt`` with ``message``) reads as at
+    most ``budget`` tokens, one per line as ``Turn.line`` writes them, and the index of the oldest
+    turn kept (``len(turns)`` when none fits)."""
     lines = [f"{role}: {text}" for role, text in turns]
-    first = len(lines) - 1  # the question itself is always kept
-    while first > 0 and len(read(reply_prompt("\n".join(lines[first - 1 :])))) <= budget:
+    first = len(lines)
+    while first > 0 and len(read(reply_prompt("\n".join(lines[first - 1 :]), message))) <= budget:
         first -= 1
     return "\n".join(lines[first:]), first
 
@@ -245,8 +249,10 @@ def run_dialogue(
         | score(d, r["answer"])
     )
     started, cpu = time.perf_counter(), time.process_time()
-    transcript, first = window_transcript(d.turns, s["window"] - s["new_tokens"], read)
-    prompt = reply_prompt(transcript)
+    transcript, first = window_transcript(
+        d.turns[:-1], d.question, s["window"] - s["new_tokens"], read
+    )
+    prompt = reply_prompt(transcript, d.question)
     answer = "".join(model.generate(prompt, s["new_tokens"], temperature=0.0, chat=s["chat"]))
     rows.append(
         base

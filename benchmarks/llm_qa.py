@@ -229,7 +229,7 @@ def print_table(table: Sequence[dict[str, Any]]) -> None:
 
     print(
         f"\n{'configuration':<30} {'n':>3} {'EM':>6} {'F1':>6} {'strict':>6} {'contains':>8} "
-        f"{'fact in':>7} {'s/q':>6}"
+        f"{'fact in':>7} {'s/q':>6} {'cpu s/q':>7}"
     )
     for e in table:
         print(

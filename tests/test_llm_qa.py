@@ -116,12 +116,18 @@ def test_reply_stays_within_the_window_and_records_the_answer(
     r = reply(conv, chat_llama, "what was the code?", window_tokens=200, max_new_tokens=5)
     assert r["prompt_tokens"] <= 195
     assert r["prompt_tokens"] == len(chat_llama.prompt_ids(r["prompt"], None))
-    assert r["prompt"].startswith(reply_prompt("")[:10])
-    assert "user: what was the code?" in r["prompt"]
-    assert [t.role for t in conv.recent[-2:]] == ["user", "assistant"]
-    assert conv.recent[-1].text == r["answer"]
+    # The transcript, then the message as the question (not a transcript line of its own).
+    assert r["prompt"].startswith(reply_prompt("", "x")[:20])
+    assert r["prompt"].endswith("Question: what was the code?\nAnswer:")
+    assert "user: what was the code?" not in r["prompt"]
+    assert [(t.role, t.text) for t in conv.recent[-2:]] == [
+        ("user", "what was the code?"),
+        ("assistant", r["answer"]),
+    ]
     with pytest.raises(MemextError, match="no room"):
         reply(conv, chat_llama, "again?", window_tokens=10, max_new_tokens=5)
+    with pytest.raises(MemextError, match="empty"):
+        reply(conv, chat_llama, "  ")
 
 
 # --- benchmarks/llm_qa.py -----------------------------------------------------------------------
@@ -221,9 +227,12 @@ def test_llm_dialogue_runs_both_readings(llama: Any, encoder: Encoder) -> None:
     with RetrievalStore(":memory:", encoder=encoder) as store:
         for i in range(2):
             d = dl.make_dialogue(f"t/{i}", 30, fact_span=0.3)
-            transcript, first = dl.window_transcript(d.turns, 296, read)
-            assert len(read(reply_prompt(transcript))) <= 296 and transcript.endswith(d.question)
-            assert len(read(reply_prompt(f"{d.turns[first - 1][1]}\n{transcript}"))) > 296
+            transcript, first = dl.window_transcript(d.turns[:-1], d.question, 296, read)
+            assert len(read(reply_prompt(transcript, d.question))) <= 296
+            assert transcript.endswith(d.turns[-2][1])  # the newest turns, up to the question
+            role, text = d.turns[first - 1]
+            longer = f"{role}: {text}\n{transcript}"
+            assert len(read(reply_prompt(longer, d.question))) > 296
             assert d.fact_turn < first  # early fact, short window: outside
             rows += dl.run_dialogue(llama, store, d, i, s)
     assert [r["reading"] for r in rows] == ["memory", "window"] * 2
