@@ -2,9 +2,10 @@
 window alone, with one reader (issue 18 item 7.2).
 
 Each dialogue has ``--turns`` turns (default 120), user and assistant in turn: small talk drawn
-from a dozen topics (seeded, so every run sees the same dialogues), a few "distractor" turns
-that give other codes of the same form ("my bike lock code is 60412"), one user turn that states
-the fact ("my locker combination is 48213"), drawn uniformly from the first ``--fact-span`` of the
+from a dozen topics (seeded, so every run sees the same dialogues), ``--distractors`` turns
+that give other codes of the same form ("my bike lock code is 60412"; none by default: the issue
+asks for one fact among filler, and SmolLM2-135M mixes up codes it is shown together), one user
+turn that states the fact ("my locker combination is 48213"), drawn uniformly from the first ``--fact-span`` of the
 dialogue, and a last turn that asks for it. The reader (default SmolLM2-135M-Instruct, greedy,
 chat template) answers from a prompt of at most ``--window`` tokens, framed the same way for both
 (``memext.pipelines.dialogue.reply_prompt``: the transcript, then the question):
@@ -128,7 +129,7 @@ class Dialogue:
 
 
 def make_dialogue(
-    seed: int | str, n_turns: int = 120, fact_span: float = 0.6, distractors: int = 3
+    seed: int | str, n_turns: int = 120, fact_span: float = 0.6, distractors: int = 0
 ) -> Dialogue:
     """A dialogue of ``n_turns`` turns (>= 10): user and assistant in turn, the fact in a user
     turn among the first ``fact_span`` of them, ``distractors`` other codes, the question last."""
@@ -337,7 +338,12 @@ def main() -> None:
         default=0.6,
         help="The fact is in a user turn among the first this fraction of turns.",
     )
-    p.add_argument("--distractors", type=int, default=3, help="Other codes said in the dialogue.")
+    p.add_argument(
+        "--distractors",
+        type=int,
+        default=0,
+        help="Other codes of the same form said in the dialogue (a harder variant: 3).",
+    )
     p.add_argument("--window", type=int, default=1024, help="Prompt budget of both readings.")
     p.add_argument(
         "--recent-tokens",

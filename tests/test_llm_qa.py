@@ -201,9 +201,9 @@ def test_a_document_that_fits_is_read_whole(llama: Any, encoder: Encoder) -> Non
 
 def test_dialogues_are_deterministic_and_well_formed() -> None:
     dl = _bench("llm_dialogue")
-    d = dl.make_dialogue("0/1", 101, fact_span=0.6)
-    assert d == dl.make_dialogue("0/1", 101, fact_span=0.6)
-    assert d != dl.make_dialogue("0/2", 101, fact_span=0.6)
+    d = dl.make_dialogue("0/1", 101, fact_span=0.6, distractors=3)
+    assert d == dl.make_dialogue("0/1", 101, fact_span=0.6, distractors=3)
+    assert d != dl.make_dialogue("0/2", 101, fact_span=0.6, distractors=3)
     assert len(d.turns) == 101 and d.turns[-1] == ("user", d.question)
     assert d.turns[d.fact_turn][0] == "user" and d.answer in d.turns[d.fact_turn][1]
     assert d.fact_turn < 0.6 * 100
@@ -226,7 +226,7 @@ def test_llm_dialogue_runs_both_readings(llama: Any, encoder: Encoder) -> None:
     rows = []
     with RetrievalStore(":memory:", encoder=encoder) as store:
         for i in range(2):
-            d = dl.make_dialogue(f"t/{i}", 30, fact_span=0.3)
+            d = dl.make_dialogue(f"t/{i}", 30, fact_span=0.3, distractors=i)
             transcript, first = dl.window_transcript(d.turns[:-1], d.question, 296, read)
             assert len(read(reply_prompt(transcript, d.question))) <= 296
             assert transcript.endswith(d.turns[-2][1])  # the newest turns, up to the question
