@@ -130,17 +130,44 @@ def ask(
         run_ask, "max_new_tokens"
     ),
     device: DeviceOpt = default(run_ask, "device"),
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat",
+            help="Ask in the model's chat template, as a user turn (default: when its tokenizer "
+            "has one, as instruct models do).",
+        ),
+    ] = default(run_ask, "chat"),
+    context_tokens: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="The prompt's budget in tokens, when less than the model's window (a small "
+            "model reads a short prompt better).",
+        ),
+    ] = default(run_ask, "context_tokens"),
 ) -> None:
-    """Answer from a store: the most relevant chunks that fit the model's window, then generate."""
+    """Answer from a store: the most relevant chunks that fit the model's window (or
+    --context-tokens), then generate greedily; an instruct model reads it in its chat template."""
     from memext.runtime import resolve_device
 
     where = str(resolve_device(device))  # a bad --device fails before anything loads
     with _open_store(store, encoder, readonly=True) as db:
         r = run_ask(
-            db, model, question, k=k, mode=mode, max_new_tokens=max_new_tokens, device=where
+            db,
+            model,
+            question,
+            k=k,
+            mode=mode,
+            max_new_tokens=max_new_tokens,
+            device=where,
+            chat=chat,
+            context_tokens=context_tokens,
         )
     err.print(
-        f"{len(r['used'])} chunk(s), {r['prompt_tokens']} of {r['window']} tokens: "
+        f"{len(r['used'])} chunk(s), {r['prompt_tokens']} of {r['window']} tokens"
+        + (f" (budget {context_tokens})" if context_tokens else "")
+        + ": "
         + ", ".join(u["doc_id"] for u in r["used"]),
         highlight=False,
     )

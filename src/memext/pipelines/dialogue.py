@@ -4,14 +4,18 @@ A ``Conversation`` keeps its latest turns word for word while they fit ``recent_
 older turn moves into a ``RetrievalStore`` (chunked and embedded by the store's encoder). For a
 model with a fixed window, ``context`` builds the prompt: the older turns most relevant to the
 question, in the order they were said, then as many recent turns as fit, newest always included.
+``reply`` answers a message with any model the adapters open (an instruct model reads the
+transcript as a user turn of its chat template, whose tokens count against the window).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from memext.errors import MemextError
+from memext.pipelines.ask import QUESTION, prompt_reader
 from memext.pipelines.chunking import count_tokens, special_token_count, token_spans
 from memext.pipelines.store import Hit, RetrievalStore
 
@@ -166,3 +170,67 @@ def _fit_left(text: str, window_tokens: int, tokenizer: Any) -> str:
         else:
             j += 1
     return ""
+
+
+CONVERSATION_HEADER = "Answer the question from the conversation.\n\nConversation:\n"
+
+
+def reply_prompt(transcript: str, message: str) -> str:
+    """The prompt a reader answers ``message`` from: the header, the conversation before it, then
+    the message as the question (``ask``'s layout). Asked after the transcript, not as its last
+    line: SmolLM2-135M, shown the question as a transcript line, repeated it instead of answering
+    (4 of 4 smoke dialogues) and answered once asked after it (the window-only baseline of
+    ``benchmarks/llm_dialogue.py`` uses this prompt too)."""
+    return CONVERSATION_HEADER + transcript + QUESTION.format(question=message.strip())
+
+
+def reply(
+    conversation: Conversation,
+    model: str | Path | Any,
+    message: str,
+    *,
+    role: str = "user",
+    window_tokens: int | None = None,
+    max_new_tokens: int = 64,
+    chat: bool | None = None,
+    device: str = "cpu",
+    **sampling: Any,
+) -> dict[str, Any]:
+    """Answer ``message`` from the conversation's memory with ``model`` (a path or name, or an
+    adapter already open), then add the message (as a turn of ``role``) and the answer (as an
+    "assistant" turn) to the conversation.
+
+    The prompt (``reply_prompt`` around ``conversation.context(message, ...)``) stays within
+    ``window_tokens`` (default: the model's window) less ``max_new_tokens``, counted as the
+    model reads it. ``sampling``: the adapter's generation options (default greedy). Returns
+    the answer, the prompt and its length in tokens."""
+    from memext.adapters import open_model
+
+    if not isinstance(message, str) or not message.strip():
+        raise MemextError("the message is empty")
+    gen = open_model(model, device) if isinstance(model, (str, Path)) else model
+    window = gen.window if window_tokens is None else window_tokens
+    read = prompt_reader(gen, chat)
+    limit = window - max_new_tokens
+    budget = limit - len(read(reply_prompt("", message)))
+    if budget < 1:
+        raise MemextError(
+            f"a window of {window} tokens leaves no room for the conversation beside the "
+            f"message, the prompt's frame and max_new_tokens={max_new_tokens}"
+        )
+    # The frame's tokens and the transcript's can merge or split where they join: shrink the
+    # transcript's budget by what the whole overshoots, until it fits.
+    while True:
+        prompt = reply_prompt(conversation.context(message, budget, gen.tokenizer), message)
+        over = len(read(prompt)) - limit
+        if over <= 0:
+            break
+        if budget <= 1:
+            raise MemextError(f"no transcript fits a window of {window} tokens with this frame")
+        budget = max(1, budget - over)
+    answer = "".join(
+        gen.generate(prompt, max_new_tokens, chat=chat, **({"temperature": 0.0} | sampling))
+    )
+    conversation.add(role, message)
+    conversation.add("assistant", answer)
+    return {"answer": answer, "prompt": prompt, "prompt_tokens": len(read(prompt))}
