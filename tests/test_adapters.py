@@ -248,7 +248,7 @@ def test_a_registered_kind_reaches_every_former_dispatch(echo: Path, tmp_path: P
     assert gen.exit_code == 0 and "echo:def" in gen.output, gen.output
 
     class Store:
-        def search(self, question: str, k: int, mode: str) -> list:
+        def search(self, question: str, k: int, mode: str, doc_prefix: str | None = None) -> list:
             return []
 
     answered = ask(Store(), echo, "Why?", max_new_tokens=8)
