@@ -165,12 +165,12 @@ def restore_checkpoint(
     """Load the run's checkpoint into ``model`` and ``opt`` and set the RNG; returns its step.
     Reads only: a refusal leaves the run as it was. ``strategy``: how ``model`` is spread over
     the ranks (a sharded checkpoint is read at any world size, into a sharded model or not)."""
-    saved_any = (run_dir / ckpt.WEIGHTS).is_file() or (run_dir / ckpt.SHARDED).is_dir()
-    if not saved_any and not (run_dir / ckpt.TRAIN_STATE).is_file():
+    weights = ckpt.weights_path(run_dir)
+    if not weights.exists():
         raise MemextError(
-            f"cannot resume: {str(run_dir / ckpt.WEIGHTS)!r} is missing, so {str(run_dir)!r} has "
-            "no checkpoint to continue from (a run stopped before its first save?); start it "
-            "again with --overwrite"
+            f"cannot resume: {str(weights)!r} is missing, so {str(run_dir)!r} has no checkpoint "
+            "to continue from (a run stopped before its first save?); start it again with "
+            "--overwrite"
         )
     state = ckpt.load_train_state(run_dir)
     if state.get("weights") == ckpt.SHARDED:
