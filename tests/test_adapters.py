@@ -24,10 +24,12 @@ from memext.adapters import (
     HFAdapter,
     MemextAdapter,
     ModelAdapter,
+    Reading,
     detect_kind,
     open_model,
     register_model_kind,
 )
+from memext.adapters.base import as_rows, target_log_probs
 from memext.cli import app
 from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.curriculum import trained_length
@@ -196,7 +198,7 @@ class _Echo:
         self.path, self.name, self.device = str(path), Path(path).name, torch.device(device)
         self.tokenizer = ByteTokenizer()
         self.trained_length, self.max_context, self.window, self.params = 64, 64, 256, 0
-        self.segment_len = None
+        self.segment_len, self.reading = None, Reading()
 
     @staticmethod
     def claims(path: str | Path) -> bool:
@@ -209,8 +211,13 @@ class _Echo:
     def forward(self, tokens: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         return torch.nn.functional.one_hot((tokens + 1) % 264, 264).float(), state
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.forward(tokens)[0]
+    def logits(self, tokens: torch.Tensor, positions: Any = None) -> torch.Tensor:
+        return self.forward(tokens)[0][:, as_rows(positions, tokens.shape[1])]
+
+    def log_probs(
+        self, tokens: torch.Tensor, positions: Any, targets: torch.Tensor
+    ) -> torch.Tensor:
+        return target_log_probs(self.logits(tokens, positions), targets)
 
     def generate(self, prompt: str, max_new_tokens: int, **sampling: Any) -> Iterator[str]:
         yield "echo:" + prompt[-3:]

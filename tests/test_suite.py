@@ -141,16 +141,16 @@ class Oracle:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, positions=None) -> torch.Tensor:
         if tokens.shape[1] not in {s.size - 1 for s in self.known.values()}:
-            return self.inner.logits(tokens)  # bits-per-byte windows and speed probes
+            return self.inner.logits(tokens, positions)  # speed probes
         out = torch.zeros(*tokens.shape, 264)
         for i, row in enumerate(tokens.numpy()):
             target = self.known[row.astype(np.int64).tobytes()][1:].copy()
             if self.wrong:
                 target[-1] = (target[-1] + 1) % 256
             out[i, torch.arange(tokens.shape[1]), torch.from_numpy(target)] = 1.0
-        return out
+        return out if positions is None else out[:, torch.as_tensor(positions)]
 
 
 def _recording(monkeypatch: pytest.MonkeyPatch) -> dict[bytes, np.ndarray]:

@@ -22,6 +22,7 @@ import torch
 from memext.adapters.base import (
     MODEL_KINDS,
     ModelAdapter,
+    Reading,
     Whole,
     files_fingerprint,
     register_model_kind,
@@ -79,22 +80,33 @@ def open_model(
     *,
     kind: str | None = None,
     memory: bool = True,
+    reading: Reading | None = None,
 ) -> ModelAdapter:
     """The model at ``path`` as an adapter: of ``kind``, or of the kind that claims it.
-    ``memory=False`` (memext runs only) empties a memory model's memory before each segment."""
+    ``memory=False`` (memext runs only) empties a memory model's memory before each segment;
+    ``reading`` reads each input through a KV-cache policy (``Reading``; kinds that take it)."""
     name = kind or detect_kind(path)
     cls = model_kind(name)
     if kind is not None and not cls.claims(path):
         found = detect_kind(path)  # says what nothing claims
         raise MemextError(f"{str(path)!r} holds a model of kind {found!r}, not {name!r}")
-    if memory:
-        return cls(path, device)
-    # A kind that can read without its memory takes ``memory`` (its signature says so).
-    if "memory" not in MODEL_KINDS.takes(name):
-        raise MemextError(
-            f"{str(path)!r} is a {name} model: only memext runs have a memory to switch off"
-        )
-    return cls(path, device, memory=False)
+    extra: dict[str, Any] = {}
+    # A kind that can read without its memory, or through a KV-cache policy, takes ``memory``
+    # or ``reading`` (its signature says so).
+    if not memory:
+        if "memory" not in MODEL_KINDS.takes(name):
+            raise MemextError(
+                f"{str(path)!r} is a {name} model: only memext runs have a memory to switch off"
+            )
+        extra["memory"] = False
+    if reading is not None and not reading.plain:
+        if "reading" not in MODEL_KINDS.takes(name):
+            raise MemextError(
+                f"{str(path)!r} is a {name} model, which reads no input through a KV-cache "
+                "policy: leave out --cache, --cache-opt and --chunk"
+            )
+        extra["reading"] = reading
+    return cls(path, device, **extra)
 
 
 __all__ = [
@@ -107,6 +119,7 @@ __all__ = [
     "KnownAdapter",
     "MemextAdapter",
     "ModelAdapter",
+    "Reading",
     "Whole",
     "detect_kind",
     "fetch",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from memext.adapters.base import models_dir, register_model_kind
+from memext.adapters.base import Reading, models_dir, reading_name, register_model_kind
 from memext.adapters.hf_dir import HFAdapter
 
 MAGIC = b"GGUF"
@@ -44,9 +44,11 @@ def convert(path: str | Path) -> Path:
 class GGUFAdapter(HFAdapter):
     kind = "gguf"
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        super().__init__(convert(path), device)
-        self.path, self.name = str(path), Path(path).name
+    def __init__(
+        self, path: str | Path, device: torch.device | str = "cpu", reading: Reading | None = None
+    ) -> None:
+        super().__init__(convert(path), device, reading)
+        self.path, self.name = str(path), reading_name(Path(path).name, self.reading)
 
     @staticmethod
     def claims(path: str | Path) -> bool:

@@ -12,20 +12,35 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memext.adapters.base import files_fingerprint, register_model_kind
+from memext.adapters.base import (
+    Positions,
+    Reading,
+    as_rows,
+    files_fingerprint,
+    reading_name,
+    register_model_kind,
+    target_log_probs,
+    within,
+)
 from memext.errors import MemextError
 
 
 @register_model_kind("hf")
 class HFAdapter:
+    """A Hugging Face causal LM. ``reading``: one pass (the default) or through a memext KV-cache
+    policy (``Reading``), which the suite's scores then measure."""
+
     kind = "hf"
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, path: str | Path, device: torch.device | str = "cpu", reading: Reading | None = None
+    ) -> None:
         from memext.hf.model import HFCausalLM, context_length, load_causal_lm
         from memext.hf.tokenizer import HFTokenizer
 
         self.path = str(path)
-        self.name = Path(path).resolve().name
+        self.reading = reading or Reading()
+        self.name = reading_name(Path(path).resolve().name, self.reading)
         self.device = torch.device(device)
         self.tokenizer = HFTokenizer(path)
         loaded = load_causal_lm(path, use_cache=False)
@@ -38,6 +53,12 @@ class HFAdapter:
         self.segment_len = None  # one pass, whatever the length
         self.params = sum(p.numel() for p in self.model.parameters())
         self._dir = Path(path)
+        self._split: bool | None = None  # whether the head is a plain projection (_separable)
+        if not self.reading.plain:
+            try:  # a bad option, or a policy this model's rotary cannot take: refused now
+                self._policy_cache(1)
+            except (TypeError, ValueError) as e:
+                raise MemextError(f"--cache {self.reading.cache}: {e}") from None
 
     @staticmethod
     def claims(path: str | Path) -> bool:
@@ -70,8 +91,72 @@ class HFAdapter:
         return self.model(tokens.to(self.device), state)
 
     @torch.no_grad()
-    def logits(self, tokens: Tensor) -> Tensor:
-        return self.model(tokens.to(self.device))[0]
+    def logits(self, tokens: Tensor, positions: Positions = None) -> Tensor:
+        tokens = tokens.to(self.device)
+        if positions is None and self.reading.plain:
+            return self.model(tokens)[0]  # transformers' own logits, every row
+        rows = as_rows(positions, tokens.shape[1], self.device)
+        first = int(rows[0]) if rows.numel() else None
+        out = self._read(tokens, rows, first)
+        return self._head()(out) if self._separable() else out
+
+    @torch.no_grad()
+    def log_probs(self, tokens: Tensor, positions: Positions, targets: Tensor) -> Tensor:
+        tokens = tokens.to(self.device)
+        out = self._read(tokens, as_rows(positions, tokens.shape[1], self.device), None)
+        return target_log_probs(out, targets, self._head() if self._separable() else None)
+
+    def _head(self) -> Any:
+        return self.model.model.get_output_embeddings()
+
+    def _separable(self) -> bool:
+        """Whether the logits are the head applied to the base model's last hidden state (a
+        Llama's are; a model that caps or scales them after the head is not): then a reading
+        keeps hidden states (d wide) and projects only the rows scored. Checked once, on a probe."""
+        if self._split is None:
+            lm = self.model.model
+            x = torch.arange(1, 9, device=self.device)[None] % self.tokenizer.vocab_size
+            whole = lm(input_ids=x, use_cache=False).logits
+            hidden = lm.base_model(input_ids=x, use_cache=False).last_hidden_state
+            split = self._head()(hidden)
+            self._split = split.shape == whole.shape and torch.allclose(
+                split, whole, rtol=1e-4, atol=1e-5
+            )
+        return self._split
+
+    def _policy_cache(self, length: int) -> Any:
+        from memext.hf.cache import PolicyCache
+
+        options = self.reading.build_options(length)
+        return PolicyCache(self.model.model.config, str(self.reading.cache), **options)
+
+    def _read(self, tokens: Tensor, rows: Tensor, first: int | None) -> Tensor:
+        """The rows ``rows`` of ``tokens`` read the adapter's way (``Reading``; ``first``: the
+        position from which on it reads one token per forward): the base model's hidden states
+        (B, P, d), or the logits when the head is not separable."""
+        if self.reading.plain:
+            return self._forward(tokens, rows, None)
+        cache = self._policy_cache(tokens.shape[1]).attach(self.model.model)
+        try:
+            pieces = []
+            for a, b in self.reading.cuts(tokens.shape[1], first):
+                pieces.append(self._forward(tokens[:, a:b], within(rows, a, b), cache))
+        finally:
+            cache.detach()  # the query hooks stay on the model otherwise, one set per input
+        return torch.cat(pieces, dim=1)
+
+    def _forward(self, ids: Tensor, keep: Tensor, cache: Any) -> Tensor:
+        """Rows ``keep`` of one forward of ``ids``: without a cache from position 0 (the plain
+        reading, as ``HFCausalLM`` reads), or after what ``cache`` holds, under its policy."""
+        from memext.hf.cache import read_chunk
+
+        lm, split = self.model.model, self._separable()
+        model, kwargs = (lm.base_model, {}) if split else (lm, {"logits_to_keep": keep})
+        if cache is None:
+            out = model(input_ids=ids, use_cache=False, **kwargs)
+        else:
+            out = read_chunk(model, ids, cache, **kwargs)
+        return out.last_hidden_state[:, keep] if split else out.logits
 
     def generate(
         self,
@@ -169,10 +254,12 @@ class HFAdapter:
         return store.validation, DataConfig().corpus, store.corpus_hash
 
     def describe(self) -> dict[str, Any]:
-        return {"config": self.model.config.to_dict()}
+        return {"config": self.model.config.to_dict(), "reading": self.reading.describe()}
 
     def fingerprint(self) -> str:
-        return files_fingerprint([f for f in self._dir.iterdir() if f.is_file()])
+        # The reading is part of the identity: cells read through another policy are stale.
+        files = files_fingerprint([f for f in self._dir.iterdir() if f.is_file()])
+        return files if self.reading.plain else f"{files}-{self.reading.slug()}"
 
 
 def _rope(config: Any) -> str:

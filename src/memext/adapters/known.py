@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from memext.adapters.base import models_dir, register_model_kind
+from memext.adapters.base import Reading, models_dir, reading_name, register_model_kind
 from memext.adapters.hf_dir import HFAdapter
 from memext.errors import MemextError
 from memext.registry import Registry
@@ -166,9 +166,11 @@ class KnownAdapter(HFAdapter):
 
     kind = "known"
 
-    def __init__(self, path: str | Path, device: torch.device | str = "cpu") -> None:
-        super().__init__(fetch(str(path)), device)
-        self.path = self.name = str(path)
+    def __init__(
+        self, path: str | Path, device: torch.device | str = "cpu", reading: Reading | None = None
+    ) -> None:
+        super().__init__(fetch(str(path)), device, reading)
+        self.path, self.name = str(path), reading_name(str(path), self.reading)
 
     @staticmethod
     def claims(path: str | Path) -> bool:

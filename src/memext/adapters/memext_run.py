@@ -11,7 +11,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from memext.adapters.base import files_fingerprint, register_model_kind
+from memext.adapters.base import (
+    Positions,
+    Reading,
+    as_rows,
+    files_fingerprint,
+    reading_name,
+    register_model_kind,
+    target_log_probs,
+    within,
+)
 from memext.curriculum import trained_length
 from memext.data.sampling import segments
 from memext.errors import MemextError
@@ -29,7 +38,11 @@ class MemextAdapter:
     kind = "memext"
 
     def __init__(
-        self, path: str | Path, device: torch.device | str = "cpu", memory: bool = True
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        memory: bool = True,
+        reading: Reading | None = None,
     ) -> None:
         from memext.checkpoint import load, load_config, run_tokenizer, weights_files
 
@@ -42,7 +55,9 @@ class MemextAdapter:
                 "benchmarks/seq2seq_digest.py scores it against a prefix baseline"
             )
         self.path = str(path)
-        self.name = Path(path).resolve().name + ("" if memory else " (no memory)")
+        self.reading = reading or Reading()
+        name = Path(path).resolve().name + ("" if memory else " (no memory)")
+        self.name = reading_name(name, self.reading)
         self.memory = memory
         self.device = torch.device(device)
         self.model, self.cfg = load(path, self.device)
@@ -55,6 +70,22 @@ class MemextAdapter:
         # Memory models read any length, but one call still attends over at most max_seq_len.
         self.window = self.model.max_seq_len
         self.params = sum(p.numel() for p in self.model.parameters())
+        if not self.reading.plain:
+            self._check_reading()
+
+    def _check_reading(self) -> None:
+        """Refuse a reading this run cannot do, before anything is run."""
+        from memext.infer.generate import new_state
+
+        if self.segment_len:
+            raise MemextError(
+                f"{self.name} reads in segments through its memory, without a KV cache: "
+                "--cache, --cache-opt and --chunk apply to models without memory"
+            )
+        try:
+            new_state(self.model, 1, 1, str(self.reading.cache), **dict(self.reading.options))
+        except (TypeError, ValueError) as e:
+            raise MemextError(f"--cache {self.reading.cache}: {e}") from None
 
     @staticmethod
     def claims(path: str | Path) -> bool:
@@ -104,18 +135,43 @@ class MemextAdapter:
         return self.model(tokens.to(self.device), state)
 
     @torch.no_grad()
-    def logits(self, tokens: Tensor) -> Tensor:
+    def logits(self, tokens: Tensor, positions: Positions = None) -> Tensor:
         tokens = tokens.to(self.device)
-        if not self.segment_len:
-            return self.model(tokens)[0]
-        # Cut from the end, as training and ``evaluate_samples`` cut: the last segment is whole,
-        # so a question and its answer are never split by a segment boundary.
-        out, state = [], None
-        for start, end in segments(tokens.shape[1], self.segment_len):
+        rows = None if positions is None else as_rows(positions, tokens.shape[1], self.device)
+        first = None if rows is None or not rows.numel() else int(rows[0])
+        return self._read(tokens, rows, first)
+
+    @torch.no_grad()
+    def log_probs(self, tokens: Tensor, positions: Positions, targets: Tensor) -> Tensor:
+        tokens = tokens.to(self.device)
+        rows = as_rows(positions, tokens.shape[1], self.device)
+        return target_log_probs(self._read(tokens, rows, None), targets)
+
+    def _read(self, tokens: Tensor, rows: Tensor | None, first: int | None) -> Tensor:
+        """The logits at ``rows`` (None: all) of ``tokens`` read the run's way: one pass, its
+        memory's segments, or a KV-cache policy (``Reading``; one token per forward from
+        ``first`` on). Each forward's logits are cut to its rows before the next runs."""
+        if self.reading.plain and not self.segment_len:
+            out = self.model(tokens)[0]
+            return out if rows is None else out[:, rows]
+        if self.reading.plain:
+            # Cut from the end, as training and ``evaluate_samples`` cut: the last segment is
+            # whole, so a question and its answer are never split by a segment boundary.
+            cuts, state = segments(tokens.shape[1], self.segment_len), None
+        else:
+            from memext.infer.generate import new_state
+
+            cache, options = str(self.reading.cache), dict(self.reading.options)
+            state = new_state(self.model, tokens.shape[0], tokens.shape[1], cache, **options)
+            if rows is None:  # every position scored: all but the first read one by one
+                first = 0
+            cuts = self.reading.cuts(tokens.shape[1], first)
+        out = []
+        for start, end in cuts:
             step, state = self.model(tokens[:, start:end], state)
             if not self.memory:
                 state = None
-            out.append(step)
+            out.append(step if rows is None else step[:, within(rows, start, end)])
         return torch.cat(out, dim=1)
 
     def generate(
@@ -153,9 +209,11 @@ class MemextAdapter:
             "config": dataclasses.asdict(self.cfg),
             "segment_len": self.segment_len,
             "memory": self.memory,
+            "reading": self.reading.describe(),
         }
 
     def fingerprint(self) -> str:
         # The reading rule is part of the identity: cached suite cells read another way are stale.
         read = READ_RULE + ("" if self.memory else "-no-memory")
+        read += "" if self.reading.plain else f"-{self.reading.slug()}"
         return f"{files_fingerprint(self._weights)}-{read}"

@@ -12,6 +12,7 @@ from rich.table import Table
 
 import memext
 from memext.cli.common import (
+    CacheOptsOpt,
     ConfigOpt,
     DeviceOpt,
     ModelArg,
@@ -19,6 +20,7 @@ from memext.cli.common import (
     SetOpt,
     assignments,
     build_config,
+    cache_options,
     default,
     err,
     out,
@@ -149,6 +151,7 @@ def run_and_print_suite(
     dev,
     out_file: Path | None,
     memory: bool = True,
+    reading: Any = None,
 ) -> Path:
     from memext.evals.runner import evaluate_model
 
@@ -161,6 +164,7 @@ def run_and_print_suite(
         out_file,
         memory,
         log=lambda m: err.print(m, highlight=False),
+        reading=reading,
     )
     _print_suite(results)
     out.print(f"suite results: {target}")
@@ -201,10 +205,10 @@ def _print_suite(results: dict[str, Any]) -> None:
     )
 
 
-def _report(inputs: list[Path], out_dir: Path) -> None:
+def _report(inputs: list[Path], out_dir: Path, suite: str | None = None) -> None:
     from memext.evals.report import build_report
 
-    html, md = build_report(inputs, out_dir)
+    html, md = build_report(inputs, out_dir, suite)
     out.print(f"report: {html} (Markdown: {md})")
 
 
@@ -234,6 +238,22 @@ def eval_(
             "(the same weights, window only), into RUN/eval/SUITE-no-memory.json.",
         ),
     ] = True,
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            help="Read each input through this KV-cache policy (`memext info` lists them): the "
+            "input in --chunk-token forwards, the answer positions one token per forward, as "
+            "greedy decoding reads; results in RUN/eval/SUITE-POLICY-OPTIONS.json. Default: the "
+            "model's own reading (one pass, or its memory's segments)."
+        ),
+    ] = None,
+    cache_opt: CacheOptsOpt = None,
+    chunk: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Tokens per forward when reading through --cache (default: one forward)."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     output: Annotated[
         Path | None,
@@ -242,29 +262,46 @@ def eval_(
 ) -> None:
     """Grade a model with a suite: bits-per-byte by context length and memory reach by default;
     long-context tasks and the effective context length with --suite longctx."""
+    from memext.adapters import Reading
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
+    reading = Reading.of(cache, cache_options(cache_opt), chunk)
     target = run_and_print_suite(
-        run_dir, suite, parsed, max_tokens, resolve_device(device), output, memory
+        run_dir, suite, parsed, max_tokens, resolve_device(device), output, memory, reading
     )
-    out.print(f"next: memext report {run_dir if target.parent.parent == run_dir else target}")
+    # A model's own results folder is found from its name or path; elsewhere, the file itself.
+    out.print(f"next: memext report {run_dir if output is None else target}")
 
 
 @user_errors
 def report(
     inputs: Annotated[
         list[Path],
-        typer.Argument(help="Run directories (their eval/*.json) or suite results files."),
+        typer.Argument(
+            help="Suite results files, or models whose eval/*.json to show: run directories, "
+            "model directories, GGUF files, known model names (smollm2); each model's readings "
+            "(--cache) side by side."
+        ),
     ],
     output: Annotated[
         Path | None,
-        typer.Option("--out", help="Folder for report.html and report.md (default: RUN/report)."),
+        typer.Option(
+            "--out",
+            help="Folder for report.html and report.md (default: the first model's "
+            "report/, or beside the first results file).",
+        ),
+    ] = None,
+    suite: Annotated[
+        str | None,
+        typer.Option(help="Only the results of this suite (by name) from each model's eval/."),
     ] = None,
 ) -> None:
     """One self-contained HTML page (and a Markdown twin) from suite results, runs side by side."""
-    first = inputs[0]
-    _report(inputs, output or (first if first.is_dir() else first.parent) / "report")
+    from memext.evals.report_runs import results_home
+
+    home = results_home(inputs[0])
+    _report(inputs, output or (home if home is not None else inputs[0].parent) / "report", suite)
 
 
 @user_errors

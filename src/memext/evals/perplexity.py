@@ -85,9 +85,16 @@ def score_length(
             batch = group[i : i + batch_size]
             idx = np.array([s for s, _ in batch])[:, None] + np.arange(size + 1)[None, :]
             seg = torch.from_numpy(tokens[idx].astype(np.int64)).to(device)
-            logits, _ = model(seg[:, :-1])
             targets = seg[:, lead + 1 :]
-            nll, nb = nats_and_bytes(logits[:, lead:], targets, byte_lengths)
+            if hasattr(model, "log_probs"):
+                # An adapter's reading (``Whole``): the scored positions' log-probabilities,
+                # projected on the vocabulary a few hundred rows at a time.
+                scored = torch.arange(lead, size, device=seg.device)
+                nll = -float(model.log_probs(seg[:, :-1], scored, targets).double().sum())
+                nb = int(byte_lengths[targets.cpu().numpy()].sum())
+            else:
+                logits, _ = model(seg[:, :-1])
+                nll, nb = nats_and_bytes(logits[:, lead:], targets, byte_lengths)
             nats, n_tok, n_bytes = nats + nll, n_tok + targets.numel(), n_bytes + nb
             bar.update(len(batch))
     bar.close()

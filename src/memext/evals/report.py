@@ -67,6 +67,7 @@ def _summary_rows(runs: Sequence[Run]) -> list[tuple[str, list[Any]]]:
     rows: list[tuple[str, list[Any]]] = [
         ("model", [_plain(r.model.get("name")) for r in runs]),
         ("kind", [_plain(r.model.get("kind")) for r in runs]),
+        ("reading", [_plain(r.model.get("reading")) for r in runs]),
         ("params", [_params(r.model.get("params")) for r in runs]),
         ("trained length", [_plain(r.model.get("trained_length")) for r in runs]),
         ("max context", [_plain(r.model.get("max_context")) for r in runs]),
@@ -102,6 +103,12 @@ def _corpus(run: Run) -> str:
 
 def _definitions(runs: Sequence[Run]) -> list[str]:
     return list(dict.fromkeys(r.summary["definition"] for r in runs if "definition" in r.summary))
+
+
+def _notes(runs: Sequence[Run]) -> list[str]:
+    """The suites' own notes (``SuiteSpec.note``: where and why their lengths stop), once each."""
+    notes = (str((r.data.get("spec") or {}).get("note") or "") for r in runs)
+    return list(dict.fromkeys(n for n in notes if n))
 
 
 # --- HTML ----------------------------------------------------------------------------------------
@@ -146,6 +153,9 @@ def _summary_html(runs: Sequence[Run]) -> str:
         body.append(f"<tr><th>{html.escape(field)}</th>{tds}</tr>")
     definitions = "".join(
         f'<p class="definition">The threshold: {html.escape(d)}.</p>' for d in _definitions(runs)
+    )
+    definitions += "".join(
+        f'<p class="definition">Suite note: {html.escape(n)}</p>' for n in _notes(runs)
     )
     return (
         f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
@@ -251,6 +261,7 @@ def render_markdown(runs: Sequence[Run]) -> str:
         _md_table(["", *(r.label for r in runs)], rows),
         f"—* {NONE_NOTE}: there is nothing to hold, so no effective context.",
         *(f"The threshold: {d}." for d in _definitions(runs)),
+        *(f"Suite note: {n}" for n in _notes(runs)),
         "## Scores by length",
         *(_scores_md(runs, t) for t in run_tasks(runs)),
     ]
@@ -260,13 +271,17 @@ def render_markdown(runs: Sequence[Run]) -> str:
 # --- entry point ---------------------------------------------------------------------------------
 
 
-def build_report(results: Sequence[str | Path], out_dir: str | Path) -> tuple[Path, Path]:
+def build_report(
+    results: Sequence[str | Path], out_dir: str | Path, suite: str | None = None
+) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` for the runs in ``results`` into ``out_dir``.
 
     Args:
-        results: results files (``RUN_DIR/eval/<suite>.json``) or run directories (every suite
-            results file in ``RUN_DIR/eval``), shown side by side in this order.
+        results: results files (``RUN_DIR/eval/<suite>.json``), run or model directories, or
+            models by name (every suite results file in their ``eval/``: ``report_runs``),
+            shown side by side in this order.
         out_dir: where the two files go (created if missing).
+        suite: only the results of this suite from directories and models.
 
     Returns:
         The paths of the HTML and the Markdown report.
@@ -275,7 +290,7 @@ def build_report(results: Sequence[str | Path], out_dir: str | Path) -> tuple[Pa
         MemextError: no results, a file that is not suite results of this schema version, a run
             directory without suite results, or matplotlib missing.
     """
-    runs = load_runs(results)
+    runs = load_runs(results, suite)
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -57,16 +57,46 @@ def _is_suite_file(path: Path) -> bool:
     return isinstance(data, dict) and data.get("format") == FORMAT
 
 
-def _results_files(entry: Path) -> list[Path]:
-    if not entry.is_dir():
+def results_home(entry: str | Path) -> Path | None:
+    """The folder whose ``eval/`` holds the results of ``entry``: a run or model directory
+    itself; a GGUF file's or a known model's converted directory in the cache (where ``memext
+    eval`` wrote them); None for a results file."""
+    entry = Path(entry)
+    if entry.is_dir():
+        return entry
+    if entry.is_file() and entry.suffix == ".json":
+        return None
+    from memext.adapters import model_home
+
+    return model_home(entry)  # a name no kind claims is refused there, with a did-you-mean
+
+
+def _results_files(entry: Path, suite: str | None = None) -> list[Path]:
+    home = results_home(entry)
+    if home is None:
         return [entry]
-    found = sorted(p for p in (entry / "eval").glob("*.json") if _is_suite_file(p))
+    # By stem: a suite's plain reading (SUITE.json) before its others (SUITE-POLICY-....json).
+    found = sorted((p for p in (home / "eval").glob("*.json") if _is_suite_file(p)), key=_stem)
     if not found:
         raise MemextError(
-            f"{entry}: no suite results in {entry / 'eval'}; run "
+            f"{entry}: no suite results in {home / 'eval'}; run "
             f"`memext eval {entry} --suite longctx` first"
         )
-    return found
+    if suite is None:
+        return found
+    names = {p: json.loads(p.read_text(encoding="utf-8")).get("suite") for p in found}
+    kept = [p for p in found if names[p] == suite]
+    if not kept:
+        raise MemextError(
+            f"{entry}: no results of suite {suite!r} in {home / 'eval'} (it holds "
+            f"{', '.join(sorted({str(n) for n in names.values()}))}); run "
+            f"`memext eval {entry} --suite {suite}` first"
+        )
+    return kept
+
+
+def _stem(path: Path) -> str:
+    return path.stem
 
 
 def _source(path: Path) -> str:
@@ -89,11 +119,13 @@ def _labels(runs: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
     return unique
 
 
-def load_runs(results: Sequence[str | Path]) -> list[Run]:
-    """Each results file, or each run directory's suite results, labelled for the report."""
+def load_runs(results: Sequence[str | Path], suite: str | None = None) -> list[Run]:
+    """Each results file, or the suite results of each run, model directory or model name (its
+    readings side by side: ``SUITE.json``, ``SUITE-POLICY-....json``), labelled for the report;
+    ``suite`` keeps only a model's results of that suite (results files are taken as given)."""
     if not results:
-        raise MemextError("no results to report: give results files or run directories")
-    files = [f for entry in results for f in _results_files(Path(entry))]
+        raise MemextError("no results to report: give results files, run directories or models")
+    files = [f for entry in results for f in _results_files(Path(entry), suite)]
     loaded = [(f, load_results(f)) for f in files]
     return [
         Run(label, path, data) for label, (path, data) in zip(_labels(loaded), loaded, strict=True)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from memext.adapters import Reading
 from memext.errors import MemextError
 from memext.evals.suite import get_suite, run_suite
 
@@ -31,12 +32,14 @@ def evaluate_model(
     memory: bool = True,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    reading: Reading | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run ``suite`` (a name or a .yaml file) on the model at ``path`` and write its results
-    (default: ``HOME/eval/SUITE.json``, ``SUITE-no-memory.json`` with ``memory=False``; HOME is
-    the run or model directory, or for a GGUF file or a known model its converted directory in
-    the cache: ``memext.adapters.model_home``). ``lengths`` replaces the suite's;
-    ``max_tokens`` the scored tokens of its text tasks."""
+    (default: ``HOME/eval/SUITE.json``; ``SUITE-no-memory.json`` with ``memory=False``;
+    ``SUITE-POLICY-OPTIONS.json`` read through a KV-cache policy, ``reading``; HOME is the run or
+    model directory, or for a GGUF file or a known model its converted directory in the cache:
+    ``memext.adapters.model_home``). ``lengths`` replaces the suite's; ``max_tokens`` the scored
+    tokens of its text tasks."""
     from memext.adapters import model_home, open_model
 
     if max_tokens is not None and max_tokens < 1:  # 0 is not "the default": None is
@@ -50,8 +53,10 @@ def evaluate_model(
             for name, opts in spec.tasks.items()
         }
         spec = dataclasses.replace(spec, tasks=tasks)
-    adapter = open_model(path, device, memory=memory)
+    adapter = open_model(path, device, memory=memory, reading=reading)
     name = spec.name if memory else f"{spec.name}-no-memory"
+    if reading is not None and not reading.plain:
+        name += f"-{reading.slug()}"
     target = (
         Path(out_file) if out_file else model_home(path, adapter.kind) / "eval" / f"{name}.json"
     )

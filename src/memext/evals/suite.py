@@ -10,6 +10,7 @@ A suite is data (``SuiteSpec``): the built-in ``quick`` and ``longctx``, or a us
     seed: 0
     threshold: 0.9
     haystack: stdlib                    # or a path to a UTF-8 text file
+    note: "lengths stop at 4k: ..."     # printed on the report
     tasks:
       bpb: {max_tokens: 4096}
       niah: {needle: "The secret word is {value}.", question: "The secret word is "}
@@ -61,6 +62,9 @@ class SuiteSpec:
     seed: int = 0
     threshold: float = DEFAULT_THRESHOLD
     haystack: str = "stdlib"
+    #: A line the report prints with the results (why the lengths stop where they do); it
+    #: changes no score, so it is not part of the cell cache's key.
+    note: str = ""
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.tasks) - set(SUITE_TASKS))
@@ -173,7 +177,9 @@ def haystack(spec: SuiteSpec, tok: Any) -> Filler:
 
 
 def _spec_hash(spec: SuiteSpec, adapter: ModelAdapter) -> str:
-    blob = json.dumps([dataclasses.asdict(spec), adapter.fingerprint()], sort_keys=True)
+    fields = dataclasses.asdict(spec)
+    del fields["note"]  # words, not a setting: editing them keeps the finished cells
+    blob = json.dumps([fields, adapter.fingerprint()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -198,11 +204,12 @@ def estimate(adapter: ModelAdapter, spec: SuiteSpec, todo: list[tuple[Task, Cell
     longest = max(c.length for _, c in todo)
     probe = min(256, longest)
     x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, probe))
-    adapter.logits(x)
+    last = [probe - 1]  # read as a prompt is: the tasks project only the positions they score
+    adapter.logits(x, last)
     t0 = time.perf_counter()
-    adapter.logits(x)
+    adapter.logits(x, last)
     rate = probe / max(time.perf_counter() - t0, 1e-9)
-    peak = peak_memory(lambda: adapter.logits(x), adapter.device)
+    peak = peak_memory(lambda: adapter.logits(x, last), adapter.device)
     tokens = 0
     for task, cell in todo:
         tokens += task.tokens(cell, spec.samples)

@@ -105,7 +105,11 @@ class BitsPerByte(Task):
         self.max_tokens, self.batch_size = int(max_tokens), int(batch_size)
 
     def tokens(self, cell: Cell, samples: int) -> int:
-        return 2 * self.max_tokens
+        # Windows of L whose second halves tile the scored tokens, each with its unscored first
+        # half ahead: a 32k window scoring 4,096 tokens reads 20k, not 8k.
+        lead = cell.length - cell.length // 2
+        windows = -(-self.max_tokens // max(cell.length // 2, 1))
+        return windows * lead + self.max_tokens
 
     def run(self, cell: Cell, ctx: Context) -> dict[str, Any]:
         from memext.evals.perplexity import score_length
@@ -284,8 +288,10 @@ class CommonWords(AnswerTask):
 
 @register_suite_task("speed")
 class Speed(Task):
-    """Forward tokens/s on one L-token sequence (median of ``repeats`` after a warm-up) and the
-    allocator's peak bytes for it, measured in a separate call (the profiler slows CPU calls)."""
+    """Tokens/s reading one L-token sequence the adapter's way, as a prompt is read (the
+    vocabulary projection of its last position only; median of ``repeats`` after a warm-up) and
+    the allocator's peak bytes for it, measured in a separate call (the profiler slows CPU
+    calls)."""
 
     metric = "tokens_per_s"
     uses_depth = False
@@ -302,14 +308,15 @@ class Speed(Task):
         adapter = ctx.adapter
         check_length(adapter, cell.length)
         x = torch.randint(0, min(256, adapter.tokenizer.vocab_size), (1, cell.length))
-        adapter.logits(x)
+        last = [cell.length - 1]
+        adapter.logits(x, last)
         times = []
         for _ in range(self.repeats):
             t0 = time.perf_counter()
-            adapter.logits(x)
+            adapter.logits(x, last)
             times.append(time.perf_counter() - t0)
         rate = cell.length / statistics.median(times)
-        peak = peak_memory(lambda: adapter.logits(x), adapter.device)
+        peak = peak_memory(lambda: adapter.logits(x, last), adapter.device)
         return {
             "score": rate,
             "n": len(times),

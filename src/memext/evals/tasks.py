@@ -41,17 +41,28 @@ def _score_batch(
     inputs, targets, mask = task_batch(batch)
     cuts = segments(inputs.shape[1], segment_len)
     inputs = inputs.to(device)
-    state = None
-    for start, end in cuts:
-        logits, state = model(inputs[:, start:end], state)
-        if logits.shape[:2] != (len(batch), end - start):
+    # Only the positions that predict an answer token are scored (the same for the batch).
+    cols = mask.any(dim=0).nonzero()[:, 0]
+    if len(cuts) == 1 and hasattr(model, "logits_at"):
+        # An adapter's reading (``Whole``): the vocabulary projection of those positions only.
+        logits = model.logits_at(inputs, cols)
+        if logits.shape[:2] != (len(batch), cols.numel()):
             raise ValueError(
-                f"the model returned logits of shape {tuple(logits.shape)} for a "
-                f"({len(batch)}, {end - start}) segment: expected one logit row per token"
+                f"the model returned logits of shape {tuple(logits.shape)} for "
+                f"{cols.numel()} positions of {len(batch)} samples"
             )
-    last = cuts[-1][0]
+    else:
+        state = None
+        for start, end in cuts:
+            logits, state = model(inputs[:, start:end], state)
+            if logits.shape[:2] != (len(batch), end - start):
+                raise ValueError(
+                    f"the model returned logits of shape {tuple(logits.shape)} for a "
+                    f"({len(batch)}, {end - start}) segment: expected one logit row per token"
+                )
+        logits = logits[:, cols.to(logits.device) - cuts[-1][0]]
     pred = logits.argmax(-1).cpu()
-    targets, mask = targets[:, last:], mask[:, last:]
+    targets, mask = targets[:, cols], mask[:, cols]
     hit = (pred == targets) & mask
     predicted = [p[m].tolist() for p, m in zip(pred, mask, strict=True)]
     return (hit | ~mask).all(dim=1).tolist(), int(hit.sum()), predicted
@@ -74,7 +85,9 @@ def evaluate_samples(
     greedy decoding's exact match: greedy decoding emits the same argmax tokens for as long as
     they are right, so its first ``len(answer)`` tokens are the answer iff all of them are.
 
-    Samples of one length are batched together (``batch_size`` at a time); the result holds
+    Samples of one length and answer start are batched together (``batch_size`` at a time). A
+    model that offers ``logits_at(tokens, positions)`` (an adapter's ``Whole``) and reads the
+    input in one segment is asked for the answer positions only. The result holds
     ``task``, ``n``, ``exact_match``, ``token_accuracy``, ``chance`` (the mean of the samples'
     ``meta["chance"]``: a uniform guess's exact match), ``seconds``, ``segment_len`` and
     ``correct`` (one bool per sample, in order); with ``keep``, ``predicted``: each sample's
@@ -87,9 +100,11 @@ def evaluate_samples(
     for sample in samples:
         _check_fits(sample, segment_len)
     t0 = time.perf_counter()
-    groups: dict[int, list[int]] = {}
+    # Batched by length and answer start, so that a batch scores the same positions (an
+    # adapter reading through a KV policy reads them one token per forward, as decoding does).
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, sample in enumerate(samples):
-        groups.setdefault(sample.tokens.size, []).append(i)
+        groups.setdefault((sample.tokens.size, sample.answer_start), []).append(i)
     correct = [False] * len(samples)
     predicted: list[list[int]] = [[] for _ in samples]
     hits = 0

@@ -338,27 +338,35 @@ def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Te
         raise ValueError(
             f"prefill needs token ids shaped (B, T) with T >= 1, got {tuple(ids.shape)}"
         )
-    dtype = next(model.parameters()).dtype
     cache.attach(model)
     logits = None
     for a in range(0, ids.shape[1], chunk):
-        piece = ids[:, a : a + chunk]
-        start, t = cache.get_seq_length(), piece.shape[1]
-        positions = torch.arange(start, start + t, device=ids.device)[None].expand(ids.shape[0], -1)
-        band = cache.band(start, t, ids.device)
-        mask = None
-        if band is not None:
-            # Additive form: both the eager and the SDPA attention of transformers take it.
-            mask = torch.zeros(band.shape, dtype=dtype, device=ids.device)
-            mask = mask.masked_fill(~band, torch.finfo(dtype).min)[None, None]
-            mask = mask.expand(ids.shape[0], 1, -1, -1)
-        out = model(
-            input_ids=piece,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=1,  # the vocabulary projection of the last position only
-            **cache_kwargs(model, cache),
-        )
+        # The vocabulary projection of the last position only.
+        out = read_chunk(model, ids[:, a : a + chunk], cache, logits_to_keep=1)
         logits = out.logits[:, -1]
     return logits, cache
+
+
+@torch.no_grad()
+def read_chunk(model: Any, piece: Tensor, cache: PolicyCache, **kwargs: Any) -> Any:
+    """One forward of ``piece`` (B, t) at the positions after what ``cache`` holds, under the
+    policy's exact band (an explicit 4D mask); ``kwargs`` go to the model (``logits_to_keep``).
+    ``model`` may be a causal LM or its base model (hidden states). The model's output."""
+    dtype = next(model.parameters()).dtype
+    start, t = cache.get_seq_length(), piece.shape[1]
+    positions = torch.arange(start, start + t, device=piece.device)[None].expand(piece.shape[0], -1)
+    band = cache.band(start, t, piece.device)
+    mask = None
+    if band is not None:
+        # Additive form: both the eager and the SDPA attention of transformers take it.
+        mask = torch.zeros(band.shape, dtype=dtype, device=piece.device)
+        mask = mask.masked_fill(~band, torch.finfo(dtype).min)[None, None]
+        mask = mask.expand(piece.shape[0], 1, -1, -1)
+    return model(
+        input_ids=piece,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        **kwargs,
+        **cache_kwargs(model, cache),
+    )
