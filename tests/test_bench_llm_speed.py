@@ -91,7 +91,7 @@ def test_generation_with_retrieval_leaves_no_query_hook_behind(tiny: tuple) -> N
 def test_prefill_memory_rows_split_peak_into_cache_and_activation(tiny: tuple, method: str) -> None:
     bench, _, adapter = tiny
     if method == "rss" and not Path("/proc/self/status").exists():
-        pytest.skip("RSS is read from /proc (Linux)")
+        pytest.fail("RSS is read from /proc (Linux; the CI machine has it)")
     lm = bench.causal_lm(adapter)
     ids = torch.tensor([bench.prompt_ids(adapter, 48, 0)])
     rows = [bench.measure_prefill(lm, ids, c, 16, method) for c in bench.MEMORY_CONFIGS]
