@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 from rich.table import Table
 
@@ -24,7 +23,14 @@ from memext.cli.common import (
 )
 from memext.cli.run import run_and_print_suite
 from memext.errors import MemextError
-from memext.evals.streaming import streaming_perplexity
+from memext.evals.streaming import (
+    against_recompute,
+    sliding_recompute_perplexity,
+    stream_policy,
+    stream_text,
+    streaming_perplexity,
+    tokens_seen,
+)
 from memext.extend import extend_model, extend_run
 from memext.infer.generate import generate_ids
 
@@ -99,26 +105,35 @@ def generate(
 
 
 SINKS = 4  # StreamingLLM's number of attention-sink tokens
+# The most tokens a stream's default cache holds. On CPU the attention over the cache grows with
+# it: at 2048 it is about a third of SmolLM2-135M's work per token, at its 8192 context two
+# thirds (and a recomputation reference costs the square). StreamingLLM's caches are 1-4k.
+STREAM_CONTEXT = 2048
 
 
-def stream_defaults(max_seq_len: int, cache: str) -> dict[str, int]:
-    """Sizes for the options ``cache`` takes that a stream needs: the model's whole window,
-    its first ``SINKS`` tokens kept as sinks. ``--cache-opt`` overrides them."""
+def stream_defaults(context: int, cache: str) -> dict[str, int]:
+    """Sizes for the options ``cache`` takes that a stream needs: the model's window
+    (``context``) up to ``STREAM_CONTEXT`` tokens, its first ``SINKS`` kept as sinks.
+    ``--cache-opt`` overrides them."""
     from memext.infer.cache import CACHES
 
-    defaults = {"sinks": SINKS, "window": max_seq_len - (SINKS if cache == "sinks" else 0)}
+    size = min(context, STREAM_CONTEXT)
+    defaults = {"sinks": SINKS, "window": size - (SINKS if cache == "sinks" else 0)}
     return {k: v for k, v in defaults.items() if k in CACHES.takes(cache)}
 
 
 @user_errors
 def stream(
-    run_dir: Annotated[Path, typer.Argument(help="A memext run directory (so far).")],
+    model_path: ModelArg,
     text: Annotated[
-        str,
-        typer.Option(help="Text to read: 'stdlib' (its validation split), a file or directory."),
-    ] = "stdlib",
+        list[str] | None,
+        typer.Option(
+            help="Text to read: 'stdlib' (its validation split), a file, directory or glob. "
+            "Repeatable: read in order, sharing --tokens equally. Default: stdlib."
+        ),
+    ] = None,
     tokens: Annotated[
-        int, typer.Option(min=2, help="Tokens to feed (at most the text's).")
+        int, typer.Option(min=2, help="Tokens to feed (at most the texts').")
     ] = 100_000,
     cache: CacheOpt = "sinks",
     cache_opt: Annotated[
@@ -126,72 +141,123 @@ def stream(
         typer.Option(
             "--cache-opt",
             help=f"A cache policy option KEY=VALUE (repeatable); sinks={SINKS} and window = the "
-            "model's max_seq_len (less the sinks) unless given.",
+            f"model's context up to {STREAM_CONTEXT} tokens (less the sinks) unless given.",
         ),
     ] = None,
     chunk: Annotated[int, typer.Option(min=1, help="Tokens per forward.")] = 256,
     every: Annotated[
-        int, typer.Option(min=1, help="Measure cache bytes and peak memory every N tokens.")
+        int,
+        typer.Option(min=1, help="Report perplexity, cache bytes and peak memory every N tokens."),
     ] = default(streaming_perplexity, "every"),
+    chunk_peak: Annotated[
+        bool,
+        typer.Option(
+            "--chunk-peak/--no-chunk-peak",
+            help="Measure each checkpoint chunk's allocator peak (on CPU under the profiler, "
+            "which keeps memory of its own: the RSS column is the stream's own only without).",
+        ),
+    ] = default(streaming_perplexity, "chunk_peak"),
+    recompute: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Also score the stream's last N tokens by recomputing each from scratch over "
+            "the tokens a query sees (sinks + window), on the same positions.",
+        ),
+    ] = 0,
+    recompute_window: Annotated[
+        int | None,
+        typer.Option(min=1, help="The recomputation's window (default: sinks + window)."),
+    ] = None,
+    recompute_stride: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Tokens scored per recomputed forward: k times cheaper, each token then sees "
+            "window - k + 1 to window tokens.",
+        ),
+    ] = default(sliding_recompute_perplexity, "stride"),
     device: DeviceOpt = "auto",
     output: Annotated[Path | None, typer.Option("--out", help="Results JSON.")] = None,
 ) -> None:
     """Streaming perplexity: feed a long text through a KV-cache policy in chunks, measuring that
-    memory stays flat."""
-    from memext.adapters import detect_kind
-    from memext.checkpoint import load, run_tokenizer
-    from memext.config import DataConfig
-    from memext.data import prepare_data
+    memory stays flat, optionally against a sliding window recomputed from scratch."""
+    from memext.adapters import open_model
+    from memext.infer.cache import CACHES
     from memext.io import atomic_write_text
     from memext.runtime import resolve_device
 
-    kind = detect_kind(run_dir)
-    if kind != "memext":
-        raise MemextError(
-            f"{str(run_dir)!r} is a {kind} model: memext stream reads memext runs so far "
-            f"(`memext generate {run_dir} --cache sinks` reads long prompts through a cache)"
-        )
-    model, cfg = load(run_dir, resolve_device(device))
+    CACHES.lookup(cache)  # an unknown policy is refused before the model loads
+    model = open_model(model_path, resolve_device(device))
     if model.segment_len:
         raise MemextError(
-            f"{str(run_dir)!r} reads long input in {model.segment_len}-token segments through "
-            f"its memory ({cfg.model.memory}), not through a KV cache, so there is no cache "
-            f"policy to stream; `memext eval {run_dir}` measures how far its memory reaches"
+            f"{str(model_path)!r} reads long input in {model.segment_len}-token segments through "
+            f"its memory, not through a KV cache, so there is no cache policy to stream; "
+            f"`memext eval {model_path}` measures how far its memory reaches"
         )
-    options = {**stream_defaults(model.max_seq_len, cache), **cache_options(cache_opt)}
-    tok = run_tokenizer(run_dir)
-    store, _ = prepare_data(DataConfig(corpus=text), tok, log=lambda m: err.print(m))
-    ids = store.validation if text == "stdlib" else np.concatenate([store.train, store.validation])
-    if ids.size < 2:
-        raise MemextError(f"the text {text!r} holds {ids.size} tokens: nothing to score")
-    ids = ids[:tokens]
+    options = {**stream_defaults(model.window, cache), **cache_options(cache_opt)}
+    policy = stream_policy(cache, options, tokens)  # checked before the text is read
+    window = recompute_window or (tokens_seen(policy) if recompute else None)
+    if recompute and window is None:
+        raise MemextError(
+            f"the {cache} cache keeps no fixed number of tokens per query: give "
+            "--recompute-window for the recomputation"
+        )
+    ids, parts = stream_text(text or ["stdlib"], model.tokenizer, tokens, log=err.print)
+    lengths = model.tokenizer.byte_lengths()
     r = streaming_perplexity(
-        model,
+        model.model,
         ids,
         cache,
         chunk,
         cache_options=options,
-        byte_lengths=tok.byte_lengths(),
+        byte_lengths=lengths,
         every=every,
+        token_nats=bool(recompute),
+        chunk_peak=chunk_peak,
     )
-    table = Table(title=f"streaming {ids.size:,} tokens through {cache} — {run_dir}")
-    for col in ("tokens read", "nats/token so far", "cache bytes", "chunk peak bytes"):
+    nats = r.pop("token_nats", None)
+    _print_stream(r, every, f"streaming {ids.size:,} tokens through {cache} — {model_path}")
+    result = {"model": str(model_path), "kind": model.kind, "texts": parts, **r}
+    if recompute:
+        first = max(0, ids.size - 1 - recompute)
+        cmp = against_recompute(
+            model.model, ids, nats, first, window, recompute_stride, byte_lengths=lengths
+        )
+        out.print(
+            f"last {cmp['tokens']:,} tokens: perplexity {cmp['stream']['perplexity']:.3f} through "
+            f"{cache}, {cmp['recompute']['perplexity']:.3f} recomputed over {window} tokens "
+            f"(stride {recompute_stride}); ratio {cmp['perplexity_ratio']:.4f}"
+        )
+        result["recompute"] = cmp
+    if output is not None:
+        atomic_write_text(output, json.dumps(result, indent=2))
+        out.print(f"results: {output}")
+
+
+def _print_stream(r: dict, every: int, title: str) -> None:
+    """One row per ``every`` tokens: that bucket's loss, and the memory measured in it."""
+    marks = {c["start"] // every: c for c in r["checkpoints"]}
+    table = Table(title=title)
+    for col in ("tokens", "perplexity", "bits/byte", "cache bytes", "chunk peak", "RSS MiB"):
         table.add_column(col, justify="right")
-    for c in r["checkpoints"]:
+    for k, b in enumerate(r["by_position"]):
+        c = marks.get(k, {})
         table.add_row(
-            f"{c['tokens']:,}",
-            f"{c['nats_per_token']:.4f}",
-            f"{c['cache_nbytes']:,}",
-            f"{c['chunk_peak_bytes']:,}",
+            f"{b['start']:,}–{b['start'] + b['tokens']:,}",
+            f"{b['perplexity']:.3f}",
+            f"{b['bits_per_byte']:.4f}" if b["bits_per_byte"] is not None else "",
+            _shown(c.get("cache_nbytes")),
+            _shown(c.get("chunk_peak_bytes")),
+            _shown(c.get("rss_bytes"), 2**20),
         )
     out.print(table)
-    out.print(
-        f"bits/byte {r['bits_per_byte']:.4f}, perplexity {r['perplexity']:.3f}, "
-        f"{r['tokens_per_s']:,.0f} tokens/s"
-    )
-    if output is not None:
-        atomic_write_text(output, json.dumps({"run": str(run_dir), "text": text, **r}, indent=2))
-        out.print(f"results: {output}")
+    speed = f", {r['tokens_per_s']:,.0f} tokens/s" if r["tokens_per_s"] else ""
+    out.print(f"bits/byte {r['bits_per_byte']:.4f}, perplexity {r['perplexity']:.3f}{speed}")
+
+
+def _shown(value: int | None, unit: int = 1) -> str:
+    return "" if value is None else f"{round(value / unit):,}"
 
 
 @user_errors
