@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from memext.adapters import open_model
+from memext.evals.stream_text import stream_text
 from memext.evals.streaming import (
     against_recompute,
-    stream_text,
     streaming_perplexity,
     summarize,
     target_bytes,

@@ -29,14 +29,12 @@ from memext.adapters import fetch, open_model
 from memext.cli import app
 from memext.cli.generate import stream_defaults
 from memext.config import ModelConfig
+from memext.evals.stream_readers import stream_policy, tokens_seen
+from memext.evals.stream_text import share, stream_text
 from memext.evals.streaming import (
     against_recompute,
-    share,
     sliding_recompute_perplexity,
-    stream_policy,
-    stream_text,
     streaming_perplexity,
-    tokens_seen,
 )
 from memext.hf.model import HFCausalLM
 from memext.infer.cache import CACHES

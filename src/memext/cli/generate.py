@@ -23,13 +23,12 @@ from memext.cli.common import (
 )
 from memext.cli.run import run_and_print_suite
 from memext.errors import MemextError
+from memext.evals.stream_readers import stream_policy, tokens_seen
+from memext.evals.stream_text import stream_text
 from memext.evals.streaming import (
     against_recompute,
     sliding_recompute_perplexity,
-    stream_policy,
-    stream_text,
     streaming_perplexity,
-    tokens_seen,
 )
 from memext.extend import extend_model, extend_run
 from memext.infer.generate import generate_ids

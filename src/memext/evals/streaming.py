@@ -2,9 +2,8 @@
 
 The model is a memext ``LongLM`` or a Hugging Face causal LM (``memext.hf.model.HFCausalLM``, what
 the ``hf``, ``gguf`` and ``known`` adapters hold). Both go through the one measurement below; only
-the forward differs (``_net``): memext's cache (``memext.infer.cache``) for a ``LongLM``, the same
-policy as a ``transformers.Cache`` (``memext.hf.cache.PolicyCache``) for a Hugging Face model,
-every chunk under the policy's exact band, as ``memext.hf.cache.prefill`` reads a prompt.
+the forward differs (``memext.evals.stream_readers``): memext's cache for a ``LongLM``, the same
+policy as a ``transformers.Cache`` for a Hugging Face model.
 
 ``streaming_perplexity`` reads the stream once, ``chunk`` tokens per forward, through a cache
 policy: every token is predicted from what the cache kept. It returns the loss over the stream,
@@ -33,7 +32,7 @@ tokens, each seeing between ``window - k + 1`` and ``window`` tokens: cheaper, l
 one-layer model a ``window`` cache of width w equals this reference with window w, stride 1.
 ``against_recompute`` scores a slice of a stream both ways, on the same positions.
 
-``stream_text`` is the token stream of one or more texts, read in order.
+The text a stream reads is ``memext.evals.stream_text``.
 
 Losses are nats per token, bits per token and, given ``byte_lengths``, bits per byte (the
 definition of ``memext.evals.perplexity``: special tokens score their loss, count no bytes).
@@ -45,7 +44,7 @@ import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -55,120 +54,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from memext.evals.perplexity import perplexity
-from memext.infer.cache import CACHES, CachePolicy
-from memext.infer.generate import new_state
-from memext.nn.transformer import LongLM
+from memext.evals.stream_readers import StreamNet
 from memext.profiling import peak_memory
-from memext.tokenizer import Tokenizer, encode_documents
-
-
-# --- the two kinds of model ---------------------------------------------------------------------
-class _Reader:
-    """A stream's forward through a live cache: ``read(inputs (1, T)) -> logits (1, T, vocab)``."""
-
-    def read(self, inputs: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def nbytes(self) -> int:
-        raise NotImplementedError
-
-    def store_nbytes(self) -> int | None:
-        return None
-
-    def close(self) -> None:
-        return None
-
-
-class _MemextReader(_Reader):
-    def __init__(self, model: LongLM, cache: str, options: dict[str, Any], n_inputs: int):
-        self.model = model
-        self.state = new_state(model, 1, n_inputs, cache, **options)
-
-    def read(self, inputs: Tensor) -> Tensor:
-        logits, self.state = self.model(inputs, self.state)
-        return logits
-
-    def nbytes(self) -> int:
-        return self.state.cache.nbytes()
-
-    def store_nbytes(self) -> int | None:
-        store = getattr(self.state.cache, "store_nbytes", None)
-        return store() if store is not None else None
-
-
-class _HFReader(_Reader):
-    def __init__(self, lm: Any, cache: str, options: dict[str, Any], n_inputs: int):
-        from memext.hf.cache import PolicyCache
-
-        self.lm = lm
-        self.cache = PolicyCache(lm.config, cache, **_with_length(cache, options, n_inputs))
-        self.cache.attach(lm)  # a policy that chooses by queries (retrieval) gets them
-        self.dtype = next(lm.parameters()).dtype
-
-    def read(self, inputs: Tensor) -> Tensor:
-        from memext.hf.model import cache_kwargs
-
-        start, t = self.cache.get_seq_length(), inputs.shape[1]
-        positions = torch.arange(start, start + t, device=inputs.device)[None]
-        # transformers builds a plain causal mask from the config; a chunk that reaches past the
-        # window needs the policy's band (the explicit 4D mask ``memext.hf.cache.prefill`` gives).
-        band = self.cache.band(start, t, inputs.device)
-        mask = None
-        if band is not None:
-            mask = torch.zeros(band.shape, dtype=self.dtype, device=inputs.device)
-            mask = mask.masked_fill(~band, torch.finfo(self.dtype).min)[None, None]
-        out = self.lm(
-            input_ids=inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **cache_kwargs(self.lm, self.cache),
-        )
-        return out.logits
-
-    def nbytes(self) -> int:
-        return self.cache.nbytes()
-
-    def store_nbytes(self) -> int | None:
-        return self.cache.store_nbytes() if self.cache.reads_queries else None
-
-    def close(self) -> None:
-        self.cache.detach()
-
-
-class _Net:
-    """What the measurements need of a model: a cached reader and a fresh forward."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.module = model
-        self.device = next(model.parameters()).device
-        self.hf: Any = None
-        if isinstance(model, LongLM):
-            if model.segment_len:
-                raise ValueError(
-                    f"the model reads long input in {model.segment_len}-token segments through "
-                    "its memory, not through a KV cache: there is no cache policy to stream"
-                )
-            return
-        from memext.hf.model import HFCausalLM
-
-        if not isinstance(model, HFCausalLM):
-            raise TypeError(
-                "streaming reads a memext LongLM or a Hugging Face causal LM (HFCausalLM), got "
-                f"{type(model).__name__}"
-            )
-        self.hf = model.model
-
-    def reader(self, cache: str, options: dict[str, Any], n_inputs: int) -> _Reader:
-        if self.hf is not None:
-            return _HFReader(self.hf, cache, options, n_inputs)
-        return _MemextReader(self.module, cache, options, n_inputs)
-
-    def last_logits(self, tokens: Tensor, k: int) -> Tensor:
-        """(B, T) read from scratch (positions 0..T-1, no cache) -> logits of the last k."""
-        if self.hf is not None:
-            return self.hf(input_ids=tokens, use_cache=False, logits_to_keep=k).logits
-        return self.module(tokens)[0][:, -k:]
 
 
 @contextlib.contextmanager
@@ -270,7 +157,7 @@ def streaming_perplexity(
     """
     if chunk < 1 or every < 1:
         raise ValueError(f"chunk and every must be positive, got chunk={chunk}, every={every}")
-    net = _Net(model)
+    net = StreamNet(model)
     stream = _as_ids(ids, net.device)
     n_inputs = stream.numel() - 1  # the last token is only a target
     losses = np.empty(n_inputs, dtype=np.float64)
@@ -369,7 +256,7 @@ def sliding_recompute_perplexity(
         raise ValueError(f"need 1 <= stride <= window, got window={window}, stride={stride}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    net = _Net(model)
+    net = StreamNet(model)
     stream = _as_ids(ids, net.device)
     n_inputs = stream.numel() - 1
     if not 0 <= first < n_inputs:
@@ -449,93 +336,3 @@ def against_recompute(
         "perplexity_ratio": mine["perplexity"] / ref["perplexity"],
         "recompute_s": seconds,
     }
-
-
-def _with_length(cache: str, options: dict[str, Any], n_inputs: int) -> dict[str, Any]:
-    # As ``new_state``: the stream supplies what the policy takes from it (its length).
-    given = {"max_len": n_inputs}
-    return {**{k: v for k, v in given.items() if k in CACHES.takes(cache)}, **options}
-
-
-def stream_policy(cache: str, options: dict[str, Any], n_inputs: int) -> CachePolicy:
-    """The policy a stream of ``n_inputs`` reads through: ``cache`` with ``options`` and what the
-    stream supplies (``max_len``), checked as the stream checks it; a ValueError if refused."""
-    return CACHES.build(cache, **_with_length(cache, options, n_inputs))
-
-
-def tokens_seen(policy: CachePolicy) -> int | None:
-    """The most tokens one query sees under ``policy`` (sinks + window): the window of the
-    recomputation it is compared with. None for a policy that keeps no fixed number (``full``)
-    or is no layout (``retrieval``)."""
-    try:
-        layout = policy.layout()
-    except NotImplementedError:
-        return None
-    return None if layout.window is None else layout.sinks + layout.window
-
-
-# --- the text -----------------------------------------------------------------------------------
-def stream_text(
-    texts: Sequence[str], tok: Tokenizer, tokens: int, log: Callable[[str], None] = print
-) -> tuple[np.ndarray, list[dict[str, Any]]]:
-    """The token stream of ``texts`` read in order, at most ``tokens`` long.
-
-    A text is ``stdlib`` (the built-in corpus's validation split: text memext runs do not train
-    on) or a file, directory or glob (every file of it, in path order; ``memext.data.corpus``).
-    Several texts share ``tokens`` equally; one shorter than its share leaves the rest to the
-    others. Every document ends with the end-of-document token, and so does a text cut at its
-    share when another follows. Returns the stream and one entry per text: ``text``, ``start``,
-    ``tokens`` read and ``available``.
-    """
-    if not texts:
-        raise ValueError("give at least one text to stream")
-    if tokens < 2:
-        raise ValueError(f"a stream needs at least 2 tokens, got tokens={tokens}")
-    whole = [_text_ids(t, tok, log) for t in texts]
-    shares = share(tokens, [len(w) for w in whole])
-    eod = tok.special_id("<eod>")
-    parts, pieces, start = [], [], 0
-    for i, (text, ids, n) in enumerate(zip(texts, whole, shares, strict=True)):
-        piece = ids[:n]
-        if 0 < n < len(ids) and i + 1 < len(texts):
-            piece = np.append(ids[: n - 1], np.asarray(eod, dtype=ids.dtype))
-        pieces.append(piece)
-        parts.append({"text": text, "start": start, "tokens": n, "available": len(ids)})
-        start += n
-    return np.concatenate(pieces), parts
-
-
-def share(total: int, sizes: Sequence[int]) -> list[int]:
-    """``total`` split equally over texts of ``sizes`` tokens, smallest first, each taking at
-    most its size and leaving the rest to those after it (the remainder of a division goes to
-    the larger ones)."""
-    out, left = [0] * len(sizes), total
-    order = sorted(range(len(sizes)), key=lambda i: sizes[i])
-    for rank, i in enumerate(order):
-        out[i] = min(sizes[i], left // (len(sizes) - rank))
-        left -= out[i]
-    return out
-
-
-def _text_ids(text: str, tok: Tokenizer, log: Callable[[str], None]) -> np.ndarray:
-    from memext.config import DataConfig
-    from memext.data import prepare_data
-    from memext.data.corpus import read_corpus
-
-    if text == "stdlib":
-        store, _ = prepare_data(DataConfig(corpus="stdlib"), tok, log=log)
-        return np.asarray(store.validation)
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # No held-out share: the text is read whole. With val_percent 0 a corpus of several
-        # files keeps them in path order (the last one as its "validation"); one file is cut
-        # before its last byte, which is joined back here.
-        corpus = read_corpus(text, val_percent=0.0)
-    for w in caught:
-        log(f"warning: {w.message}")
-    docs = [d.data for d in corpus.train + corpus.validation]
-    if len(corpus.train) == 1 and corpus.validation[0].name == corpus.train[0].name + "#validation":
-        docs = [b"".join(docs)]
-    return encode_documents(tok, docs)
