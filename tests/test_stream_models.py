@@ -375,6 +375,19 @@ def test_stream_refuses_bad_input_in_one_line(tiny: Path, text: Path, tmp_path: 
         ["stream", str(tiny), "--text", str(text), "--cache", "full", "--recompute", "10"],
         "--recompute-window",
     )
+    _fails(
+        [
+            "stream",
+            str(tiny),
+            "--text",
+            str(text),
+            "--recompute",
+            "10",
+            "--recompute-stride",
+            "999",
+        ],
+        "exceeds the window",
+    )
 
 
 # --- the real SmolLM2 -------------------------------------------------------------------------

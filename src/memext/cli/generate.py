@@ -202,6 +202,8 @@ def stream(
             f"the {cache} cache keeps no fixed number of tokens per query: give "
             "--recompute-window for the recomputation"
         )
+    if recompute and recompute_stride > window:  # refused now, not after the stream
+        raise MemextError(f"--recompute-stride {recompute_stride} exceeds the window, {window}")
     ids, parts = stream_text(text or ["stdlib"], model.tokenizer, tokens, log=err.print)
     lengths = model.tokenizer.byte_lengths()
     r = streaming_perplexity(
