@@ -33,6 +33,7 @@ each, so an interrupted run resumes where it stopped (same settings only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import hashlib
 import json
@@ -260,7 +261,11 @@ def run(
     done = {(r["q"], r["config"]) for r in rows}
     if done:
         log(f"resuming: {len(done)} row(s) of these settings in {rows_path}")
-    with RetrievalStore(":memory:", encoder=encoder) as store:
+    # Only (a) reads a store; the other readings need no encoder.
+    with contextlib.ExitStack() as stack:
+        store = None
+        if "retrieval" in configs:
+            store = stack.enter_context(RetrievalStore(":memory:", encoder=encoder))
         for i, (item, n) in enumerate(zip(items, tokens, strict=True)):
             for config in configs:
                 if (i, config) in done:

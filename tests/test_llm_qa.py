@@ -185,12 +185,13 @@ def test_llm_qa_runs_every_configuration_and_resumes(
     assert any("resuming: 8 row(s)" in line for line in lines)
 
 
-def test_a_document_that_fits_is_read_whole(llama: Any, encoder: Encoder) -> None:
+def test_a_document_that_fits_is_read_whole(llama: Any) -> None:
     qa = _bench("llm_qa")
     items = fact_questions([("d", PARAGRAPH)], 1, seed=0)
     s = {"chat": None, "new_tokens": 4, "k": 4, "mode": "bm25", "context_tokens": 200,
          "cache_options": {"sinks": 2, "window": 16, "block": 8, "topk": 2}, "chunk": 16}  # fmt: skip
-    rows = qa.run(llama, encoder, items, [0], ["truncated", "full"], s, None, lambda m: None)
+    # No retrieval reading, no encoder needed.
+    rows = qa.run(llama, None, items, [0], ["truncated", "full"], s, None, lambda m: None)
     full, trunc = (next(r for r in rows if r["config"] == c) for c in ("full", "truncated"))
     assert "skipped" not in full and full["fact_seen"] and trunc["fact_seen"]
     assert full["prompt_tokens"] == trunc["prompt_tokens"]  # (d) = (b) where the document fits

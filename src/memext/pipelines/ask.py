@@ -57,8 +57,9 @@ def assemble(
     base = count(prompt_text("", question))
     if base > budget:
         raise MemextError(
-            f"the question alone takes {base} tokens, more than the {budget} the model's window "
-            "leaves: shorten it or use a model with a longer window"
+            f"the question alone takes {base} tokens, more than the prompt's budget of {budget} "
+            "(the model's window less the answer's room, or --context-tokens): shorten it, "
+            "raise the budget or use a model with a longer window"
         )
     used: list[Hit] = []
     for hit in hits:
