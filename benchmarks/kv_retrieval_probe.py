@@ -17,7 +17,7 @@ import torch
 from memext.adapters import open_model
 from memext.data.filler import CLASSIC_FILLER, Filler
 from memext.data.tasks import passkey
-from memext.hf.cache import PolicyCache, prefill
+from memext.hf.cache import PolicyCache, prefill, read_chunk
 from memext.hf.model import cache_kwargs
 
 
@@ -34,6 +34,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=4)
     p.add_argument("--chunk", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=12)
+    p.add_argument("--group", default="mean", help="retrieval's group option (mean|max)")
+    p.add_argument("--share", default="head", help="retrieval's share option (head|layer)")
+    p.add_argument("--hold", default="token", help="retrieval's hold option (token|prompt)")
+    p.add_argument(
+        "--tail", type=int, default=0, help="Read the prompt's last TAIL tokens as a chunk alone."
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -54,7 +60,8 @@ def main() -> None:
     where = next(j for j in range(len(ids)) if ids[j : j + len(digits)] == digits)
     key_block = (where - args.sinks) // args.block  # blocks start after the sinks
     lm = model.model.model
-    opts = {k: getattr(args, k) for k in ("sinks", "window", "block", "topk", "reps")}
+    names = ("sinks", "window", "block", "topk", "reps", "group", "share", "hold")
+    opts = {k: getattr(args, k) for k in names}
     cache = PolicyCache(lm.config, "retrieval", **opts)
     started = time.perf_counter()
 
@@ -63,7 +70,10 @@ def main() -> None:
         return float(torch.cat(hits).float().mean())
 
     try:
-        logits, cache = prefill(lm, torch.tensor([ids]), cache, args.chunk)
+        cut = len(ids) - args.tail if 0 < args.tail < len(ids) else len(ids)
+        logits, cache = prefill(lm, torch.tensor([ids[:cut]]), cache, args.chunk)
+        if cut < len(ids):
+            logits = read_chunk(lm, torch.tensor([ids[cut:]]), cache).logits[:, -1]
         shares, out, pos = [share()], [], len(ids)
         for _ in range(args.new_tokens):
             nxt = logits.argmax(-1)
@@ -86,6 +96,7 @@ def main() -> None:
                 "options": opts,
                 "key": sample.meta["key"],
                 "output": tok.decode(out),
+                "prompt_tokens": len(ids),
                 "key_block": key_block,
                 # [0]: the prompt's last chunk; [i]: the forward of the i-th decoded token.
                 "key_block_share": [round(x, 3) for x in shares],

@@ -276,14 +276,16 @@ class Reading:
         given = {"max_len": length} if "max_len" in CACHES.takes(str(self.cache)) else {}
         return {**given, **dict(self.options)}
 
-    def cuts(self, length: int, first: int | None) -> list[tuple[int, int]]:
+    def cuts(self, length: int, first: int | None, tail: int = 0) -> list[tuple[int, int]]:
         """[start, end) spans of the forwards reading ``length`` tokens whose first scored
         position is ``first`` (None: none scored one by one): [0, first] in ``chunk``-token
-        forwards, then one token per forward."""
+        forwards (its last ``tail`` tokens alone, as ``prefill`` reads a prompt), then one token
+        per forward."""
+        from memext.infer.prefill import spans
+
         prefix = length if first is None else min(first + 1, length)
-        step = self.chunk or prefix
-        spans = [(a, min(a + step, prefix)) for a in range(0, prefix, step)]
-        return spans + [(p, p + 1) for p in range(prefix, length)]
+        cuts = spans(prefix, self.chunk or prefix, tail)
+        return cuts + [(p, p + 1) for p in range(prefix, length)]
 
 
 def reading_name(name: str, reading: Reading) -> str:

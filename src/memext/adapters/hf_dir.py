@@ -139,7 +139,7 @@ class HFAdapter:
         cache = self._policy_cache(tokens.shape[1]).attach(self.model.model)
         try:
             pieces = []
-            for a, b in self.reading.cuts(tokens.shape[1], first):
+            for a, b in self.reading.cuts(tokens.shape[1], first, cache.tail):
                 pieces.append(self._forward(tokens[:, a:b], within(rows, a, b), cache))
         finally:
             cache.detach()  # the query hooks stay on the model otherwise, one set per input

@@ -160,12 +160,14 @@ class MemextAdapter:
             cuts, state = segments(tokens.shape[1], self.segment_len), None
         else:
             from memext.infer.generate import new_state
+            from memext.infer.prefill import prompt_tail
 
             cache, options = str(self.reading.cache), dict(self.reading.options)
             state = new_state(self.model, tokens.shape[0], tokens.shape[1], cache, **options)
             if rows is None:  # every position scored: all but the first read one by one
                 first = 0
-            cuts = self.reading.cuts(tokens.shape[1], first)
+            tail = prompt_tail(getattr(state.cache, "policy", None))
+            cuts = self.reading.cuts(tokens.shape[1], first, tail)
         out = []
         for start, end in cuts:
             step, state = self.model(tokens[:, start:end], state)

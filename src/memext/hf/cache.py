@@ -47,6 +47,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from memext.hf.model import cache_kwargs
 from memext.infer.cache import CACHES, KVLayer, Layout, band_mask, kept, make_kv_layer
+from memext.infer.prefill import prompt_tail, spans
 from memext.infer.retrieval import Retrieval, RetrievalLayer, Rotations
 from memext.nn.rotary import apply_rotary
 
@@ -272,6 +273,7 @@ class PolicyCache(Cache):
     def __init__(self, config: Any, cache: str = "window", **options: Any):
         policy = CACHES.build(cache, **options)
         self.reads_queries = getattr(policy, "reads_queries", False)
+        self.tail = prompt_tail(policy)  # a prompt's last tokens, read as a chunk alone
         self._hooks: list[Any] = []
         n = config.num_hidden_layers
         if isinstance(policy, Retrieval):
@@ -329,7 +331,8 @@ class PolicyCache(Cache):
 
 @torch.no_grad()
 def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Tensor, PolicyCache]:
-    """Read ``ids`` (B, T) into ``cache`` ``chunk`` tokens per forward, each chunk under the
+    """Read ``ids`` (B, T) into ``cache`` ``chunk`` tokens per forward (the policy's ``tail``
+    alone: ``memext.infer.prefill.spans``), each chunk under the
     policy's exact band (an explicit 4D mask); a policy that reads queries is attached to
     ``model`` first (``PolicyCache.attach``). Returns the last position's logits (B, vocab)."""
     if chunk < 1:
@@ -340,9 +343,9 @@ def prefill(model: Any, ids: Tensor, cache: PolicyCache, chunk: int) -> tuple[Te
         )
     cache.attach(model)
     logits = None
-    for a in range(0, ids.shape[1], chunk):
+    for a, b in spans(ids.shape[1], chunk, cache.tail):
         # The vocabulary projection of the last position only.
-        out = read_chunk(model, ids[:, a : a + chunk], cache, logits_to_keep=1)
+        out = read_chunk(model, ids[:, a:b], cache, logits_to_keep=1)
         logits = out.logits[:, -1]
     return logits, cache
 

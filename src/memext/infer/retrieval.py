@@ -123,6 +123,10 @@ class Retrieval(CachePolicy):
         block: int = 128,
         topk: int = 16,
         reps: int = 4,
+        group: str = "mean",
+        share: str = "head",
+        hold: str = "token",
+        tail: int = 32,
         store_device: str = "cpu",
         store_dir: str | None = None,
         rotary: Rotation | None = None,
@@ -134,6 +138,17 @@ class Retrieval(CachePolicy):
                 "choose reps <= block"
             )
         self.sinks, self.window, self.block, self.topk, self.reps = sinks, window, block, topk, reps
+        for name, value, allowed in (
+            ("group", group, ("mean", "max")),
+            ("share", share, ("head", "layer")),
+            ("hold", hold, ("token", "prompt")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        self.group, self.share, self.hold = group, share, hold
+        if not isinstance(tail, int) or tail < 0:
+            raise ValueError(f"tail must be a number of tokens >= 0, got {tail!r}")
+        self.tail = tail
         try:
             self.store_device = torch.device(store_device)
         except RuntimeError:
@@ -261,9 +276,13 @@ class RetrievalLayer:
             )
         keys = [self.sink_k[:, :, :n_sinks]]
         values = [self.sink_v[:, :, :n_sinks]]
+        held = self.selected if p.hold == "prompt" and k.shape[-2] == 1 else None
+        if held is not None and held.shape[-1] != min(p.topk, n_blocks):
+            held = None  # the prompt chose among fewer blocks than there now are
         self.selected = None
         if n_blocks:
-            self.selected = self._select(q, n_blocks)
+            # hold=prompt: a decoded token reads the blocks the prompt's last chunk chose.
+            self.selected = held if held is not None else self._select(q, n_blocks)
             fk, fv = self._fetch(self.selected)
             keys.append(fk)
             values.append(fv)
@@ -280,10 +299,14 @@ class RetrievalLayer:
         topk = self.policy.topk
         if n_blocks <= topk:
             return torch.arange(n_blocks, device=self.device).expand(b, h, n_blocks)
-        # The chunk's mean query per KV head (its query group), before rotary.
-        mean_q = q.float().reshape(b, h, -1, q.shape[-1]).mean(dim=2)  # (B, H, D)
         reps = self.store_reps[:, :, :n_blocks].float()  # (B, H, N, r, D)
-        scores = torch.einsum("bhnrd,bhd->bhnr", reps, mean_q).amax(dim=-1)  # (B, H, N)
+        # The chunk's mean query per query head, before rotary: (B, H, g, D).
+        mean_q = q.float().mean(dim=2).reshape(b, h, -1, q.shape[-1])
+        if self.policy.group == "mean":  # one mean query for the KV head's group
+            mean_q = mean_q.mean(dim=2, keepdim=True)
+        scores = torch.einsum("bhnrd,bhgd->bhngr", reps, mean_q).flatten(3).amax(-1)  # (B, H, N)
+        if self.policy.share == "layer":  # one choice for every KV head of the layer
+            scores = scores.sum(dim=1, keepdim=True).expand(b, h, n_blocks)
         return scores.topk(topk, dim=-1).indices.sort(dim=-1).values
 
     def _fetch(self, index: Tensor) -> tuple[Tensor, Tensor]:
