@@ -58,7 +58,7 @@ def options(policy: str, args: argparse.Namespace) -> dict[str, int]:
     if policy == "sinks":
         return {"sinks": args.sinks, "window": args.window + args.topk * args.block}
     if policy == "retrieval":
-        keys = ("sinks", "window", "block", "topk", "reps")
+        keys = ("sinks", "window", "block", "topk", "reps", "tail")
         return {k: getattr(args, k) for k in keys}
     return {}
 
@@ -107,6 +107,9 @@ def main() -> None:
     p.add_argument("--block", type=int, default=128)
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--reps", type=int, default=4)
+    p.add_argument(
+        "--tail", type=int, default=32, help="The prompt's last TAIL tokens read as one chunk."
+    )
     p.add_argument("--chunk", type=int, default=512, help="Prompt tokens per forward.")
     # SmolLM2 writes digits one token each: "The pass key is " and five digits take ~10 tokens;
     # 8 cut every answer after its third digit.
