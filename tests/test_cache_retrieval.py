@@ -514,6 +514,127 @@ def test_hf_nbytes_stays_flat_as_the_input_grows() -> None:
     assert stores[0] < stores[1]
 
 
+# --- how blocks are chosen (group, share, hold) and the prompt's tail ------------------------------
+def _naive_selection(reps: Tensor, q: Tensor, topk: int, group: str, share: str) -> Tensor:
+    """The blocks a chunk with queries ``q`` (B, H·g, T, D) retrieves from representatives
+    ``reps`` (B, H, N, r, D), one dot product at a time."""
+    b, h, n = reps.shape[:3]
+    g = q.shape[1] // h
+    scores = torch.zeros(b, h, n)
+    for bi in range(b):
+        for hi in range(h):
+            heads = [q[bi, hi * g + j].mean(0) for j in range(g)]
+            looks = [sum(heads) / g] if group == "mean" else heads
+            for ni in range(n):
+                scores[bi, hi, ni] = max(
+                    float(look @ rep) for look in looks for rep in reps[bi, hi, ni]
+                )
+    if share == "layer":
+        scores = scores.sum(1, keepdim=True).expand(b, h, n)
+    return scores.topk(topk, dim=-1).indices.sort(dim=-1).values
+
+
+@pytest.mark.parametrize("group", ["mean", "max"])
+@pytest.mark.parametrize("share", ["head", "layer"])
+def test_selection_equals_the_naive_rule(group: str, share: str) -> None:
+    b, h, g, d = 2, 3, 3, 8
+    options = {"sinks": 2, "window": 4, "block": 3, "topk": 2, "reps": 2}
+    cache = build_cache(
+        "retrieval", 1, b, h, d, group=group, share=share, rotary=Rotary(d), **options
+    )
+    gen = torch.Generator().manual_seed(1)
+    for t in (20, 5, 1):
+        k, v = torch.randn(2, b, h, t, d, generator=gen)
+        q = torch.randn(b, h * g, t, d, generator=gen)
+        layer = cache.layers[0]
+        n_blocks = layer.n_blocks
+        cache.update(0, k, v, queries=q)
+        cache.advance(t)
+        if n_blocks > options["topk"]:
+            reps = layer.store_reps[:, :, :n_blocks]
+            expected = _naive_selection(reps, q, options["topk"], group, share)
+            assert torch.equal(layer.selected, expected)
+            if share == "layer":
+                assert (layer.selected == layer.selected[:, :1]).all()
+    assert cache.layers[0].n_blocks > options["topk"]  # the last two steps chose a subset
+
+
+def test_hold_prompt_decodes_from_the_blocks_the_prompt_chose() -> None:
+    b, h, g, d = 1, 2, 2, 8
+    options = {"sinks": 2, "window": 6, "block": 3, "topk": 2, "reps": 1}
+    held = build_cache("retrieval", 1, b, h, d, hold="prompt", rotary=Rotary(d), **options)
+    free = build_cache("retrieval", 1, b, h, d, rotary=Rotary(d), **options)
+    gen = torch.Generator().manual_seed(3)
+    chosen, moved = None, 0
+    for t in (30, 8, 1, 1, 1, 1):
+        k, v = torch.randn(2, b, h, t, d, generator=gen)
+        q = torch.randn(b, h * g, t, d, generator=gen)
+        for cache in (held, free):
+            cache.update(0, k, v, queries=q)
+            cache.advance(t)
+        if t > 1:
+            chosen = held.layers[0].selected  # None for the first chunk: nothing stored yet
+        else:
+            assert torch.equal(held.layers[0].selected, chosen)
+            moved += not torch.equal(free.layers[0].selected, chosen)
+    assert moved  # without hold, the decoded tokens' own queries chose otherwise
+
+
+def test_hold_prompt_keeps_the_naive_positions() -> None:
+    options = {"sinks": 2, "window": 5, "block": 3, "topk": 2, "reps": 2}
+    for extra in ({"hold": "prompt"}, {"group": "max", "share": "layer"}):
+        partial = _run_against_reference(1, 2, 2, 8, [9, 12, 1, 1, 1, 1, 7, 1, 1], options | extra)
+        assert partial >= 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(1, 60), chunk=st.integers(1, 20), tail=st.integers(0, 70))
+def test_spans_cover_the_prompt_and_end_with_its_tail(length: int, chunk: int, tail: int) -> None:
+    from memext.infer.prefill import spans
+
+    cuts = spans(length, chunk, tail)
+    assert cuts[0][0] == 0 and cuts[-1][1] == length
+    assert all(a < b and b - a <= max(chunk, tail) for a, b in cuts)
+    assert all(cuts[i][1] == cuts[i + 1][0] for i in range(len(cuts) - 1))
+    if 0 < tail < length:
+        assert cuts[-1] == (length - tail, length)
+    else:
+        assert cuts == [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
+
+
+def _sizes_seen(module: torch.nn.Module, run) -> list[int]:
+    seen: list[int] = []
+    hook = module.register_forward_pre_hook(
+        lambda m, args, kw: (
+            seen.append(kw["input_ids"].shape[1])
+            if "input_ids" in kw
+            else seen.append(args[0].shape[1])
+        ),
+        with_kwargs=True,
+    )
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen
+
+
+@torch.no_grad()
+def test_prefill_reads_the_policys_tail_alone() -> None:
+    ids = _tokens(1, 10)
+    options = {"sinks": 2, "window": 4, "block": 2, "topk": 1, "reps": 1}
+    for tail, sizes in ((0, [4, 4, 2]), (1, [4, 4, 1, 1]), (3, [4, 3, 3])):
+        cache = PolicyCache(LLAMA.config, "retrieval", tail=tail, **options)
+        try:
+            seen = _sizes_seen(LLAMA, lambda c=cache: prefill(LLAMA, ids, c, 4))
+        finally:
+            cache.detach()
+        assert seen == sizes
+        state = new_state(MODEL, 1, cache="retrieval", tail=tail, **options)
+        assert _sizes_seen(MODEL, lambda s=state: memext_prefill(MODEL, ids, s, 4)) == sizes
+    assert PolicyCache(LLAMA.config, "window", window=4).tail == 0
+
+
 # --- bad options and misuse -----------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "message"),
@@ -527,6 +648,10 @@ def test_hf_nbytes_stays_flat_as_the_input_grows() -> None:
         ({"sinks": 4, "window": 8, "reps": 0}, r"reps=0"),
         ({"sinks": 4, "window": 8, "block": 4, "reps": 5}, r"reps=5 .* block of 4 .* reps <="),
         ({"sinks": 4, "window": 8, "store_device": "floppy"}, r"store_device must name a torch"),
+        ({"sinks": 4, "window": 8, "group": "sum"}, r"group must be one of mean, max, got 'sum'"),
+        ({"sinks": 4, "window": 8, "share": "all"}, r"share must be one of head, layer"),
+        ({"sinks": 4, "window": 8, "hold": "x"}, r"hold must be one of token, prompt"),
+        ({"sinks": 4, "window": 8, "tail": -1}, r"tail must be a number of tokens >= 0, got -1"),
         ({"sinks": 4, "window": 8, "store_dir": "/no/such/dir"}, r"not an existing folder"),
         ({"sinks": 4, "window": 8, "max_len": 9}, r"cache 'retrieval' takes no option max_len"),
         ({"sinks": 4, "window": 8}, r"the retrieval cache rotates keys itself: pass rotary="),

@@ -218,6 +218,8 @@ def test_reading_cuts_the_input_as_generation_reads_a_prompt() -> None:
     assert r.cuts(12, 9) == [(0, 4), (4, 8), (8, 10), (10, 11), (11, 12)]
     assert r.cuts(10, None) == [(0, 4), (4, 8), (8, 10)]
     assert Reading.of("window", {"window": 8}).cuts(6, 3) == [(0, 4), (4, 5), (5, 6)]
+    # A policy's tail: the scored prefix's last tokens are a forward of their own.
+    assert r.cuts(12, 9, tail=3) == [(0, 4), (4, 7), (7, 10), (10, 11), (11, 12)]
     assert Reading.of(chunk=16).cache == "full" and Reading.of().plain
     assert r.slug() == "window-window8-chunk4" and r.label() == "window, chunk 4"
 

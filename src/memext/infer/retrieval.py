@@ -35,7 +35,17 @@ a block, per KV head, by max over its representatives of (mean query of the chun
 head's query group) · key, all before rotary (position-free: no distance is baked into the
 score). Each KV head retrieves its own ``topk`` blocks (Memorizing Transformers retrieves per
 head too; InfLLM shares one choice across heads); all heads retrieve the same number, so
-positions stay one sequence per layer. Local scores are computed in pieces of ``SCORE_PIECE``
+positions stay one sequence per layer. Variants, measured no better on SmolLM2 so far and off by
+default: ``group="max"`` (a block's score is the best of the group's query heads, not of their
+mean query), ``share="layer"`` (one choice per layer, scores summed over its KV heads),
+``hold="prompt"`` (decoded tokens read the blocks the prompt's last chunk chose).
+
+The prompt's end. A chunk's mean query chooses its blocks, so the chunk that ends a prompt,
+whose last position writes the first answer token, must be the question's: read inside a chunk
+of 256 tokens of filler, SmolLM2's question chose filler blocks and the answer missed a pass key
+that reading the question's 24 tokens alone found. ``tail`` (default 32) makes a prompt's last
+``tail`` tokens a forward of their own (``memext.infer.prefill.spans``, used by every prefill
+and by the suite's readings). Local scores are computed in pieces of ``SCORE_PIECE``
 queries against the local tokens within ``window + block`` of each query, so their cost follows
 the window, not the chunk.
 
