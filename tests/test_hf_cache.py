@@ -8,6 +8,8 @@ int8 caches: logits within 0.2 of full attention.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
@@ -144,3 +146,27 @@ def test_beam_search_is_refused_clearly() -> None:
     cache = PolicyCache(MODEL.config, "window", window=8)
     with pytest.raises(ValueError, match="cannot reorder, repeat or crop"):
         MODEL.generate(_prompt(5), max_new_tokens=3, num_beams=2, past_key_values=cache)
+
+
+@torch.no_grad()
+def test_chunked_prefill_hands_grouped_kv_to_sdpa_and_reads_the_same(monkeypatch) -> None:
+    # 4 query heads over 2 KV heads: transformers repeats K/V under a mask unless asked not to.
+    config = transformers.LlamaConfig(**(MODEL.config.to_dict() | {"num_key_value_heads": 2}))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    from transformers.integrations import sdpa_attention
+
+    real, heads = sdpa_attention.torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, *args, **kwargs):
+        heads.append((q.shape[1], k.shape[1], kwargs.get("enable_gqa", False)))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa_attention.torch.nn.functional, "scaled_dot_product_attention", spy)
+    ids = _prompt(24, seed=5)
+    whole = model(input_ids=ids).logits[:, -1]
+    heads.clear()
+    logits, _ = prefill(model, ids, PolicyCache(config, "full", max_len=64), chunk=8)
+    assert heads and all(h == (4, 2, True) for h in heads)
+    assert (logits - whole).abs().max() <= TOL
+    assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # restored

@@ -38,7 +38,10 @@ at cache positions. The mask is plain causal over the keys returned (no band), s
 
 from __future__ import annotations
 
+import contextlib
+import os
 import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -365,11 +368,37 @@ def read_chunk(model: Any, piece: Tensor, cache: PolicyCache, **kwargs: Any) -> 
         mask = torch.zeros(band.shape, dtype=dtype, device=piece.device)
         mask = mask.masked_fill(~band, torch.finfo(dtype).min)[None, None]
         mask = mask.expand(piece.shape[0], 1, -1, -1)
-    return model(
-        input_ids=piece,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=True,
-        **kwargs,
-        **cache_kwargs(model, cache),
-    )
+    with _grouped_kv(piece.device):
+        return model(
+            input_ids=piece,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **kwargs,
+            **cache_kwargs(model, cache),
+        )
+
+
+@contextlib.contextmanager
+def _grouped_kv(device: torch.device) -> Iterator[None]:
+    """transformers' SDPA attention repeats the keys and values to every query head whenever it is
+    given a mask (on CUDA a masked grouped call falls back to the slow math kernel). A chunk after
+    a cache always has a mask, so on SmolLM2 (9 query heads, 3 KV heads) each layer's K/V over
+    the whole cache was copied 3×, most of a chunked prefill's activation memory. torch's CPU
+    kernel takes grouped K/V with a mask directly (equal to the repeated call, tested): on the CPU
+    ask transformers for that through its own switch, ``TRANSFORMERS_SDPA_FORCE_GQA``."""
+    if device.type != "cpu":
+        yield
+        return
+    before = os.environ.get(_FORCE_GQA)
+    os.environ[_FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[_FORCE_GQA]
+        else:
+            os.environ[_FORCE_GQA] = before
+
+
+_FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
