@@ -12,7 +12,7 @@ sinks; the n = min(topk, blocks stored) retrieved blocks, oldest first; the loca
 [sinks + blocks·block, pos), between ``window - 1`` and ``window + block - 2`` of them (a token
 leaves the local part only when its whole block goes to the store); the chunk itself, causally.
 No band: every query of a chunk sees all the local tokens, so a one-shot prompt of Hugging Face's
-``generate`` reads exactly what a chunked prefill reads.
+``generate`` reads what a prefill reads in one chunk with ``tail=0``.
 
 Positions: keys are stored *before* rotary and rotated on read at the positions of the cache,
 0, 1, ... in the order above, as the ``sinks`` policy does; the next token sits at
@@ -35,8 +35,8 @@ a block, per KV head, by max over its representatives of (mean query of the chun
 head's query group) · key, all before rotary (position-free: no distance is baked into the
 score). Each KV head retrieves its own ``topk`` blocks (Memorizing Transformers retrieves per
 head too; InfLLM shares one choice across heads); all heads retrieve the same number, so
-positions stay one sequence per layer. Variants, measured no better on SmolLM2 so far and off by
-default: ``group="max"`` (a block's score is the best of the group's query heads, not of their
+positions stay one sequence per layer. Variants, off by default (``group="max"`` alone did not
+fix the 32k SmolLM2 miss that ``tail`` fixed; the others are not measured yet): ``group="max"`` (a block's score is the best of the group's query heads, not of their
 mean query), ``share="layer"`` (one choice per layer, scores summed over its KV heads),
 ``hold="prompt"`` (decoded tokens read the blocks the prompt's last chunk chose).
 
