@@ -40,10 +40,9 @@ import torch
 
 from memext.data.inserted_facts import contains_answer, exact_match, first_line, strip_words
 from memext.errors import MemextError
-from memext.io import atomic_write_text
 from memext.pipelines.ask import prompt_reader
 from memext.pipelines.dialogue import Conversation, reply, reply_prompt
-from memext.runtime import command_line, provenance, resolve_device
+from memext.runtime import resolve_device, write_result
 
 READINGS = ("memory", "window")
 KEYS = (
@@ -398,21 +397,10 @@ def main() -> None:
                 print(json.dumps({k: row[k] for k in shown}), flush=True)
     table = summarize(rows)
     print_table(table)
-    result = {
-        "command": command_line("benchmarks/llm_dialogue.py", args),
-        "provenance": provenance(device),
-        "settings": s
-        | {
-            "turns": args.turns,
-            "fact_span": args.fact_span,
-            "distractors": args.distractors,
-            "seed": args.seed,
-        },
-        "table": table,
-        "seconds": time.perf_counter() - started,
-        "rows": rows,
-    }
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    settings = s | {k: getattr(args, k) for k in ("turns", "fact_span", "distractors", "seed")}
+    seconds = time.perf_counter() - started
+    fields = {"settings": settings, "table": table, "seconds": seconds, "rows": rows}
+    write_result(args.out, "benchmarks/llm_dialogue.py", args, device, fields)
     print(f"wrote {args.out}")
 
 

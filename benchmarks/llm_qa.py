@@ -47,9 +47,8 @@ import torch
 
 from memext.data.inserted_facts import InsertedFact, fact_questions
 from memext.errors import MemextError
-from memext.io import atomic_write_text
 from memext.pipelines.ask import ask, prompt_reader, prompt_text
-from memext.runtime import command_line, provenance, resolve_device
+from memext.runtime import resolve_device, write_result
 
 CONFIGS = ("retrieval", "truncated", "memory", "full")
 LABELS = {
@@ -400,23 +399,22 @@ def main() -> None:
                 f"{LABELS[c]} - {LABELS['truncated']}: {gaps[f'{c}-truncated']:+.1f} EM points "
                 "(target: >= +30 for (a) or (c))"
             )
-    result = {
-        "command": command_line("benchmarks/llm_qa.py", args),
-        "provenance": provenance(device),
+    documents = {
+        "eligible": len(docs),
+        "min_tokens": min_tokens,
+        "max_tokens": args.max_tokens,
+        "split": args.split,
+    }
+    fields = {
         "settings": s,
-        "documents": {
-            "eligible": len(docs),
-            "min_tokens": min_tokens,
-            "max_tokens": args.max_tokens,
-            "split": args.split,
-        },
+        "documents": documents,
         "window": model.window,
         "table": table,
         "em_gaps": gaps,
         "seconds": time.perf_counter() - started,
         "rows": rows,
     }
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    write_result(args.out, "benchmarks/llm_qa.py", args, device, fields)
     print(f"wrote {args.out} (rows: {rows_path})")
 
 

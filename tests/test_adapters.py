@@ -5,7 +5,6 @@ registered once is read everywhere."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,42 +30,20 @@ from memext.adapters import (
 )
 from memext.adapters.base import as_rows, target_log_probs
 from memext.cli import app
-from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
+from memext.config import Config, EvalConfig, TrainConfig
 from memext.curriculum import trained_length
 from memext.errors import MemextError
 from memext.tokenizer import ByteTokenizer
-from tiny_hf import save_tiny_llama
+from tiny_runs import save_tiny_models
 
 runner = CliRunner()
 
 
-def _save_run(path: Path, corpus: Path, **model: Any) -> Path:
-    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, max_seq_len=256)
-    cfg = dataclasses.replace(cfg, **model)
-    config = Config(
-        model=cfg,
-        data=DataConfig(corpus=str(corpus)),
-        train=TrainConfig(seq_len=64, segment_len=32 if cfg.memory != "none" else 0),
-        eval=EvalConfig(lengths=(32, 64)),
-    )
-    path.mkdir(parents=True)
-    config.save(path / ckpt.CONFIG)
-    ckpt.save_weights(build_model(cfg, seed=0), path / ckpt.WEIGHTS, {"step": "0"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(3):
-        (corpus / f"d{i}.txt").write_text(f"The value of item {i} is {i * 7}.\n" * 200)
-    return {
-        "memext": _save_run(root / "plain", corpus),
-        "memext-xl": _save_run(root / "xl", corpus, memory="xl", mem_len=32, max_seq_len=64),
-        "hf": save_tiny_llama(root / "llama"),
-    }
+    return save_tiny_models(
+        tmp_path_factory.mktemp("models"), seq_len=64, max_seq_len=256, lines=200
+    )
 
 
 def _naive_greedy(adapter: ModelAdapter, prompt: str, n: int) -> str:

@@ -1,14 +1,16 @@
-"""Benchmark commands are recorded so a fresh clone can rerun them: relative paths, real flags."""
+"""Benchmark commands are recorded so a fresh clone can rerun them: relative paths, real flags,
+at the head of each result file beside its provenance."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
 import pytest
 
-from memext.runtime import command_line
+from memext.runtime import command_line, provenance, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +30,22 @@ def test_command_line_writes_paths_relative_and_flags_as_argparse_reads_them(
     p.add_argument("--passkey-batch", type=int)
     parsed = p.parse_args(cmd.split()[2:])
     assert parsed.data == Path("data/x.jsonl") and parsed.passkey_batch == 16
+
+
+def test_a_result_file_leads_with_its_command_and_provenance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(seed=3, out=tmp_path / "r" / "o.json")
+    write_result(args.out, "benchmarks/b.py", args, None, {"table": [1], "rows": []}, ("out",))
+    text = args.out.read_text()
+    assert text.endswith("}\n") and '\n "table": [\n  1\n ]' in text  # indented by one
+    assert list(json.loads(text).items()) == [
+        ("command", "python benchmarks/b.py --seed=3"),
+        ("provenance", provenance()),
+        ("table", [1]),
+        ("rows", []),
+    ]
 
 
 def test_no_recorded_result_or_doc_names_an_absolute_machine_path() -> None:

@@ -13,10 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from memext import build_model
-from memext import checkpoint as ckpt
 from memext.adapters import MemextAdapter, open_model
-from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.errors import MemextError
 from memext.evals import suite_tasks as suite_mod
 from memext.evals.results import (
@@ -28,34 +25,17 @@ from memext.evals.results import (
 )
 from memext.evals.suite import SUITES, SuiteSpec, get_suite, plan, run_suite
 from tiny_hf import save_tiny_llama
+from tiny_runs import save_tiny_corpus, save_tiny_run
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("corpus")
-    for i in range(4):
-        (root / f"d{i}.txt").write_text(f"The value of item {i} is {i * 7}.\n" * 400)
-    return root
-
-
-def _save_run(path: Path, corpus: Path, **model: object) -> Path:
-    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, max_seq_len=512)
-    cfg = dataclasses.replace(cfg, **model)
-    config = Config(
-        model=cfg,
-        data=DataConfig(corpus=str(corpus)),
-        train=TrainConfig(seq_len=128, segment_len=64 if cfg.memory != "none" else 0),
-        eval=EvalConfig(lengths=(64, 128)),
-    )
-    path.mkdir(parents=True)
-    config.save(path / ckpt.CONFIG)
-    ckpt.save_weights(build_model(cfg, seed=0), path / ckpt.WEIGHTS, {"step": "0"})
-    return path
+    return save_tiny_corpus(tmp_path_factory.mktemp("corpus"), docs=4, lines=400)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory, corpus: Path) -> Path:
-    return _save_run(tmp_path_factory.mktemp("runs") / "plain", corpus)
+    return save_tiny_run(tmp_path_factory.mktemp("runs") / "plain", corpus)
 
 
 HAY = SuiteSpec(
@@ -316,7 +296,7 @@ def test_bad_input_is_refused_clearly(run: Path, tmp_path: Path) -> None:
 
 
 def test_memory_model_reads_any_length_in_segments(tmp_path: Path, corpus: Path) -> None:
-    path = _save_run(tmp_path / "xl", corpus, memory="xl", mem_len=64, max_seq_len=128)
+    path = save_tiny_run(tmp_path / "xl", corpus, memory="xl", mem_len=64, max_seq_len=128)
     adapter = MemextAdapter(path)
     assert adapter.max_context is None and adapter.segment_len == 64
     x = torch.randint(0, 256, (1, 300))
@@ -341,7 +321,7 @@ def test_the_same_suite_grades_a_local_hf_model(tmp_path: Path) -> None:
 
 
 def test_no_memory_adapter_reads_each_segment_alone(tmp_path: Path, corpus: Path) -> None:
-    run = _save_run(tmp_path / "xl", corpus, memory="xl", mem_len=64)
+    run = save_tiny_run(tmp_path / "xl", corpus, memory="xl", mem_len=64)
     x = torch.randint(0, 256, (2, 192))
     with_memory = MemextAdapter(run).logits(x)
     without = MemextAdapter(run, memory=False)

@@ -6,7 +6,6 @@ decoding emits it; and bad readings are refused in one line."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from memext import build_model
-from memext import checkpoint as ckpt
 from memext.adapters import ModelAdapter, Reading, Whole, open_model
 from memext.adapters import base as adapter_base
 from memext.cli import app
-from memext.config import Config, DataConfig, EvalConfig, ModelConfig, TrainConfig
 from memext.data.filler import Filler
 from memext.data.tasks import make_samples
 from memext.errors import MemextError
@@ -28,38 +24,16 @@ from memext.evals.suite import SuiteSpec, run_suite
 from memext.evals.tasks import evaluate_samples
 from memext.infer.cache import CACHES
 from memext.infer.generate import generate_ids
-from tiny_hf import save_tiny_llama
+from tiny_runs import save_tiny_models
 
 runner = CliRunner()
 
 
-def _save_run(path: Path, corpus: Path, **model: Any) -> Path:
-    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=2, max_seq_len=512)
-    cfg = dataclasses.replace(cfg, **model)
-    config = Config(
-        model=cfg,
-        data=DataConfig(corpus=str(corpus)),
-        train=TrainConfig(seq_len=128, segment_len=64 if cfg.memory != "none" else 0),
-        eval=EvalConfig(lengths=(64, 128)),
-    )
-    path.mkdir(parents=True)
-    config.save(path / ckpt.CONFIG)
-    ckpt.save_weights(build_model(cfg, seed=0), path / ckpt.WEIGHTS, {"step": "0"})
-    return path
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("models")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for i in range(3):
-        (corpus / f"d{i}.txt").write_text(f"The value of item {i} is {i * 7}.\n" * 300)
-    return {
-        "memext": _save_run(root / "plain", corpus),
-        "memext-xl": _save_run(root / "xl", corpus, memory="xl", mem_len=64, max_seq_len=128),
-        "hf": save_tiny_llama(root / "llama"),
-    }
+    return save_tiny_models(
+        tmp_path_factory.mktemp("models"), seq_len=128, max_seq_len=512, lines=300
+    )
 
 
 def _covering(policy: str, tokens: int) -> dict[str, Any]:

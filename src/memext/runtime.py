@@ -1,14 +1,18 @@
-"""Devices, precision and the provenance recorded with every run and result."""
+"""Devices, precision, the provenance recorded with every run and result, and the result file
+of a benchmark that records them."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from memext.errors import MemextError
+from memext.io import atomic_write_text
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -63,7 +67,6 @@ def command_line(script: str, args: Any, leave_out: tuple[str, ...] = ()) -> str
     ``args`` (an argparse Namespace). Paths are written relative to the working directory (the
     repository root the benchmarks run from), never as this machine's absolute path."""
     import os
-    from pathlib import Path
 
     def shown(value: Any) -> Any:
         if isinstance(value, Path):
@@ -74,3 +77,22 @@ def command_line(script: str, args: Any, leave_out: tuple[str, ...] = ()) -> str
         f"--{k.replace('_', '-')}={shown(v)}" for k, v in vars(args).items() if k not in leave_out
     )
     return " ".join([f"python {script}", *opts])
+
+
+def write_result(
+    path: str | Path,
+    script: str,
+    args: Any,
+    device: torch.device | None,
+    fields: dict[str, Any],
+    leave_out: tuple[str, ...] = (),
+) -> None:
+    """Write a benchmark's result file atomically, as indented JSON: the command that reproduces
+    it (``command_line``), the provenance of this run (``provenance(device)``), then ``fields``
+    in their order."""
+    result = {
+        "command": command_line(script, args, leave_out),
+        "provenance": provenance(device),
+        **fields,
+    }
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")

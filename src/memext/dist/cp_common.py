@@ -1,7 +1,7 @@
 """What ring and Ulysses attention share: how a sequence is laid out across the ranks of a
-context-parallel group, the global positions of each rank's rows (for rotary), which kernels the
-ring can stand in for, and the ring's tile plan (which query and key blocks of two shards see
-each other, a pure function of positions).
+context-parallel group, the global positions of each rank's rows (for rotary), the checks of the
+shards both are given, which kernels the ring can stand in for, and the ring's tile plan (which
+query and key blocks of two shards see each other, a pure function of positions).
 
 Layouts (the sequence of ``T`` tokens, ``N`` ranks):
 
@@ -98,6 +98,29 @@ def shard_positions(
 def group_rank_size(group: dist.ProcessGroup | None) -> tuple[int, int]:
     """This process's rank in ``group`` (None: the default group) and the group's size."""
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def checked_world(
+    name: str, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup | None, layout: str
+) -> int:
+    """The size of ``group`` (None: the default group), once q ``(B, H, T/N, D)`` and k, v
+    ``(B, Hkv, T/N, D)`` are shards that ``name`` (``ring attention``, ``ulysses attention``)
+    can attend: one batch, length and head size, a KV head count that divides ``H``, and a
+    known ``layout``; otherwise a ``ValueError`` that names ``name``."""
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        raise ValueError(
+            f"{name}: expected q (B, H, T, D) and k, v (B, Hkv, T, D), got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, h, t, d = q.shape
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or h % k.shape[1]:
+        raise ValueError(
+            f"{name}: k, v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, "
+            f"length and head size, with a KV head count that divides {h}"
+        )
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name}: unknown layout {layout!r}; expected one of {LAYOUTS}")
+    return group_rank_size(group)[1]
 
 
 def global_rank(group: dist.ProcessGroup | None, group_rank: int) -> int:

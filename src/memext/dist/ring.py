@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from memext.dist.cp_common import (
-    LAYOUTS,
     Tile,
+    checked_world,
     global_rank,
     group_rank_size,
     reach,
@@ -78,20 +78,8 @@ def ring_attention(
     twin that other devices run). Returns this rank's rows of the output, ``(B, H, T/N, D)``,
     differentiable.
     """
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(
-            f"ring attention: expected q (B, H, T, D) and k, v (B, Hkv, T, D), got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, h, t, d = q.shape
-    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or h % k.shape[1]:
-        raise ValueError(
-            f"ring attention: k, v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, "
-            f"length and head size, with a KV head count that divides {h}"
-        )
-    if layout not in LAYOUTS:
-        raise ValueError(f"ring attention: unknown layout {layout!r}; expected one of {LAYOUTS}")
-    _, world = group_rank_size(group)
+    world = checked_world("ring attention", q, k, v, group, layout)
+    t, d = q.shape[2:]
     shard_runs(t * world, 0, world, layout)  # refuses a shard that is not whole chunks
     if window is not None and window < 1:
         raise ValueError(f"ring attention: window must be >= 1 or None, got {window}")

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from memext.dist.cp_common import LAYOUTS, group_rank_size, shard_runs
+from memext.dist.cp_common import checked_world, group_rank_size, shard_runs
 
 
 def ulysses_attention(
@@ -51,20 +51,8 @@ def ulysses_attention(
         from memext.nn.attention import build_attention
 
         kernel = build_attention("full")
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        raise ValueError(
-            f"ulysses attention: expected q (B, H, T, D) and k, v (B, Hkv, T, D), got "
-            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
-        )
-    b, h, t, d = q.shape
-    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != d or h % k.shape[1]:
-        raise ValueError(
-            f"ulysses attention: k, v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, "
-            f"length and head size, with a KV head count that divides {h}"
-        )
-    if layout not in LAYOUTS:
-        raise ValueError(f"ulysses attention: unknown layout {layout!r}; expected one of {LAYOUTS}")
-    _, world = group_rank_size(group)
+    world = checked_world("ulysses attention", q, k, v, group, layout)
+    h, t = q.shape[1:3]
     if h % world:
         raise ValueError(
             f"ulysses attention: {h} query heads do not divide among {world} ranks; use a head "
