@@ -60,28 +60,13 @@ class _HFReader(_Reader):
         self.lm = lm
         self.cache = PolicyCache(lm.config, cache, **_with_length(cache, options, n_inputs))
         self.cache.attach(lm)  # a policy that chooses by queries (retrieval) gets them
-        self.dtype = next(lm.parameters()).dtype
 
     def read(self, inputs: Tensor) -> Tensor:
-        from memext.hf.model import cache_kwargs
+        from memext.hf.cache import read_chunk
 
-        start, t = self.cache.get_seq_length(), inputs.shape[1]
-        positions = torch.arange(start, start + t, device=inputs.device)[None]
-        # transformers builds a plain causal mask from the config; a chunk that reaches past the
-        # window needs the policy's band (the explicit 4D mask ``memext.hf.cache.prefill`` gives).
-        band = self.cache.band(start, t, inputs.device)
-        mask = None
-        if band is not None:
-            mask = torch.zeros(band.shape, dtype=self.dtype, device=inputs.device)
-            mask = mask.masked_fill(~band, torch.finfo(self.dtype).min)[None, None]
-        out = self.lm(
-            input_ids=inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **cache_kwargs(self.lm, self.cache),
-        )
-        return out.logits
+        # At the positions after what the cache holds, under the policy's band (which
+        # transformers' own causal mask cannot express).
+        return read_chunk(self.lm, inputs, self.cache).logits
 
     def nbytes(self) -> int:
         return self.cache.nbytes()
