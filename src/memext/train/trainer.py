@@ -12,7 +12,8 @@ The loop is here; what one step does (``build_optimizer``, ``sequence_backward``
 commit and restore, the metrics log) in ``run_dir.py``.
 
 Under torchrun the same loop runs on every rank (``parallel.py``, ``memext.dist``): each rank
-reads its rows of every global batch, the strategy (``train.strategy``: DDP or FSDP2) averages
+reads its rows of every global batch (with ``train.context_parallel``, its shard of each
+sequence: ``memext.dist.context``), the strategy (``train.strategy``: DDP or FSDP2) averages
 the gradients, and rank 0 alone logs, shows progress, reports the probes and writes the run
 (a sharded checkpoint is written by every rank and committed by rank 0).
 """
