@@ -350,6 +350,19 @@ class TrainConfig:
         "and optimizer state over the ranks (bf16 parameters on CUDA when precision asks for "
         "bf16); checkpoints are sharded (model.dcp/), readable at any world size.",
     )
+    context_parallel: int = doc(
+        1,
+        "Ranks that split each training sequence between them (context parallelism, "
+        "docs/context_parallel.md): under torchrun the W ranks form W/N data-parallel replicas "
+        "of N ranks each; every training length must divide into 2N chunks (zig-zag). Needs "
+        "model.memory='none', arch='transformer' and strategy='ddp'; 1 = off.",
+    )
+    cp_method: Literal["ring", "ulysses"] = doc(
+        "ring",
+        "How attention spans the context-parallel ranks. ring: K and V pass round the ranks "
+        "(attention full, or sliding without dilation or global tokens). ulysses: an all-to-all "
+        "gives each rank whole sequences of n_heads/N heads (any kernel; n_heads divisible by N).",
+    )
     dist_timeout: float = doc(
         1800.0,
         "Seconds a rank waits for the others in a collective before the job stops (a hung "
@@ -380,6 +393,8 @@ class TrainConfig:
                 _fail("train", name, getattr(self, name), "a number in [0, 1]")
         _check_choice("train", self, "precision")
         _check_choice("train", self, "strategy")
+        _check_choice("train", self, "cp_method")
+        self._check_context_parallel()
         if len(self.curriculum_steps) != len(self.curriculum):
             _fail(
                 "train",
@@ -397,6 +412,32 @@ class TrainConfig:
             previous = n
         if any(not isinstance(n, int) or n < 1 for n in self.curriculum_steps):
             _fail("train", "curriculum_steps", self.curriculum_steps, "step counts >= 1")
+
+    def _check_context_parallel(self) -> None:
+        """Every training length divides into the 2N zig-zag chunks of context parallelism."""
+        n = self.context_parallel
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            _fail("train", "context_parallel", n, "a number of ranks >= 1 (1 = off)")
+        if n == 1:
+            return
+        if self.strategy != "ddp":
+            _fail(
+                "train",
+                "strategy",
+                self.strategy,
+                f"'ddp' with context_parallel={n} (FSDP is not composed with it yet)",
+            )
+        for name, length in (
+            ("seq_len", self.seq_len),
+            *(("curriculum", c) for c in self.curriculum),
+        ):
+            if length % (2 * n):
+                _fail(
+                    "train",
+                    name,
+                    length if name == "seq_len" else self.curriculum,
+                    cp_lengths(n, length),
+                )
 
     @property
     def total_steps(self) -> int:
@@ -498,6 +539,7 @@ class Config:
             n_stages=1 + len(self.train.curriculum),
             max_seq_len=self.model.max_seq_len,
         )
+        self._check_context_parallel()
         too_long = [n for _, n in self.eval.probe_cells if n > self.model.max_seq_len]
         if too_long and not self.train.segment_len:
             _fail(
@@ -514,6 +556,64 @@ class Config:
                 "lengths",
                 self.eval.lengths,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
+            )
+
+    def _check_context_parallel(self) -> None:
+        """What context parallelism splits: one whole sequence per forward, through a kernel
+        the ring or Ulysses runs (``TrainConfig`` checks its own lengths)."""
+        m, t = self.model, self.train
+        n = t.context_parallel
+        if n == 1:
+            return
+        why = f"with train.context_parallel={n}"
+        if m.arch != "transformer":
+            _fail("model", "arch", m.arch, f"'transformer' {why}")
+        if m.memory != "none":
+            _fail(
+                "model",
+                "memory",
+                m.memory,
+                f"'none' {why}: memories carry state from one segment to the next, and "
+                "context parallelism reads each sequence whole, split across ranks",
+            )
+        for i, src in enumerate(self.data.mixture):
+            odd = [length for length in src.lengths if length % (2 * n)]
+            if odd:
+                _fail("data", f"mixture[{i}].lengths", list(src.lengths), cp_lengths(n, odd[0]))
+        ring = "'full', or 'sliding' without dilation or global tokens, for train.cp_method='ring'"
+        if t.cp_method == "ring" and m.attention not in ("full", "sliding"):
+            _fail(
+                "model",
+                "attention",
+                m.attention,
+                f"{ring} (train.cp_method='ulysses' runs the other kernels but lsh)",
+            )
+        if t.cp_method == "ring" and m.attention == "sliding":
+            for name, plain_value in (("dilation", 1), ("global_tokens", 0)):
+                if getattr(m, name) != plain_value:
+                    _fail(
+                        "model",
+                        name,
+                        getattr(m, name),
+                        f"{plain_value}: the ring runs {ring} (train.cp_method='ulysses' runs "
+                        "any sliding window)",
+                    )
+        if t.cp_method == "ulysses" and m.attention == "lsh":
+            _fail(
+                "model",
+                "attention",
+                m.attention,
+                "a kernel other than lsh for train.cp_method='ulysses': lsh draws new hash "
+                "rotations at every call in training, and Ulysses recomputes the attention in "
+                "backward",
+            )
+        if t.cp_method == "ulysses" and m.n_heads % n:
+            _fail(
+                "model",
+                "n_heads",
+                m.n_heads,
+                f"a multiple of train.context_parallel={n} for train.cp_method='ulysses' (each "
+                "rank attends n_heads/N heads), or train.cp_method='ring'",
             )
 
     # --- construction -------------------------------------------------------------------------
@@ -545,6 +645,18 @@ class Config:
     @staticmethod
     def load(path: str | Path) -> Config:
         return from_dict(read_mapping(path), source=str(path))
+
+
+def cp_lengths(n: int, length: int) -> str:
+    """What a training length must be under ``train.context_parallel=n``: the accepted values
+    nearest ``length``, for the error message."""
+    k = 2 * n
+    below, above = length // k * k, (length // k + 1) * k
+    near = f"{below} or {above}" if below else str(above)
+    return (
+        f"a multiple of {k} with train.context_parallel={n} (each sequence is cut into 2 x {n} "
+        f"equal chunks, zig-zag), e.g. {near}"
+    )
 
 
 SECTIONS: dict[str, type] = {

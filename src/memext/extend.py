@@ -80,6 +80,7 @@ def _extended(cfg, scaling, factor, original, new_len, alpha, beta, steps, lr) -
         warmup_steps=min(t.warmup_steps, max(1, steps) // 10),
         eval_every=0,
         save_every=max(1, steps),
+        context_parallel=1,  # one process fine-tunes
     )
     return dataclasses.replace(cfg, model=model, train=train)
 

@@ -15,8 +15,12 @@ synchronises only the step's last backward: the ones before run under ``no_sync`
 included: DDP decides at forward time) and their gradients accumulate locally. FSDP
 reduce-scatters every backward, so a rank holds sharded gradients only, never a whole one.
 
-The data-parallel ranks are the mesh's ``dp`` dimension (``data_mesh``); context parallelism
-will add a ``cp`` dimension whose ranks read the same rows.
+The data-parallel ranks are the mesh's ``dp`` dimension (``data_mesh``). With context parallelism
+(``train.context_parallel=N``) the mesh is (dp, cp): the N ranks of a ``cp`` group read the same
+rows and each keeps its shard of the sequence (``memext.dist.context``). DDP still goes over every
+rank, since the ranks of a context group hold different tokens of the same sequences and their
+gradients must be summed too; each rank's loss is its share of the global mean, so DDP's average
+over dp x cp ranks is the gradient of the whole batch's mean.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from memext.dist.launch import World
+from memext.errors import MemextError
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -40,10 +45,19 @@ class Strategy:
 
     sharded = False  # parameters and optimizer state are DTensor shards (fsdp on >1 rank)
 
-    def __init__(self, name: str, world: World):
+    def __init__(self, name: str, world: World, context_parallel: int = 1):
         self.name = name
         self.world = world
         self.dp_rank, self.dp_size = world.rank, world.size
+        # Context parallelism: this rank's place in its group of ``cp_size`` ranks, which read
+        # the same rows and split each sequence (None: no such group).
+        self.cp_rank, self.cp_size = 0, 1
+        self.cp_group: dist.ProcessGroup | None = None
+        if context_parallel > 1:
+            mesh = data_mesh(world, context_parallel)
+            self.dp_rank, self.dp_size = mesh.get_local_rank("dp"), mesh.size(0)
+            self.cp_rank, self.cp_size = mesh.get_local_rank("cp"), context_parallel
+            self.cp_group = mesh["cp"].get_group()
 
     def shard(self, model: nn.Module) -> None:
         """Shard ``model`` in place (FSDP); call before building the optimizer."""
@@ -75,8 +89,8 @@ class Strategy:
 class Replicated(Strategy):
     """DDP: every rank holds the whole model; gradients are all-reduced."""
 
-    def __init__(self, name: str, world: World):
-        super().__init__(name, world)
+    def __init__(self, name: str, world: World, context_parallel: int = 1):
+        super().__init__(name, world, context_parallel)
         self._ddp: nn.parallel.DistributedDataParallel | None = None
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -117,12 +131,24 @@ class Sharded(Strategy):
         fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
-def make_strategy(name: str, world: World, mixed_precision: bool = False) -> Strategy:
+def make_strategy(
+    name: str, world: World, mixed_precision: bool = False, context_parallel: int = 1
+) -> Strategy:
     """The strategy ``name`` (``train.strategy``) for ``world``. A world of one runs unwrapped
     whatever the name (the name still decides the checkpoint format). ``mixed_precision``:
-    FSDP's bf16 policy (on CUDA, where the trainer's precision asks for bf16)."""
+    FSDP's bf16 policy (on CUDA, where the trainer's precision asks for bf16).
+    ``context_parallel``: ranks per context group (``train.context_parallel``; DDP only), which
+    must divide the world."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}: expected one of {', '.join(STRATEGIES)}")
+    if context_parallel > 1:
+        check_context_world(context_parallel, world.size)
+        if name != "ddp":
+            raise MemextError(
+                f"train.context_parallel={context_parallel} runs with train.strategy='ddp', "
+                f"not {name!r}"
+            )
+        return Replicated(name, world, context_parallel)
     if world.size == 1:
         return Strategy(name, world)
     if name == "ddp":
@@ -130,12 +156,34 @@ def make_strategy(name: str, world: World, mixed_precision: bool = False) -> Str
     return Sharded(name, world, mixed_precision)
 
 
-def data_mesh(world: World):
-    """The device mesh of the data-parallel ranks: one dimension, ``dp``. (Context
-    parallelism will make it (dp, cp); only ``dp`` splits the batch.)"""
+def check_context_world(context_parallel: int, world_size: int) -> None:
+    """Refuse a world that does not divide into groups of ``context_parallel`` ranks."""
+    n = context_parallel
+    if world_size % n == 0:
+        return
+    hint = (
+        f"start it with --nproc {n} (or a multiple of {n}), or set train.context_parallel=1 to "
+        "train in one process"
+        if world_size == 1
+        else f"start a multiple of {n} ranks, or set train.context_parallel to a divisor of "
+        f"{world_size}"
+    )
+    raise MemextError(
+        f"train.context_parallel={n} splits each sequence over {n} ranks, but this job has "
+        f"{world_size} rank{'s' if world_size > 1 else ''}, not a multiple of {n}: {hint}"
+    )
+
+
+def data_mesh(world: World, context_parallel: int = 1):
+    """The device mesh of the ranks: ``dp`` alone, or (``dp``, ``cp``) with context
+    parallelism, where rank ``r`` is replica ``r // cp``, place ``r % cp`` of its context group.
+    Only ``dp`` splits the batch."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("dp",))
+    if context_parallel == 1:
+        return init_device_mesh(world.device.type, (world.size,), mesh_dim_names=("dp",))
+    shape = (world.size // context_parallel, context_parallel)
+    return init_device_mesh(world.device.type, shape, mesh_dim_names=("dp", "cp"))
 
 
 def shard_units(model: nn.Module) -> list[nn.Module]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -65,6 +66,10 @@ class LongLM(nn.Module):
         #: Set by ``memext.checkpoint.load`` for models trained in segments: generation then
         #: reads long input segment by segment, as training did.
         self.segment_len: int | None = None
+        #: Context parallelism (``memext.dist.context``): when set, each forward reads this rank's
+        #: shard of a longer sequence, and ``sequence_shard(t, device)`` gives the shard's global
+        #: positions and the whole sequence's length, for rotary and the length limit.
+        self.sequence_shard: Callable[[int, torch.device], tuple[Tensor, int]] | None = None
         if reversible and self.memory.name != "none":
             raise ValueError("reversible blocks cannot read memory: choose one of the two")
 
@@ -72,6 +77,14 @@ class LongLM(nn.Module):
         """tokens (B, T) int64 -> logits (B, T, vocab) fp32-or-autocast, and the next State."""
         state = state or State()
         t = tokens.shape[1]
+        positions = None
+        if self.sequence_shard is not None:  # context parallel: a shard of the whole sequence
+            if state.pos or state.cache is not None or self.memory.name != "none":
+                raise ValueError(
+                    "context parallelism reads each sequence whole in one forward: no KV cache, "
+                    "memory or earlier segments"
+                )
+            positions, whole = self.sequence_shard(t, tokens.device)
         # Memories and bounded KV caches (window, sinks) read unbounded input: only the chunk
         # must fit. A full cache keeps every position, so the whole sequence must.
         if state.cache is None:
@@ -79,6 +92,8 @@ class LongLM(nn.Module):
         else:
             unbounded = getattr(state.cache, "unbounded", False)
         limited = t if unbounded else state.pos + t
+        if positions is not None:
+            limited = whole
         if limited > self.max_seq_len:
             raise ValueError(
                 f"sequence of {limited} tokens exceeds the model's limit "
@@ -98,7 +113,10 @@ class LongLM(nn.Module):
         if hasattr(state.cache, "position"):  # sinks: positions inside the cache
             start = state.cache.position(state.pos)
         end = start + x.shape[1]
-        cos, sin = self.rotary(torch.arange(start, end, device=tokens.device), seq_len=end)
+        if positions is None:
+            cos, sin = self.rotary(torch.arange(start, end, device=tokens.device), seq_len=end)
+        else:  # rotated as one process reading the whole sequence would
+            cos, sin = self.rotary(positions, seq_len=whole)
         if self.reversible:
             x = reversible_stack(
                 self.blocks, x, cos, sin, state.cache, recompute=self.reversible_backward

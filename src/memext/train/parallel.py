@@ -52,14 +52,23 @@ def check_split(cfg: Config, ranks: int) -> None:
             per_rank(src.batch_size, ranks, f"data.mixture source {i}'s batch_size")
 
 
-def describe_batch(cfg: Config, ranks: int) -> str:
-    """The printed line: global batch = per-rank batch x ranks x accumulation."""
+def describe_batch(cfg: Config, ranks: int, context: int = 1) -> str:
+    """The printed line: global batch = per-rank batch x ranks x accumulation. ``ranks``: the
+    data-parallel ranks; ``context``: the ranks of a context group, which share a rank's rows
+    and split each sequence."""
     t = cfg.train
     rows = t.batch_size // ranks
+    total = f"{rows * ranks * t.grad_accum} sequences of {t.seq_len} tokens per step"
+    if context == 1:
+        return (
+            f"global batch: {rows} sequences per rank x {ranks} rank{'s' if ranks > 1 else ''} "
+            f"x {t.grad_accum} accumulation = {total}"
+        )
     return (
-        f"global batch: {rows} sequences per rank x {ranks} rank{'s' if ranks > 1 else ''} x "
-        f"{t.grad_accum} accumulation = {rows * ranks * t.grad_accum} sequences of {t.seq_len} "
-        "tokens per step"
+        f"global batch: {rows} sequences per replica x {ranks} "
+        f"replica{'s' if ranks > 1 else ''} x {t.grad_accum} accumulation = {total}; each "
+        f"sequence split over {context} context-parallel ranks ({t.seq_len // context} tokens "
+        f"each, train.cp_method={t.cp_method})"
     )
 
 

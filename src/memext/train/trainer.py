@@ -12,13 +12,15 @@ The loop is here; what one step does (``build_optimizer``, ``sequence_backward``
 commit and restore, the metrics log) in ``run_dir.py``.
 
 Under torchrun the same loop runs on every rank (``parallel.py``, ``memext.dist``): each rank
-reads its rows of every global batch, the strategy (``train.strategy``: DDP or FSDP2) averages
+reads its rows of every global batch (with ``train.context_parallel``, its shard of each
+sequence: ``memext.dist.context``), the strategy (``train.strategy``: DDP or FSDP2) averages
 the gradients, and rank 0 alone logs, shows progress, reports the probes and writes the run
 (a sharded checkpoint is written by every rank and committed by rank 0).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -37,6 +39,7 @@ from memext.config import Config
 from memext.curriculum import Stage, stage_at
 from memext.data import prepare_data
 from memext.data.mixture import BatchSource
+from memext.dist.context import ContextParallel
 from memext.dist.launch import World, job_id, join
 from memext.dist.strategy import make_strategy
 from memext.errors import MemextError
@@ -160,7 +163,9 @@ def _train(
     # folder as it was (no half-made run, no rewritten config).
     check_run_dir(run_dir, resume, overwrite)
     t = cfg.train
-    strategy = make_strategy(t.strategy, world, bf16(device, t.precision))
+    strategy = make_strategy(
+        t.strategy, world, bf16(device, t.precision), context_parallel=t.context_parallel
+    )
     check_split(cfg, strategy.dp_size)
     if resume:
         if main:
@@ -219,6 +224,12 @@ def _train(
         ckpt.load_weights(model, Path(init_from))
     seed_rank(t.seed, world)
     strategy.shard(model)  # FSDP: in place, before the optimizer takes the parameters
+    context = None
+    if strategy.cp_group is not None:  # each rank reads its shard of every sequence
+        context = ContextParallel(
+            strategy.cp_group, strategy.cp_rank, strategy.cp_size, t.cp_method
+        )
+        context.install(model)
     opt = build_optimizer(model, cfg)
     step = 0
     if resume:
@@ -246,7 +257,8 @@ def _train(
         f"data: {store.train.size:,} train / {store.validation.size:,} validation tokens"
     )
     if world.size > 1:
-        log(f"{world.size} ranks, train.strategy={t.strategy}; {describe_batch(cfg, world.size)}")
+        ranks = describe_batch(cfg, strategy.dp_size, strategy.cp_size)
+        log(f"{world.size} ranks, train.strategy={t.strategy}; {ranks}")
 
     loop = _Loop(step=step, model=model, opt=opt)
     saved = step  # the step of the checkpoint on disk, named if the job stops
@@ -282,7 +294,9 @@ def _train(
         ctx = ProbeContext(
             model, loop.step, stage, cfg, tok, store.validation, byte_lengths, device
         )
-        values = run_probes(probes, moment, ctx)
+        # Rank 0 alone reads whole sequences: the probes run without context parallelism.
+        with context.paused(model) if context is not None else contextlib.nullcontext():
+            values = run_probes(probes, moment, ctx)
         return values if main else {}
 
     def where() -> str:
@@ -303,6 +317,8 @@ def _train(
                     for m in range(t.grad_accum)
                     for i in source.active(stage.index)
                 ]
+                if context is not None:
+                    batches = [context.shard_batch(b) for b in batches]
                 by_source: dict[str, float] = {}
                 total, gnorm = train_step(
                     fwd,
@@ -367,6 +383,8 @@ def _train(
                     saved = loop.step
     finally:
         bar.close()
+        if context is not None:
+            context.remove(model)
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
     if loop.stop_requested:
