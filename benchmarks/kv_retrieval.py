@@ -108,7 +108,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=16)
     p.add_argument("--reps", type=int, default=4)
     p.add_argument(
-        "--tail", type=int, default=32, help="The prompt's last TAIL tokens read as one chunk."
+        "--tail", type=int, default=0, help="The prompt's last TAIL tokens read as one chunk."
     )
     p.add_argument("--chunk", type=int, default=512, help="Prompt tokens per forward.")
     # SmolLM2 writes digits one token each: "The pass key is " and five digits take ~10 tokens;
