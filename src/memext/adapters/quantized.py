@@ -36,7 +36,7 @@ FORMAT = "memext-quantized"
 VERSION = 1
 
 
-def _root(adapter: Any) -> torch.nn.Module:
+def linear_root(adapter: Any) -> torch.nn.Module:
     """The module whose linear layers are quantized, named as saved: a memext run's ``LongLM``,
     a Hugging Face model's transformers module (``model.layers.0.self_attn.q_proj``, ...)."""
     from memext.adapters.hf_dir import HFAdapter
@@ -78,7 +78,7 @@ def quantize(
             f"{meta['base']['source']}): quantize its base model instead"
         )
     adapter = open_model(source, device)
-    root = _root(adapter)
+    root = linear_root(adapter)
     report = quant.quantize_model(root, weights, group, log=log)
     if not report["layers"]:
         raise MemextError(f"{str(source)!r} has no linear layer to quantize")
@@ -154,7 +154,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:
                 raise MemextError(f"{str(file)!r} is not a memext quantized weights file")
-            return {k: f.get_tensor(k) for k in f.keys()}
+            return {k: f.get_tensor(k) for k in f}
     except (SafetensorError, OSError, ValueError) as e:
         raise MemextError(f"{str(file)!r} is corrupt or not a safetensors file ({e})") from None
 
@@ -189,7 +189,7 @@ class QuantizedAdapter:
             raise MemextError(f"{str(path)!r}: its base model: {e}") from None
         try:
             quant.apply_quantized(
-                _root(self._base), tensors, meta["weights"], meta.get("group"), meta["layers"]
+                linear_root(self._base), tensors, meta["weights"], meta.get("group"), meta["layers"]
             )
         except ValueError as e:
             raise MemextError(f"{str(path)!r} does not fit its base {source!r}: {e}") from None

@@ -66,7 +66,9 @@ def check_scheme(weights: str, group: int) -> None:
     if weights not in SCHEMES:
         raise ValueError(f"--weights {weights!r} is not a scheme: expected one of {SCHEMES}")
     if weights == "int4" and group not in INT4_GROUPS:
-        raise ValueError(f"--group {group} is not an int4 group size: expected one of {INT4_GROUPS}")
+        raise ValueError(
+            f"--group {group} is not an int4 group size: expected one of {INT4_GROUPS}"
+        )
 
 
 # --- quantize and dequantize -------------------------------------------------------------------
