@@ -41,6 +41,7 @@ def linear_root(adapter: Any) -> torch.nn.Module:
     a Hugging Face model's transformers module (``model.layers.0.self_attn.q_proj``, ...)."""
     from memext.adapters.hf_dir import HFAdapter
 
+    adapter = getattr(adapter, "_base", adapter)  # a quantized model's: its base's
     return adapter.model.model if isinstance(adapter, HFAdapter) else adapter.model
 
 
@@ -63,7 +64,7 @@ def quantize(
     ``out`` that exists, a model that is already quantized."""
     from safetensors.torch import save_file
 
-    from memext.adapters import detect_kind, open_model
+    from memext.adapters.open import detect_kind, open_model
     from memext.io import atomic_dir
 
     quant.check_scheme(weights, group)
@@ -154,7 +155,7 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
             header = f.metadata() or {}
             if header.get("format") != FORMAT:
                 raise MemextError(f"{str(file)!r} is not a memext quantized weights file")
-            return {k: f.get_tensor(k) for k in f}
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118  (not iterable)
     except (SafetensorError, OSError, ValueError) as e:
         raise MemextError(f"{str(file)!r} is corrupt or not a safetensors file ({e})") from None
 
@@ -173,7 +174,7 @@ class QuantizedAdapter:
         memory: bool = True,
         reading: Reading | None = None,
     ) -> None:
-        from memext.adapters import open_model
+        from memext.adapters.open import open_model
 
         self.meta = meta = read_meta(path)
         tensors = read_tensors(path)  # both files checked before the base is loaded
