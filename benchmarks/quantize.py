@@ -9,7 +9,9 @@ output head and tied layers stay float32):
 
 - ``fp32``: the model as it is;
 - ``int8``, ``int4``: memext's ``QuantLinear`` (int8 per output channel; int4 in groups of
-  ``--group``), torch's native CPU kernels where they take the layer;
+  ``--group``), torch's native CPU kernels where they take the layer, float32 activations;
+- ``int8-bf16``, ``int4-bf16``: the same with the kernels reading bfloat16 activations
+  (``quant.set_activation_dtype``), the only input torch 2.13's CPU kernels are fast for;
 - ``torchao-int8``, ``torchao-int4``: torchao's ``quantize_`` with ``Int8WeightOnlyConfig()``
   and ``Int4WeightOnlyConfig(group_size=--group)`` in the first packing format that quantizes
   and runs a small layer here (``TORCHAO_INT4_FORMATS``; torchao 0.18 dropped its CPU layout,
@@ -64,7 +66,16 @@ from memext.runtime import resolve_device, write_result
 
 #: torchao's int4 packing formats, tried in order (the first that quantizes and runs a layer).
 TORCHAO_INT4_FORMATS = ("plain", "tile_packed_to_4d", "plain_int32", "preshuffled")
-CONFIGS = ("fp32", "int8", "int4", "torchao-int8", "torchao-int4", "dynamic-int8")
+CONFIGS = (
+    "fp32",
+    "int8",
+    "int4",
+    "int8-bf16",
+    "int4-bf16",
+    "torchao-int8",
+    "torchao-int4",
+    "dynamic-int8",
+)
 
 
 # --- building each configuration ---------------------------------------------------------------
@@ -80,8 +91,10 @@ def build(config: str, root: torch.nn.Module, names: list[str], group: int) -> d
     """Quantize ``root`` in place as ``config``; what was done (``linear_bytes`` where known)."""
     if config == "fp32":
         return {"linear_bytes": sum(4 * root.get_submodule(n).weight.numel() for n in names)}
-    if config in ("int8", "int4"):
-        quant.quantize_model(root, config, group, skip=_others(root, names))
+    if config.split("-")[0] in ("int8", "int4") and not config.startswith("torchao"):
+        quant.quantize_model(root, config.split("-")[0], group, skip=_others(root, names))
+        if config.endswith("-bf16"):  # the kernels' fast path: bfloat16 activations
+            quant.set_activation_dtype(root, torch.bfloat16)
         return {"linear_bytes": quant.linear_bytes(root)["quantized"]}
     if config.startswith("torchao-"):
         import torchao
@@ -201,7 +214,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             seconds = time.perf_counter() - started
             decode(adapter, prompt[: max(1, args.prompt_tokens // 4)], 4)  # warm-up
         except Exception as e:  # a peer that cannot run here is a row saying why
-            if config in ("fp32", "int8", "int4"):
+            if not config.startswith(("torchao", "dynamic")):
                 raise  # memext's own rows must run
             rows[config] = {"config": config, "error": f"{type(e).__name__}: {e}"[:600]}
             print(f"{config}: cannot run ({rows[config]['error']})", file=sys.stderr)
@@ -241,7 +254,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Issue 21's targets for memext's rows: ratio, Δbpb and decode speed against fp32."""
     out = {}
-    for config, ratio, dbpb in (("int8", 3.9, 0.01), ("int4", 6.5, 0.05)):
+    for config, ratio, dbpb in (("int8", 3.9, 0.01), ("int4", 6.5, 0.05), ("int8-bf16", 3.9, 0.01),
+                                ("int4-bf16", 6.5, 0.05)):  # fmt: skip
         row = rows.get(config)
         if not row or "error" in row:
             continue

@@ -106,6 +106,21 @@ def test_the_native_kernel_equals_the_reference_path(weights: str, k: int, n: in
         torch.testing.assert_close(layer(x.double()), reference.double(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_bfloat16_activations_stay_within_their_rounding(weights: str) -> None:
+    torch.manual_seed(0)
+    layer = QuantLinear.from_linear(torch.nn.Linear(576, 192), weights, 128)
+    x = torch.randn(2, 576)
+    reference = layer.reference(x)
+    quant.set_activation_dtype(layer, torch.bfloat16)
+    fast = layer(x)
+    assert fast.dtype == torch.float32
+    # x rounded to bfloat16 (unit roundoff 2^-8), the product accumulated and rounded back:
+    # within 2 * 2^-8 * sum_k |x_k| |ŵ_k| + |b|, plus the float32 bound.
+    size = x.abs() @ layer.dequantize().abs().T + layer.bias.abs()
+    assert bool(((fast - reference).abs() <= (2 * 2**-8 + 2 * gamma(580)) * size).all())
+
+
 def test_tied_and_named_layers_stay_float32() -> None:
     cfg = ModelConfig(vocab_size=264, d_model=64, n_layers=1, n_heads=2, max_seq_len=64)
     model = build_model(cfg, seed=0)
