@@ -224,6 +224,7 @@ def test_bad_input_is_one_line_and_writes_nothing(models: dict[str, Path], tmp_p
     quantize = ["compress", "quantize", run, "--device", "cpu", "--out"]
     _fails([*quantize, str(out), "--weights", "int3"], "'int3' is not a scheme")
     _fails([*quantize, str(out), "--weights", "int4", "--group", "100"], "not an int4 group")
+    _fails([*quantize, str(out), "--activations", "fp8"], "--activations 'fp8'")
     assert not out.exists()
     _quantize(models["memext"], out, "int8")
     _fails([*quantize, str(out)], "already exists")
@@ -263,6 +264,11 @@ def test_bad_input_is_one_line_and_writes_nothing(models: dict[str, Path], tmp_p
 
     negative = broken("negative", swap_scales)
     _fails(["generate", str(negative), *gen], "finite and positive")
+    fast = tmp_path / "fast"
+    _quantize(models["memext"], fast, "int8", "--activations", "bfloat16")
+    assert {
+        m.act_dtype for m in open_model(fast).model.modules() if isinstance(m, QuantLinear)
+    } == {torch.bfloat16}
     # Another base's weights: the checksums refuse it.
     other = tmp_path / "other-run"
     other.mkdir()

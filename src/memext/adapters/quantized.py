@@ -54,6 +54,7 @@ def quantize(
     out: str | Path,
     weights: str = "int8",
     group: int = 128,
+    activations: str = "float32",
     *,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda m: None,
@@ -68,6 +69,7 @@ def quantize(
     from memext.io import atomic_dir
 
     quant.check_scheme(weights, group)
+    _check_activations(activations)
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise MemextError(f"{str(out)!r} already exists: give a new --out (nothing was written)")
@@ -90,6 +92,7 @@ def quantize(
         "version": VERSION,
         "weights": weights,
         "group": report["group"],
+        "activations": activations,
         "base": {"source": _base_source(source, kind), "kind": kind},
         "layers": report["layers"],
         "skipped": report["skipped"],
@@ -100,6 +103,15 @@ def quantize(
         save_file(tensors, str(tmp / TENSORS), metadata=header)
         (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
     return meta
+
+
+#: What ``--activations`` takes: the dtype the native kernels read the input in.
+ACTIVATIONS = {"float32": None, "bfloat16": torch.bfloat16}
+
+
+def _check_activations(activations: Any) -> None:
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"--activations {activations!r}: expected one of {', '.join(ACTIVATIONS)}")
 
 
 def describe_scheme(meta: dict[str, Any]) -> str:
@@ -127,6 +139,10 @@ def _meta_problem(meta: Any) -> str | None:
     weights, group = meta.get("weights"), meta.get("group")
     try:
         quant.check_scheme(weights, group if weights == "int4" else 128)
+    except ValueError as e:
+        return str(e)
+    try:
+        _check_activations(meta.get("activations", "float32"))
     except ValueError as e:
         return str(e)
     base = meta.get("base")
@@ -194,6 +210,8 @@ class QuantizedAdapter:
             )
         except ValueError as e:
             raise MemextError(f"{str(path)!r} does not fit its base {source!r}: {e}") from None
+        act = ACTIVATIONS[meta.get("activations", "float32")]
+        quant.set_activation_dtype(linear_root(self._base), act)
         self.path = str(path)
         self.name = f"{Path(path).resolve().name} ({self._base.name}, {meta['weights']})"
         self._files = [Path(path) / META, Path(path) / TENSORS]
@@ -226,7 +244,8 @@ class QuantizedAdapter:
         return lines
 
     def describe(self) -> dict[str, Any]:
-        scheme = {k: self.meta[k] for k in ("weights", "group", "base", "skipped")}
+        scheme = {k: self.meta.get(k) for k in ("weights", "group", "activations", "base",
+                                                 "skipped")}  # fmt: skip
         return {**self._base.describe(), "quantized": scheme}
 
     def fingerprint(self) -> str:

@@ -34,6 +34,14 @@ def compress_quantize(
         int,
         typer.Option(help=f"int4 group size: {', '.join(map(str, INT4_GROUPS))}."),
     ] = default(quantize, "group"),
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="The dtype torch's kernels read activations in: float32, or bfloat16 (torch "
+            "2.13's CPU kernels are fast for bfloat16 input only; inputs and outputs rounded to "
+            "8 significant bits)."
+        ),
+    ] = default(quantize, "activations"),
     device: DeviceOpt = "auto",
 ) -> None:
     """Quantize a model's linear layers (weights only) into a directory every model command
@@ -45,6 +53,7 @@ def compress_quantize(
         out_dir,
         weights,
         group,
+        activations,
         device=resolve_device(device),
         log=lambda m: err.print(m, highlight=False, soft_wrap=True),
     )
