@@ -240,7 +240,7 @@ class QuantLinear(nn.Module):
 
     #: The dtype the native kernel reads the input in (None: the input's own). torch 2.13's CPU
     #: kernels are fast for bfloat16 input only: at batch 1 on SmolLM2's shapes, float32 input
-    #: takes 10-30x an nn.Linear's time, bfloat16 input 0.5-0.8x. bfloat16 rounds each input
+    #: takes 10-30x an nn.Linear's time, bfloat16 input 0.5-1.2x. bfloat16 rounds each input
     #: and output to 8 significant bits (``set_activation_dtype``).
     act_dtype: torch.dtype | None = None
 
