@@ -1,6 +1,6 @@
 """The `memext` command line: thin commands over the library, one module per command group.
 
-The group modules (`run`, `generate`, `bench`, `memory`, `classify`) define plain functions and
+The group modules (`run`, `generate`, `bench`, `memory`, `classify`, `compress`) define plain functions and
 this module registers them on the app, all in one place: the order of `memext --help` reads
 here, and no group module imports the package that imports it.
 """
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 import memext
-from memext.cli import bench, classify, generate, memory, run
+from memext.cli import bench, classify, compress, generate, memory, run
 
 app = typer.Typer(
     help="memext: extend the memory of language models, and measure how far it reaches.",
@@ -34,6 +34,10 @@ classify_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(classify_app, name="classify")
+compress_app = typer.Typer(
+    help="Make a model smaller: weight-only quantization (int8, int4).", no_args_is_help=True
+)
+app.add_typer(compress_app, name="compress")
 
 app.command(epilog=run.fields_epilog())(run.train)
 app.command("eval")(run.eval_)
@@ -52,6 +56,7 @@ app.command()(memory.ask)
 classify_app.command("train")(classify.classify_train)
 classify_app.command("eval")(classify.classify_eval)
 classify_app.command("predict")(classify.classify_predict)
+compress_app.command("quantize")(compress.compress_quantize)
 
 
 def version_callback(value: bool) -> None:

@@ -1,0 +1,74 @@
+"""Make models smaller: `memext compress quantize`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from memext.adapters.quantized import describe_scheme, quantize
+from memext.cli.common import DeviceOpt, ModelArg, default, err, out, user_errors
+from memext.nn.quant import INT4_GROUPS, SCHEMES
+
+
+@user_errors
+def compress_quantize(
+    model: ModelArg,
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="The new directory: the quantized layers and a reference to MODEL (which must "
+            "stay where it is).",
+        ),
+    ],
+    weights: Annotated[
+        str,
+        typer.Option(
+            help=f"Scheme: {' or '.join(SCHEMES)} (int8: symmetric per output channel; int4: "
+            "asymmetric in groups of --group input columns)."
+        ),
+    ] = default(quantize, "weights"),
+    group: Annotated[
+        int,
+        typer.Option(help=f"int4 group size: {', '.join(map(str, INT4_GROUPS))}."),
+    ] = default(quantize, "group"),
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="The dtype torch's kernels read activations in: float32, or bfloat16 (torch "
+            "2.13's CPU kernels are fast for bfloat16 input only; inputs and outputs rounded to "
+            "8 significant bits)."
+        ),
+    ] = default(quantize, "activations"),
+    device: DeviceOpt = "auto",
+) -> None:
+    """Quantize a model's linear layers (weights only) into a directory every model command
+    reads (eval, generate, stream, info); the output head and tied layers stay float32."""
+    from memext.runtime import resolve_device
+
+    meta = quantize(
+        model,
+        out_dir,
+        weights,
+        group,
+        activations,
+        device=resolve_device(device),
+        log=lambda m: err.print(m, highlight=False, soft_wrap=True),
+    )
+    size = meta["linear_bytes"]
+    native = sum(1 for layer in meta["layers"].values() if layer["native"])
+    out.print(
+        f"quantized {len(meta['layers'])} linear layers of {model} to {describe_scheme(meta)} "
+        f"({native} on torch's native kernel, {len(meta['layers']) - native} on the reference "
+        f"path); kept in float32: {', '.join(sorted(meta['skipped'])) or 'none'}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    out.print(
+        f"linear weights {size['fp32'] / 1e6:,.2f} MB -> {size['quantized'] / 1e6:,.2f} MB "
+        f"({size['fp32'] / size['quantized']:.2f}x smaller) -> {out_dir}",
+        highlight=False,
+        soft_wrap=True,
+    )
