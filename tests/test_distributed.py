@@ -33,33 +33,14 @@ from memext.checkpoint import SHARDED, WEIGHTS, read_metrics
 from memext.dist.strategy import held_bytes
 from memext.errors import MemextError
 from memext.train import train
+from tiny_runs import tiny_train_settings
 
 SRC = Path(memext.__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("dist_worker.py")
 STEPS = 20
 LIMIT = 240  # seconds one torchrun job may take before the test fails (not hangs)
 
-SETTINGS = {
-    "model.d_model": "32",
-    "model.n_layers": "2",
-    "model.n_heads": "2",
-    "model.max_seq_len": "256",
-    "model.memory": "none",
-    "data.mixture": "[]",
-    "train.seq_len": "32",
-    "train.segment_len": "0",
-    "train.curriculum": "",
-    "train.curriculum_steps": "",
-    "train.batch_size": "4",
-    "train.steps": str(STEPS),
-    "train.save_every": "10",
-    "train.eval_every": "0",
-    "train.log_every": "1",
-    "train.eval_tokens": "256",
-    "train.warmup_steps": "2",
-    "eval.lengths": "32,64",
-    "eval.max_tokens": "256",
-}
+SETTINGS = tiny_train_settings(STEPS, save_every=10)
 
 
 @pytest.fixture(scope="module")

@@ -31,34 +31,14 @@ from memext.dist.strategy import check_context_world
 from memext.errors import MemextError
 from memext.evals.probes import training_probes
 from memext.train import train
+from tiny_runs import tiny_train_settings
 
 SRC = Path(memext.__file__).resolve().parents[1]
 STEPS = 6
 LIMIT = 240  # seconds one torchrun job may take before the test fails (not hangs)
 TOL = 1e-5
 
-SETTINGS = {
-    "model.d_model": "32",
-    "model.n_layers": "2",
-    "model.n_heads": "2",
-    "model.max_seq_len": "256",
-    "model.memory": "none",
-    "data.mixture": "[]",
-    "train.seq_len": "32",
-    "train.segment_len": "0",
-    "train.curriculum": "",
-    "train.curriculum_steps": "",
-    "train.batch_size": "4",
-    "train.steps": str(STEPS),
-    "train.save_every": "3",
-    "train.eval_every": "0",
-    "train.log_every": "1",
-    "train.eval_tokens": "256",
-    "train.warmup_steps": "2",
-    "eval.lengths": "32,64",
-    "eval.max_tokens": "256",
-    "eval.reach": "",
-}
+SETTINGS = tiny_train_settings(STEPS, save_every=3, **{"eval.reach": ""})
 
 # (train.cp_method, extra settings): the ring's two kernels and Ulysses; the sliding case also
 # reads a weighted task (passkey: the answer's share of the loss) beside the text.

@@ -60,3 +60,30 @@ def save_tiny_models(root: Path, *, seq_len: int, max_seq_len: int, lines: int) 
         ),
         "hf": save_tiny_llama(root / "llama"),
     }
+
+
+def tiny_train_settings(steps: int, save_every: int, **extra: str) -> dict[str, str]:
+    """``--set`` overrides for a 2-layer d32 model trained on 32-token sequences, batch 4, no
+    memory, no mixture: what the distributed tests run on one process and on several."""
+    return {
+        "model.d_model": "32",
+        "model.n_layers": "2",
+        "model.n_heads": "2",
+        "model.max_seq_len": "256",
+        "model.memory": "none",
+        "data.mixture": "[]",
+        "train.seq_len": "32",
+        "train.segment_len": "0",
+        "train.curriculum": "",
+        "train.curriculum_steps": "",
+        "train.batch_size": "4",
+        "train.steps": str(steps),
+        "train.save_every": str(save_every),
+        "train.eval_every": "0",
+        "train.log_every": "1",
+        "train.eval_tokens": "256",
+        "train.warmup_steps": "2",
+        "eval.lengths": "32,64",
+        "eval.max_tokens": "256",
+        **extra,
+    }
