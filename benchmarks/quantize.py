@@ -46,7 +46,6 @@ length of the common prefix).
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import statistics
 import sys
@@ -59,7 +58,7 @@ import numpy as np
 import torch
 
 from memext.adapters import HFAdapter, open_model
-from memext.adapters.quantized import linear_root
+from memext.adapters.quantized import calibration_hessians, linear_root
 from memext.evals.stream_text import stream_text
 from memext.nn import quant
 from memext.runtime import resolve_device, write_result
@@ -72,6 +71,8 @@ CONFIGS = (
     "int4",
     "int8-bf16",
     "int4-bf16",
+    "int4-gptq",
+    "int4-gptq-bf16",
     "torchao-int8",
     "torchao-int4",
     "dynamic-int8",
@@ -83,16 +84,24 @@ CONFIGS = (
 
 def quantizable(root: torch.nn.Module) -> list[str]:
     """The linear layers every configuration quantizes: those ``quantize_model`` would."""
-    probe = copy.deepcopy(root)
-    return sorted(quant.quantize_model(probe, "int8")["layers"])
+    return sorted(quant.quantizable(root)[0])
 
 
-def build(config: str, root: torch.nn.Module, names: list[str], group: int) -> dict[str, Any]:
-    """Quantize ``root`` in place as ``config``; what was done (``linear_bytes`` where known)."""
+def build(config: str, adapter: Any, names: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Quantize ``adapter``'s model in place as ``config``; what was done (``linear_bytes``
+    where known)."""
+    root, group = linear_root(adapter), args.group
     if config == "fp32":
         return {"linear_bytes": sum(4 * root.get_submodule(n).weight.numel() for n in names)}
     if config.split("-")[0] in ("int8", "int4") and not config.startswith("torchao"):
-        quant.quantize_model(root, config.split("-")[0], group, skip=_others(root, names))
+        hessians = None
+        if "-gptq" in config:  # calibrated on the train split; bits-per-byte reads held text
+            hessians = calibration_hessians(
+                adapter, names, "stdlib", args.calibration_tokens, args.context
+            )
+        quant.quantize_model(
+            root, config.split("-")[0], group, skip=_others(root, names), hessians=hessians
+        )
         if config.endswith("-bf16"):  # the kernels' fast path: bfloat16 activations
             quant.set_activation_dtype(root, torch.bfloat16)
         return {"linear_bytes": quant.linear_bytes(root)["quantized"]}
@@ -208,7 +217,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             prompt = ids[: args.prompt_tokens].astype(np.int64).tolist()
             ids = ids[args.prompt_tokens :]
         try:
-            info = build(config, root, names, args.group)
+            info = build(config, adapter, names, args)
             started = time.perf_counter()
             bpb = bits_per_byte(adapter, ids, args.context)
             seconds = time.perf_counter() - started
@@ -255,7 +264,8 @@ def targets(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Issue 21's targets for memext's rows: ratio, Δbpb and decode speed against fp32."""
     out = {}
     for config, ratio, dbpb in (("int8", 3.9, 0.01), ("int4", 6.5, 0.05), ("int8-bf16", 3.9, 0.01),
-                                ("int4-bf16", 6.5, 0.05)):  # fmt: skip
+                                ("int4-bf16", 6.5, 0.05), ("int4-gptq", 6.5, 0.05),
+                                ("int4-gptq-bf16", 6.5, 0.05)):  # fmt: skip
         row = rows.get(config)
         if not row or "error" in row:
             continue
@@ -290,6 +300,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", type=Path, required=True, help="Any model memext opens.")
     p.add_argument("--configs", default=",".join(CONFIGS))
     p.add_argument("--group", type=int, default=128, help="int4 group size.")
+    p.add_argument(
+        "--calibration-tokens",
+        type=int,
+        default=8192,
+        help="GPTQ's calibration text (train split).",
+    )
     p.add_argument("--text", default="stdlib", help="Held text: stdlib, a file, dir or glob.")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--context", type=int, default=1024, help="Tokens per scored window.")

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from memext.adapters.base import Reading, files_fingerprint, register_model_kind
@@ -55,14 +56,19 @@ def quantize(
     weights: str = "int8",
     group: int = 128,
     activations: str = "float32",
+    method: str = "rtn",
+    calibration: str = "stdlib",
+    calibration_tokens: int = 8192,
     *,
     device: torch.device | str = "cpu",
     log: Callable[[str], None] = lambda m: None,
 ) -> dict[str, Any]:
     """Quantize the linear layers of the model at ``source`` (any kind ``open_model`` reads)
     with scheme ``weights`` (int4 in groups of ``group``) into the new directory ``out``;
-    returns its metadata. Refused before anything is loaded or written: an unknown scheme, an
-    ``out`` that exists, a model that is already quantized."""
+    returns its metadata. ``method`` "gptq" chooses int4 levels by GPTQ (``memext.nn.gptq``)
+    from ``calibration_tokens`` tokens of ``calibration`` text (``stdlib``: the built-in
+    corpus's train split). Refused before anything is loaded or written: an unknown scheme or
+    method, an ``out`` that exists, a model that is already quantized."""
     from safetensors.torch import save_file
 
     from memext.adapters.open import detect_kind, open_model
@@ -70,6 +76,11 @@ def quantize(
 
     quant.check_scheme(weights, group)
     _check_activations(activations)
+    check_method(method, weights)
+    if method == "gptq" and calibration_tokens < CALIBRATION_CONTEXT:
+        raise ValueError(
+            f"--calibration-tokens {calibration_tokens}: give at least {CALIBRATION_CONTEXT}"
+        )
     out = Path(out)
     if out.exists() or out.is_symlink():
         raise MemextError(f"{str(out)!r} already exists: give a new --out (nothing was written)")
@@ -82,7 +93,15 @@ def quantize(
         )
     adapter = open_model(source, device)
     root = linear_root(adapter)
-    report = quant.quantize_model(root, weights, group, log=log)
+    hessians = None
+    if method == "gptq":
+        names = quant.quantizable(root)[0]
+        log(f"calibrating on {calibration_tokens} tokens of {calibration} ...")
+        hessians = calibration_hessians(
+            adapter, names, calibration, calibration_tokens, CALIBRATION_CONTEXT, log
+        )
+        log(f"GPTQ over {len(names)} layers ...")
+    report = quant.quantize_model(root, weights, group, log=log, hessians=hessians)
     if not report["layers"]:
         raise MemextError(f"{str(source)!r} has no linear layer to quantize")
     tensors = quant.quantized_tensors(root)
@@ -93,6 +112,10 @@ def quantize(
         "weights": weights,
         "group": report["group"],
         "activations": activations,
+        "method": method,
+        "calibration": (
+            {"text": calibration, "tokens": calibration_tokens} if method == "gptq" else None
+        ),
         "base": {"source": _base_source(source, kind), "kind": kind},
         "layers": report["layers"],
         "skipped": report["skipped"],
@@ -105,6 +128,64 @@ def quantize(
     return meta
 
 
+#: What ``--method`` takes: how int4 levels are chosen.
+METHODS = ("rtn", "gptq")
+#: Tokens per calibration window (a forward of the model each).
+CALIBRATION_CONTEXT = 512
+
+
+def check_method(method: str, weights: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if method == "gptq" and weights != "int4":
+        raise ValueError(
+            "--method gptq rounds int4 weights; int8 uses round-to-nearest (its 255 levels leave "
+            "little for GPTQ to recover)"
+        )
+
+
+def calibration_windows(
+    text: str, tok: Any, tokens: int, context: int, log: Callable[[str], None] = print
+) -> np.ndarray:
+    """(windows, context) ids: ``tokens`` tokens of ``text`` in windows spread evenly through it.
+    ``stdlib`` reads the built-in corpus's *train* split (the held-out split stays unseen, so
+    the bits-per-byte measured on it is not fitted to); another text is read whole."""
+    from memext.data.prepare import text_ids
+
+    if tokens < context or context < 2:
+        raise ValueError(f"calibration needs tokens >= context >= 2, got {tokens} and {context}")
+    ids = text_ids(text, tok, log, split="train" if text == "stdlib" else "validation")
+    n = tokens // context
+    if len(ids) < n * context:
+        raise MemextError(
+            f"the calibration text {text!r} has {len(ids)} tokens; {n * context} were asked for"
+        )
+    starts = np.linspace(0, len(ids) - context, n).astype(np.int64)
+    return np.stack([ids[a : a + context] for a in starts]).astype(np.int64)
+
+
+def calibration_hessians(
+    adapter: Any,
+    names: list[str],
+    text: str = "stdlib",
+    tokens: int = 8192,
+    context: int = 512,
+    log: Callable[[str], None] = print,
+) -> dict[str, torch.Tensor]:
+    """The inputs' ``XᵀX`` of each linear layer in ``names`` (``linear_root``'s names) over
+    ``tokens`` tokens of calibration ``text``, read as the adapter reads input."""
+    from memext.nn.gptq import input_hessians
+
+    windows = calibration_windows(text, adapter.tokenizer, tokens, context, log)
+    last = torch.tensor([context - 1])  # the head's output is not needed: one row
+
+    def feed() -> None:
+        for row in windows:
+            adapter.logits(torch.as_tensor(row)[None], positions=last)
+
+    return input_hessians(linear_root(adapter), names, feed)
+
+
 #: What ``--activations`` takes: the dtype the native kernels read the input in.
 ACTIVATIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -115,7 +196,8 @@ def _check_activations(activations: Any) -> None:
 
 
 def describe_scheme(meta: dict[str, Any]) -> str:
-    return meta["weights"] + (f" in groups of {meta['group']}" if meta.get("group") else "")
+    group = f" in groups of {meta['group']}" if meta.get("group") else ""
+    return meta["weights"] + group + (" (GPTQ)" if meta.get("method") == "gptq" else "")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -143,6 +225,7 @@ def _meta_problem(meta: Any) -> str | None:
         return str(e)
     try:
         _check_activations(meta.get("activations", "float32"))
+        check_method(meta.get("method", "rtn"), weights)
     except ValueError as e:
         return str(e)
     base = meta.get("base")
@@ -244,8 +327,8 @@ class QuantizedAdapter:
         return lines
 
     def describe(self) -> dict[str, Any]:
-        scheme = {k: self.meta.get(k) for k in ("weights", "group", "activations", "base",
-                                                 "skipped")}  # fmt: skip
+        scheme = {k: self.meta.get(k) for k in ("weights", "group", "activations", "method",
+                                                 "calibration", "base", "skipped")}  # fmt: skip
         return {**self._base.describe(), "quantized": scheme}
 
     def fingerprint(self) -> str:

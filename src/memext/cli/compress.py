@@ -42,10 +42,28 @@ def compress_quantize(
             "8 significant bits)."
         ),
     ] = default(quantize, "activations"),
+    method: Annotated[
+        str,
+        typer.Option(
+            help="How int4 levels are chosen: rtn (round to nearest) or gptq (each column's "
+            "rounding error moved onto the later columns, weighted by calibration inputs)."
+        ),
+    ] = default(quantize, "method"),
+    calibration: Annotated[
+        str,
+        typer.Option(
+            help="GPTQ's calibration text: stdlib (the built-in corpus's train split), or a "
+            "file, directory or glob."
+        ),
+    ] = default(quantize, "calibration"),
+    calibration_tokens: Annotated[
+        int, typer.Option(help="Tokens of calibration text GPTQ reads.")
+    ] = default(quantize, "calibration_tokens"),
     device: DeviceOpt = "auto",
 ) -> None:
     """Quantize a model's linear layers (weights only) into a directory every model command
-    reads (eval, generate, stream, info); the output head and tied layers stay float32."""
+    reads (eval, generate, stream, info); the output head and tied layers stay float32. int4
+    levels are rounded to nearest, or chosen by GPTQ on calibration text (--method gptq)."""
     from memext.runtime import resolve_device
 
     meta = quantize(
@@ -54,6 +72,9 @@ def compress_quantize(
         weights,
         group,
         activations,
+        method,
+        calibration,
+        calibration_tokens,
         device=resolve_device(device),
         log=lambda m: err.print(m, highlight=False, soft_wrap=True),
     )

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from memext.tokenizer import Tokenizer, encode_documents
+from memext.data.prepare import text_ids
+from memext.tokenizer import Tokenizer
 
 
 def stream_text(
@@ -27,7 +27,7 @@ def stream_text(
         raise ValueError("give at least one text to stream")
     if tokens < 2:
         raise ValueError(f"a stream needs at least 2 tokens, got tokens={tokens}")
-    whole = [_text_ids(t, tok, log) for t in texts]
+    whole = [text_ids(t, tok, log) for t in texts]
     shares = share(tokens, [len(w) for w in whole])
     eod = tok.special_id("<eod>")
     parts, pieces, start = [], [], 0
@@ -51,25 +51,3 @@ def share(total: int, sizes: Sequence[int]) -> list[int]:
         out[i] = min(sizes[i], left // (len(sizes) - rank))
         left -= out[i]
     return out
-
-
-def _text_ids(text: str, tok: Tokenizer, log: Callable[[str], None]) -> np.ndarray:
-    from memext.config import DataConfig
-    from memext.data import prepare_data
-    from memext.data.corpus import read_corpus
-
-    if text == "stdlib":
-        store, _ = prepare_data(DataConfig(corpus="stdlib"), tok, log=log)
-        return np.asarray(store.validation)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        # No held-out share: the text is read whole. With val_percent 0 a corpus of several
-        # files keeps them in path order (the last one as its "validation"); one file is cut
-        # before its last byte, which is joined back here.
-        corpus = read_corpus(text, val_percent=0.0)
-    for w in caught:
-        log(f"warning: {w.message}")
-    docs = [d.data for d in corpus.train + corpus.validation]
-    if len(corpus.train) == 1 and corpus.validation[0].name == corpus.train[0].name + "#validation":
-        docs = [b"".join(docs)]
-    return encode_documents(tok, docs)

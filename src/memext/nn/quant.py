@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -169,14 +169,23 @@ class QuantLinear(nn.Module):
             self._pack_int4()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weights: str, group: int = 128) -> QuantLinear:
+    def from_linear(
+        cls, linear: nn.Linear, weights: str, group: int = 128, hessian: Tensor | None = None
+    ) -> QuantLinear:
+        """``linear`` quantized: round-to-nearest, or for int4 with ``hessian`` (its inputs'
+        ``XᵀX``, ``memext.nn.gptq``) GPTQ's levels."""
         w = linear.weight
         if weights == "int8":
             q, scale = quantize_int8(w)
             tensors = {"q": q, "scale": scale}
         else:
             check_scheme(weights, group)
-            q4, scale, lo = quantize_int4(w, group)
+            if hessian is None:
+                q4, scale, lo = quantize_int4(w, group)
+            else:
+                from memext.nn.gptq import gptq_int4
+
+                q4, scale, lo = gptq_int4(w.detach().cpu(), hessian, group)
             tensors = {"q": pack_nibbles(q4), "scale": scale, "min": lo}
         layer = cls(
             linear.in_features, linear.out_features, weights, tensors, group=group,
@@ -335,33 +344,47 @@ def _skipped(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p) for p in patterns)
 
 
+def quantizable(
+    model: nn.Module, skip: Iterable[str] = DEFAULT_SKIP
+) -> tuple[list[str], dict[str, str]]:
+    """The ``nn.Linear`` layers ``quantize_model`` replaces, and those it keeps (name -> why)."""
+    skip = tuple(skip)
+    tied = tied_linears(model)
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if name in tied:
+            skipped[name] = "tied to another module's weight"
+        elif _skipped(name, skip):
+            skipped[name] = "skipped by name"
+        else:
+            names.append(name)
+    return names, skipped
+
+
 def quantize_model(
     model: nn.Module,
     weights: str = "int8",
     group: int = 128,
     skip: Iterable[str] = DEFAULT_SKIP,
     log: Callable[[str], None] | None = None,
+    hessians: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """Replace every ``nn.Linear`` of ``model`` in place by a ``QuantLinear`` of scheme
     ``weights`` (int4 in groups of ``group`` input columns), except those named by ``skip``
     (fnmatch patterns on a module's full name or its last part: by default the output head) and
-    every layer whose weight is tied to another module. Returns what it did: ``layers`` (name ->
-    {in, out, native}), ``skipped`` (name -> why)."""
+    every layer whose weight is tied to another module. ``hessians`` (layer name -> its inputs'
+    ``XᵀX``, ``memext.nn.gptq.input_hessians``) has int4 layers rounded by GPTQ. Returns what it
+    did: ``layers`` (name -> {in, out, native}), ``skipped`` (name -> why)."""
     check_scheme(weights, group)
-    skip = tuple(skip)
-    tied = tied_linears(model)
+    names, skipped = quantizable(model, skip)
     done: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        if name in tied:
-            skipped[name] = "tied to another module's weight"
-            continue
-        if _skipped(name, skip):
-            skipped[name] = "skipped by name"
-            continue
-        layer = QuantLinear.from_linear(module, weights, group)
+    for name in names:
+        module = model.get_submodule(name)
+        h = hessians.get(name) if hessians is not None else None
+        layer = QuantLinear.from_linear(module, weights, group, h)
         done[name] = {"in": module.in_features, "out": module.out_features,
                       "native": layer.native, **weight_checksum(module)}  # fmt: skip
         replace_module(model, name, layer)
