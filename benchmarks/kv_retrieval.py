@@ -89,6 +89,7 @@ def run_one(model: Any, prompt: str, policy: str, opts: dict, args: argparse.Nam
             cache=policy,
             cache_options=opts,
             chunk=args.chunk,
+            chat=args.chat,
         )
         text = "".join(pieces)
     except ValueError as e:  # e.g. a full cache longer than the model reads
@@ -115,6 +116,13 @@ def main() -> None:
     # 8 cut every answer after its third digit.
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--filler", choices=("classic", "stdlib"), default="classic")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Wrap the prompt in the chat template (default: when the tokenizer has one); "
+        "--no-chat: the prompt as plain text, continued.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")

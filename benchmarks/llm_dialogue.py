@@ -7,8 +7,13 @@ that give other codes of the same form ("my bike lock code is 60412"; none by de
 asks for one fact among filler, and SmolLM2-135M mixes up codes it is shown together), one user
 turn that states the fact ("my locker combination is 48213"), drawn uniformly from the first ``--fact-span`` of the
 dialogue, and a last turn that asks for it. The reader (default SmolLM2-135M-Instruct, greedy,
-chat template) answers from a prompt of at most ``--window`` tokens, framed the same way for both
-(``memext.pipelines.dialogue.reply_prompt``: the transcript, then the question):
+prompt continued as plain text) answers from a prompt of at most ``--window`` tokens, framed the
+same way for both (``memext.pipelines.dialogue.reply_prompt``: the transcript, then the question,
+then "Answer:"). Plain text, not the chat template, because the frame already ends where the
+answer starts: wrapped as a chat turn, SmolLM2-135M often described the chat instead ("The user
+is asking about the bike lock code."). Tuning dialogues, memory reading: seed 2 (40) recalled
+0.80 with the template and 1.00 without; seed 1 (40) 1.00 without (0.95 of 20 with it).
+``--chat`` restores the template:
 
 - ``memory``: ``Conversation``: the turns within ``--recent-tokens`` verbatim, older ones filed
   in a retrieval store (all-MiniLM-L6-v2, hybrid search), and ``reply`` fills the window with the
@@ -357,8 +362,9 @@ def main() -> None:
     p.add_argument(
         "--chat",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="The chat template (default: when the tokenizer has one).",
+        default=False,
+        help="Wrap the prompt in the chat template (default: no, the prompt is continued as "
+        "text; see the module doc).",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
