@@ -306,3 +306,15 @@ def test_config_heads_checks() -> None:
         ModelConfig(n_layers=2, n_heads=4, heads=(2, 3), memory="knn")
     ok = ModelConfig(n_layers=2, n_heads=4, heads=(2, 3), memory="xl", mem_len=8)
     assert ok.layer_heads() == (2, 3) and ok.head_dim == 32
+
+
+def test_the_docs_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    docs = Path(__file__).resolve().parents[1] / "docs" / "compression.md"
+    blocks = re.findall(r"```python\n(.*?)```", docs.read_text(), flags=re.S)
+    mine = [b for b in blocks if "prune_self_attention" in b]
+    assert len(mine) == 1
+    exec(compile(mine[0], str(docs), "exec"), {})
+    printed = capsys.readouterr().out
+    assert "heads kept per layer:" in printed
+    gap = float(re.search(r"max \|pruned - masked\|: (\S+)", printed).group(1))
+    assert gap <= 1e-5, printed
