@@ -12,7 +12,9 @@ Steps (every one through memext's own code):
 2. **Prune** ``--heads`` of the heads with ``memext.adapters.prune`` (the command ``memext
    compress prune``): importance on the first ``--batches`` x ``--seq-len`` tokens of the run's
    validation text into ``--work/pruned``; the same, plus ``--recover-steps`` (default 5% of the
-   base's steps) of recovery through ``memext.train``, into ``--work/recovered``.
+   base's steps) of recovery through ``memext.train`` on ``--recover-data`` (default
+   ``corpus``: the text alone; ``mixture`` adds the config's passkey batches, which cost the
+   text bpb in a short recovery), into ``--work/recovered``.
 3. **Bits-per-byte** of base, pruned, recovered and ``continued`` (the control: the unpruned
    base trained the same recovery steps the same way, since a briefly trained base still
    improves with any training) on ``--eval-tokens`` tokens of the
@@ -110,13 +112,13 @@ def train_base(args: argparse.Namespace, out: Path) -> Config:
     return cfg
 
 
-def continue_base(base: Path, out: Path, steps: int, lr: float | None) -> None:
+def continue_base(base: Path, out: Path, steps: int, lr: float | None, data: str) -> None:
     """The unpruned base fine-tuned exactly as the recovery fine-tunes the pruned one."""
     from memext import checkpoint as ckpt
     from memext.adapters.pruned import recovery_config
     from memext.train import train
 
-    cfg = recovery_config(ckpt.load_config(base), steps, lr)
+    cfg = recovery_config(ckpt.load_config(base), steps, lr, data)
     train(cfg, out, progress=False, log=lambda m: None, init_from=base / ckpt.WEIGHTS)
 
 
@@ -134,10 +136,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = work / name
         if not out.exists():
             made[name] = prune(work / "base", out, args.heads, recover_steps=steps,
-                               recover_lr=args.recover_lr, **scoring)  # fmt: skip
+                               recover_lr=args.recover_lr, recover_data=args.recover_data,
+                               **scoring)  # fmt: skip
     continued = work / "continued"
     if not continued.exists():  # the control: the unpruned base trained the same extra steps
-        continue_base(work / "base", continued, recover, args.recover_lr)
+        continue_base(work / "base", continued, recover, args.recover_lr, args.recover_data)
     names = ("base", "continued", "pruned", "recovered")
     adapters = {name: open_model(work / name) for name in names}
     skip = args.batches * args.seq_len + 1
@@ -159,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows["continued"]["steps"] = recover
     rows["recovered"]["recover_steps"] = recover
     rows["recovered"]["recover_share"] = recover / cfg.train.steps
+    rows["recovered"]["recover_data"] = args.recover_data
 
     x = torch.as_tensor(np.asarray(adapters["base"].validation()[0])[: args.length].astype(np.int64))[None]  # fmt: skip
     timed = {"base": adapters["base"].model.eval(), "pruned": adapters["pruned"].model.eval()}
@@ -253,6 +257,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=float, default=0.25)
     p.add_argument("--recover-steps", type=int, default=None, help="Default: 5%% of --steps.")
     p.add_argument("--recover-lr", type=float, default=None)
+    p.add_argument("--recover-data", default="corpus", help="mixture or corpus (the text alone).")
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=32768)

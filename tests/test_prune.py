@@ -245,11 +245,16 @@ def test_recovery_trains_the_pruned_run(models: dict[str, Path], tmp_path: Path)
     plain, recovered = tmp_path / "p", tmp_path / "r"
     _prune(models["memext"], plain, "--heads", "0.25")
     said = _prune(models["memext"], recovered, "--heads", "0.25", "--recover-steps", "2",
-                  "--recover-lr", "0.01")  # fmt: skip
+                  "--recover-lr", "0.01", "--recover-data", "corpus")  # fmt: skip
     assert "recovered 2 steps" in said, said
     a, b = open_model(plain), open_model(recovered)
     assert a.cfg.model.heads == b.cfg.model.heads
-    assert json.loads((recovered / RECORD).read_text())["recover"] == {"steps": 2, "lr": 0.01}
+    assert json.loads((recovered / RECORD).read_text())["recover"] == {
+        "steps": 2,
+        "lr": 0.01,
+        "data": "corpus",
+    }
+    assert ckpt.load_config(recovered).data.mixture == ()
     moved = [
         float((p - q).detach().abs().max())
         for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True)
@@ -273,6 +278,7 @@ def test_bad_input_is_one_line_and_writes_nothing(models: dict[str, Path], tmp_p
         _fails([*prune, "--heads", "0.9"], "leaves 0 heads in some layer")
         _fails([*prune, "--heads", "0.01"], "removes none")
         _fails([*prune, "--seq-len", "1"], "--seq-len 1")
+        _fails([*prune, "--recover-data", "tasks"], "--recover-data 'tasks'")
         _fails([*prune, "--text", str(tmp_path / "missing.txt")], "cannot be read")
     assert not out.exists()
     hf = ["compress", "prune", str(models["hf"]), "--out", str(out), "--device", "cpu"]

@@ -53,6 +53,7 @@ def prune(
     text: str | Path | None = None,
     recover_steps: int = 0,
     recover_lr: float | None = None,
+    recover_data: str = "mixture",
     device: torch.device | str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] = lambda m: None,
@@ -61,7 +62,8 @@ def prune(
     into the new directory ``out``, scored on ``batches`` sequences of ``seq_len`` tokens of
     ``text`` (a file; default: the model's validation text); returns the record of what was
     kept. ``recover_steps`` (memext runs): fine-tune the pruned run that many steps on its own
-    training data at ``recover_lr`` (default: the run's final rate, lr * min_lr_ratio)."""
+    training data (``recover_data``: ``mixture``, the run's ``data.mixture``; ``corpus``, its
+    corpus text alone) at ``recover_lr`` (default: the run's final rate, lr * min_lr_ratio)."""
     from memext.adapters.open import detect_kind, open_model
 
     _check_fraction(heads)
@@ -72,6 +74,10 @@ def prune(
             )
     if not isinstance(recover_steps, int) or recover_steps < 0:
         raise MemextError(f"--recover-steps {recover_steps!r}: expected an integer >= 0")
+    if recover_data not in RECOVER_DATA:
+        raise MemextError(
+            f"--recover-data {recover_data!r}: expected one of {', '.join(RECOVER_DATA)}"
+        )
     if recover_lr is not None and not (math.isfinite(recover_lr) and recover_lr > 0):
         raise MemextError(f"--recover-lr {recover_lr}: expected a number > 0")
     out = Path(out)
@@ -123,8 +129,8 @@ def prune(
         },
     }
     if kind == "memext":
-        _write_run(source, out, model, adapter.cfg, keep, record, recover_steps, recover_lr,
-                   device, progress, log)  # fmt: skip
+        recover = {"steps": recover_steps, "lr": recover_lr, "data": recover_data}
+        _write_run(source, out, model, adapter.cfg, keep, record, recover, device, progress, log)
     else:
         _write_pruned(source, kind, out, model, record)
     return record
@@ -201,7 +207,7 @@ def _loss(model: torch.nn.Module, kind: str) -> Callable[[torch.Tensor], torch.T
     return loss
 
 
-def _write_run(source, out, model, cfg, keep, record, steps, lr, device, progress, log) -> None:
+def _write_run(source, out, model, cfg, keep, record, recover, device, progress, log) -> None:
     """The pruned run: its config with ``model.heads``, the cut weights, the tokenizer (and
     ``steps`` of recovery training through ``memext.train`` when asked)."""
     import shutil
@@ -215,11 +221,11 @@ def _write_run(source, out, model, cfg, keep, record, steps, lr, device, progres
         cfg, model=dataclasses.replace(cfg.model, heads=tuple(len(g) for g in keep))
     )
     record = {**record, "base": {"source": str(Path(source).resolve()), "kind": "memext"}}
-    if steps:
+    if recover["steps"]:
         from memext.train import train
 
-        new = recovery_config(new, steps, lr)
-        record["recover"] = {"steps": steps, "lr": new.train.lr}
+        new = recovery_config(new, recover["steps"], recover["lr"], recover["data"])
+        record["recover"] = {**recover, "lr": new.train.lr}
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / ckpt.WEIGHTS
             ckpt.save_weights(model, weights, {"step": "0"})
@@ -234,9 +240,14 @@ def _write_run(source, out, model, cfg, keep, record, steps, lr, device, progres
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
-def recovery_config(cfg: Any, steps: int, lr: float | None = None) -> Any:
+#: What a recovery fine-tune reads: the run's whole ``data.mixture``, or its corpus alone.
+RECOVER_DATA = ("mixture", "corpus")
+
+
+def recovery_config(cfg: Any, steps: int, lr: float | None = None, data: str = "mixture") -> Any:
     """``cfg`` set to fine-tune ``steps`` steps at its final length and tokens per step, at
-    ``lr`` (default: the run's final rate, lr * min_lr_ratio), no curriculum or evaluation."""
+    ``lr`` (default: the run's final rate, lr * min_lr_ratio), no curriculum or evaluation, on
+    ``data`` (``RECOVER_DATA``)."""
     from memext.curriculum import trained_length
 
     t = cfg.train
@@ -255,7 +266,12 @@ def recovery_config(cfg: Any, steps: int, lr: float | None = None) -> Any:
         save_every=steps,
         context_parallel=1,
     )
-    return dataclasses.replace(cfg, train=train)
+    # A fresh optimizer's first steps on synthetic tasks can cost text quality that a short
+    # recovery does not win back (docs/compression.md): "corpus" reads the text alone.
+    mixture = cfg.data.mixture if data == "mixture" else ()
+    return dataclasses.replace(
+        cfg, train=train, data=dataclasses.replace(cfg.data, mixture=mixture)
+    )
 
 
 def _base_checksums(lm: torch.nn.Module) -> list[dict[str, float]]:

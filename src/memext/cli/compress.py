@@ -114,6 +114,13 @@ def compress_prune(
         float | None,
         typer.Option(help="Learning rate of the recovery (default: the run's final rate)."),
     ] = None,
+    recover_data: Annotated[
+        str,
+        typer.Option(
+            help="What the recovery reads: mixture (the run's data.mixture) or corpus (its "
+            "corpus text alone)."
+        ),
+    ] = default(prune, "recover_data"),
     device: DeviceOpt = "auto",
 ) -> None:
     """Remove the least important attention heads (gradient x activation of a head gate on
@@ -130,6 +137,7 @@ def compress_prune(
         text=text,
         recover_steps=recover_steps,
         recover_lr=recover_lr,
+        recover_data=recover_data,
         device=resolve_device(device),
         progress=recover_steps > 0,
         log=lambda m: err.print(m, highlight=False, soft_wrap=True),
