@@ -52,6 +52,12 @@ class ModelConfig:
     d_model: int = doc(128, "Width of the residual stream.")
     n_layers: int = doc(4, "Number of Transformer blocks.")
     n_heads: int = doc(4, "Attention heads; d_model must be divisible by n_heads.")
+    heads: tuple[int, ...] = doc(
+        (),
+        "Attention heads each layer keeps after head pruning (`memext compress prune`), one "
+        "count per layer, each 1..n_heads; () = n_heads in every layer. head_dim stays "
+        "d_model / n_heads.",
+    )
     d_ff: int = doc(
         0, "Hidden width of the SwiGLU feed-forward; 0 = 8/3 * d_model rounded up to 64."
     )
@@ -207,6 +213,32 @@ class ModelConfig:
             )
         _check_choice("model", self, "arch")
         self._check_seq2seq()
+        self._check_heads()
+
+    def _check_heads(self) -> None:
+        if not self.heads:
+            return
+        if len(self.heads) != self.n_layers or not all(1 <= h <= self.n_heads for h in self.heads):
+            _fail(
+                "model",
+                "heads",
+                list(self.heads),
+                f"{self.n_layers} counts (one per layer), each in 1..n_heads={self.n_heads}",
+            )
+        if self.arch != "transformer":
+            _fail("model", "arch", self.arch, "'transformer' with pruned heads (model.heads)")
+        if not MEMORY[self.memory].prunable:
+            able = ", ".join(n for n in MEMORY if MEMORY[n].prunable)
+            _fail(
+                "model",
+                "memory",
+                self.memory,
+                f"one whose state is not shaped by n_heads with pruned heads: {able}",
+            )
+
+    def layer_heads(self) -> tuple[int, ...]:
+        """The attention heads of each layer: ``heads``, or n_heads in every layer."""
+        return self.heads or (self.n_heads,) * self.n_layers
 
     def _check_seq2seq(self) -> None:
         if self.encoder_layers < 0:
@@ -568,6 +600,8 @@ class Config:
         why = f"with train.context_parallel={n}"
         if m.arch != "transformer":
             _fail("model", "arch", m.arch, f"'transformer' {why}")
+        if m.heads:
+            _fail("model", "heads", list(m.heads), f"() (no pruned heads) {why}")
         if m.memory != "none":
             _fail(
                 "model",

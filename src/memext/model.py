@@ -30,15 +30,16 @@ def build_model(cfg: ModelConfig, seed: int | None = 0) -> LongLM:
         Block(
             SelfAttention(
                 cfg.d_model,
-                cfg.n_heads,
+                heads,
                 build_attention(cfg.attention, settings),
                 cfg.dropout,
+                head_dim=cfg.head_dim,
             ),
             SwiGLU(cfg.d_model, cfg.ffn_hidden, cfg.dropout, chunk=cfg.ff_chunk),
             cfg.d_model,
             cfg.norm_eps,
         )
-        for _ in range(cfg.n_layers)
+        for heads in cfg.layer_heads()
     ]
     model = LongLM(
         embed=nn.Embedding(cfg.vocab_size, cfg.d_model),

@@ -35,7 +35,8 @@ classify_app = typer.Typer(
 )
 app.add_typer(classify_app, name="classify")
 compress_app = typer.Typer(
-    help="Make a model smaller: weight-only quantization (int8, int4).", no_args_is_help=True
+    help="Make a model smaller: weight-only quantization (int8, int4), attention-head pruning.",
+    no_args_is_help=True,
 )
 app.add_typer(compress_app, name="compress")
 
@@ -57,6 +58,7 @@ classify_app.command("train")(classify.classify_train)
 classify_app.command("eval")(classify.classify_eval)
 classify_app.command("predict")(classify.classify_predict)
 compress_app.command("quantize")(compress.compress_quantize)
+compress_app.command("prune")(compress.compress_prune)
 
 
 def version_callback(value: bool) -> None:

@@ -72,7 +72,7 @@ and the sinks' rotation table (2·(s + w - 1 + T)·D·4 bytes).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -84,6 +84,19 @@ from memext.nn.rotary import apply_rotary
 from memext.registry import Registry
 
 Rotation = Callable[..., tuple[Tensor, Tensor]]
+
+
+#: Heads per layer: one count for every layer, or one per layer (a model whose heads were pruned).
+Heads = int | Sequence[int]
+
+
+def layer_heads(n_heads: Heads, n_layers: int) -> list[int]:
+    """``n_heads`` as one count per layer."""
+    if isinstance(n_heads, int):
+        return [n_heads] * n_layers
+    if len(n_heads) != n_layers:
+        raise ValueError(f"{len(n_heads)} head counts for {n_layers} layers")
+    return list(n_heads)
 
 
 @dataclass(frozen=True)
@@ -122,7 +135,7 @@ class CachePolicy:
         self,
         n_layers: int,
         batch: int,
-        n_heads: int,
+        n_heads: Heads,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -130,7 +143,8 @@ class CachePolicy:
         """memext's cache under this policy for a model of this shape, allocated up front."""
         lay = self.layout()
         layers = [
-            make_kv_layer(batch, n_heads, head_dim, lay, dtype, device) for _ in range(n_layers)
+            make_kv_layer(batch, h, head_dim, lay, dtype, device)
+            for h in layer_heads(n_heads, n_layers)
         ]
         return KeptCache(layers, lay.sinks, lay.window, lay.max_len, self.rotation(), device)
 
@@ -148,7 +162,7 @@ def build_cache(
     name: str,
     n_layers: int,
     batch: int,
-    n_heads: int,
+    n_heads: Heads,
     head_dim: int,
     *,
     dtype: torch.dtype = torch.float32,
@@ -198,7 +212,7 @@ class Full(CachePolicy):
         self,
         n_layers: int,
         batch: int,
-        n_heads: int,
+        n_heads: Heads,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -208,7 +222,8 @@ class Full(CachePolicy):
 
 class FullCache:
     """Keeps every key and value, preallocated to ``max_len`` positions: one slice per read, no
-    copy (a ``KeptCache`` of the same layout would concatenate its store on every call)."""
+    copy (a ``KeptCache`` of the same layout would concatenate its store on every call). One
+    buffer a layer, since layers whose heads were pruned hold fewer heads."""
 
     unbounded = False
 
@@ -216,30 +231,30 @@ class FullCache:
         self,
         n_layers: int,
         batch: int,
-        n_heads: int,
+        n_heads: Heads,
         head_dim: int,
         max_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ):
-        shape = (n_layers, batch, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shapes = [(batch, h, max_len, head_dim) for h in layer_heads(n_heads, n_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.max_len = max_len
         self.seq_len = 0
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         end = self.seq_len + k.shape[-2]
         _check_fits(end, self.max_len)
-        self.k[layer, :, :, self.seq_len : end] = k
-        self.v[layer, :, :, self.seq_len : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.seq_len : end] = k
+        self.v[layer][:, :, self.seq_len : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def advance(self, t: int) -> None:
         self.seq_len += t
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
 
 def kept(pos: int, sinks: int, window: int | None) -> tuple[int, int]:

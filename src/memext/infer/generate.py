@@ -32,7 +32,7 @@ def new_state(
         cache,
         len(model.blocks),
         batch,
-        attn.n_heads,
+        [block.attn.n_heads for block in model.blocks],  # per layer: pruned layers hold fewer
         attn.head_dim,
         dtype=p.dtype,
         device=p.device,

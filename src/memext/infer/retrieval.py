@@ -66,14 +66,21 @@ import shutil
 import tempfile
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from memext.infer.cache import CachePolicy, Rotation, _check_positive, _need_rotary, register_cache
+from memext.infer.cache import (
+    CachePolicy,
+    Rotation,
+    _check_positive,
+    _need_rotary,
+    layer_heads,
+    register_cache,
+)
 from memext.nn.rotary import apply_rotary
 
 #: Queries per piece when scoring local tokens (bounds that step's scores to piece x local).
@@ -213,7 +220,7 @@ class Retrieval(CachePolicy):
         self,
         n_layers: int,
         batch: int,
-        n_heads: int,
+        n_heads: int | Sequence[int],
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
@@ -222,8 +229,8 @@ class Retrieval(CachePolicy):
 
         cos_sin = Rotations(lambda positions: rotary(positions, seq_len=len(positions)), device)
         layers = [
-            self.make_layer(batch, n_heads, head_dim, dtype, device, cos_sin)
-            for _ in range(n_layers)
+            self.make_layer(batch, h, head_dim, dtype, device, cos_sin)
+            for h in layer_heads(n_heads, n_layers)
         ]
         return RetrievalCache(self, layers)
 

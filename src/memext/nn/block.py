@@ -26,15 +26,20 @@ class SelfAttention(nn.Module):
         kernel: AttentionKernel,
         dropout: float = 0.0,
         causal: bool = True,
+        head_dim: int | None = None,
     ):
+        """``head_dim``: default d_model // n_heads; a layer whose heads were pruned keeps the
+        original head_dim with fewer heads (its projections are n_heads * head_dim wide)."""
         super().__init__()
         # False in an encoder: every position sees the keys the kernel's pattern allows on both
         # sides. A KV cache (decoding) needs causal attention.
         self.causal = causal
         self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
-        self.out = nn.Linear(d_model, d_model, bias=False)
+        self.head_dim = head_dim or d_model // n_heads
+        width = n_heads * self.head_dim
+        # qkv's rows are [q of each head | k of each head | v of each head], head_dim rows a head.
+        self.qkv = nn.Linear(d_model, 3 * width, bias=False)
+        self.out = nn.Linear(width, d_model, bias=False)
         self.kernel = kernel
         self.dropout = nn.Dropout(dropout)
 

@@ -65,6 +65,10 @@ class Memory(nn.Module):
     #: False when the model's position limit applies to the whole stream (no memory), True when
     #: only one call's length is limited (the stream is read in segments).
     unbounded = False
+    #: False when the memory's parameters or state are shaped by the full head count (a
+    #: per-head gate, a convolution over all heads' features), so layers whose heads were
+    #: pruned (``model.heads``) cannot use it.
+    prunable = True
 
     def init(self, batch: int, device: torch.device, dtype: torch.dtype) -> MemoryState:
         return {}

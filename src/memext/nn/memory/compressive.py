@@ -41,6 +41,9 @@ class CompressiveMemory(XLMemory):
     """XL memory plus ``cmem_len`` compressed slots per layer, each summarising ``cmem_rate``
     evicted memories by a learned strided convolution (``"conv"``) or their mean (``"mean"``)."""
 
+    # Its convolution compresses all heads' features at once (n_heads * head_dim wide).
+    prunable = False
+
     def __init__(
         self,
         d_model: int,

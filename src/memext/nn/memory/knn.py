@@ -124,6 +124,9 @@ def knn_attention(
 class KNNMemory(XLMemory):
     """``xl`` in every layer, plus kNN retrieval from all past keys in ``knn_layer``."""
 
+    # Its gate mixes memory and local attention per head of the full count.
+    prunable = False
+
     def __init__(
         self,
         n_layers: int,
