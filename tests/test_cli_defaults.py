@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import typer
 
+from memext.adapters.pruned import prune
 from memext.adapters.quantized import quantize
 from memext.bench.attention import measure, train_tokens_per_s
 from memext.bench.peers import Shape
@@ -45,6 +46,7 @@ DRIVES: dict[str, tuple[Callable[..., Any], ...]] = {
     "classify eval": (read_documents, load_classifier),
     "classify predict": (read_documents, load_classifier),
     "compress quantize": (quantize,),
+    "compress prune": (prune,),
 }
 
 # (command, option) -> why the command's default differs from the library's.
