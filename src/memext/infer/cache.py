@@ -90,13 +90,17 @@ Rotation = Callable[..., tuple[Tensor, Tensor]]
 class Layout:
     """What one layer keeps: the first ``sinks`` tokens, then the newest ``window - 1`` (every
     token, up to ``max_len``, when ``window`` is None), in full precision or int8 by
-    ``quantize`` ("token" or "channel", in groups of ``group`` tokens)."""
+    ``quantize`` ("token" or "channel", in groups of ``group`` tokens), or in the storage
+    ``store(batch, n_heads, head_dim, capacity, dtype, device)`` makes (a policy with a store of
+    its own, ``kivi``): an object with ``write``, ``read`` and ``nbytes`` as in
+    ``memext.infer.kv_store``."""
 
     sinks: int = 0
     window: int | None = None
     max_len: int | None = None
     quantize: str | None = None
     group: int = 32
+    store: Callable[..., Any] | None = None
 
 
 class CachePolicy:
@@ -321,8 +325,10 @@ def make_kv_layer(
     sinks, window = layout.sinks, layout.window
     capacity = layout.max_len if window is None else window - 1
     shape = (batch, n_heads, head_dim, capacity)
-    if layout.quantize == "channel":
-        recent: Any = ChannelGroups(*shape, layout.group, dtype, device)
+    if layout.store is not None:
+        recent: Any = layout.store(*shape, dtype, device)
+    elif layout.quantize == "channel":
+        recent = ChannelGroups(*shape, layout.group, dtype, device)
     elif layout.quantize == "token":
         recent = Int8Ring(*shape, dtype, device)
     else:
