@@ -97,7 +97,9 @@ def _naive_keep(scores: Tensor, p: int, budget: int, window: int, sinks: int) ->
 
 def _check_kept(index: Tensor, naive: list) -> None:
     """``index`` (B, H, budget) is the naive selection, or a tied alternative at the cut."""
-    for got, (want, gap, row) in zip(index.reshape(-1, index.shape[-1]).tolist(), naive):
+    for got, (want, gap, row) in zip(
+        index.reshape(-1, index.shape[-1]).tolist(), naive, strict=True
+    ):
         if gap > TIE:
             assert got == want
         else:  # any choice among the tied is right: the same size, nothing better left out

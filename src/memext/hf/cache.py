@@ -362,7 +362,8 @@ class PolicyCache(Cache):
             self.policy, self.sinks, self.window = cache, 0, None  # no band
             return
         layout = policy.layout()
-        inv_freq = _inv_freq(config) if layout.sinks else None
+        # Sinks are re-rotated only when tokens after them are evicted (a window).
+        inv_freq = _inv_freq(config) if layout.sinks and layout.window is not None else None
         super().__init__(layers=[PolicyLayer(layout, inv_freq) for _ in range(n)])
         self.policy, self.sinks, self.window = cache, layout.sinks, layout.window
 

@@ -2,9 +2,12 @@
 residual of the newest tokens (KIVI, Liu et al. 2024).
 
 Every token up to ``max_len`` is kept, as in ``full``; what changes is how. With s = ``sinks``
-(0 by default), G = ``group``, R = ``residual`` and b = ``bits``:
+(4 by default), G = ``group``, R = ``residual`` and b = ``bits``:
 
-- The first s tokens stay in full precision (optional: StreamingLLM's attention sinks).
+- The first s tokens stay in full precision: StreamingLLM's attention sinks, which draw much of
+  the attention. KIVI itself has none; on SmolLM2 over 1,024 tokens of text (chunk 128) the
+  perplexity change at 2 bits was +30% with s = 0 and +7.9% with s = 4 (``sinks=0`` gives
+  KIVI as published).
 - The newest tokens stay in full precision, between R - G + 1 and R of them: quantization works
   on whole groups of G tokens (counted from token s), and a group is quantized as soon as the
   full-precision part would otherwise pass R tokens. So R >= G - 1, the most tokens an
@@ -35,8 +38,8 @@ m = D / ``value_group`` value groups per token, n = ⌈max(M - s - R, 0) / G⌉ 
 
 Per quantized token per head per layer that is 2·c + 8·D/G + 8·m bytes against 2·D·4 in fp32:
 at D = 64, b = 2, G = 32, m = 1, 56 bytes against 512 (0.109); the residual adds R·2·D·e once.
-At M = 4096, s = 0, R = 128: 287,744 bytes against 2,097,152, **0.137× fp32** per head per
-layer (SmolLM2's head_dim is 64); at M = 2048 0.165×, at 16k 0.116×.
+At M = 4096, s = 4, R = 128: 289,792 bytes against 2,097,152, **0.138× fp32** per head per
+layer (SmolLM2's head_dim is 64); at M = 2048 0.167×, at 16k 0.117×.
 """
 
 from __future__ import annotations
@@ -236,7 +239,7 @@ class Kivi(CachePolicy):
         group: int = GROUP,
         residual: int = 128,
         value_group: int | None = None,
-        sinks: int = 0,
+        sinks: int = 4,
     ) -> None:
         _check_positive(max_len=max_len, group=group)
         if bits not in BITS:
