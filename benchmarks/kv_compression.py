@@ -61,6 +61,7 @@ def shape(model: Any) -> tuple[int, int, int, int]:
 
 def kivi_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {"bits": args.bits, "group": args.group, "residual": args.residual}
+    options["sinks"] = args.kivi_sinks
     return options | ({"value_group": args.value_group} if args.value_group else {})
 
 
@@ -213,6 +214,7 @@ def main() -> None:
     p.add_argument("--group", type=int, default=32)
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--value-group", type=int, default=0, help="0: all of head_dim")
+    p.add_argument("--kivi-sinks", type=int, default=4)
     p.add_argument("--kivi-length", type=int, default=2048)
     p.add_argument("--snap-length", type=int, default=4096)
     p.add_argument("--budget", type=float, default=0.2, help="snapkv/sinks: prompt fraction")
