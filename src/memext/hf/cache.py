@@ -34,6 +34,13 @@ chunk's keys sit at their true positions and everything before them contiguously
 (sinks, retrieved blocks, local part): every query-key distance is the one memext's cache gives
 at cache positions. The mask is plain causal over the keys returned (no band), so
 ``model.generate`` over a long prompt reads what a chunked ``prefill`` reads.
+
+``kivi`` is a layout with a store of its own (``memext.infer.kivi``) and runs in ``PolicyLayer``
+like ``quantized``. ``snapkv`` (``memext.infer.snapkv``) reads queries too, so it needs
+``attach`` as retrieval does; its keys stay at their true positions, so only the queries are
+rotated (at their positions, with transformers' angles) for the prompt's vote, and
+``get_mask_sizes`` tells transformers, before the first decoded token, how many keys the cut
+prompt leaves.
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from memext.hf.model import cache_kwargs
 from memext.infer.cache import CACHES, KVLayer, Layout, band_mask, kept, make_kv_layer
 from memext.infer.prefill import prompt_tail, spans
 from memext.infer.retrieval import Retrieval, RetrievalLayer, Rotations
+from memext.infer.snapkv import SnapKV, SnapLayer
 from memext.nn.rotary import apply_rotary
 
 # Rope types whose frequencies change with the sequence length: a fixed re-rotation is wrong.
@@ -76,15 +84,15 @@ def _inv_freq(config: Any) -> Tensor:
     return ROPE_INIT_FUNCTIONS[rope_type](config)[0].double()
 
 
-def _inv_freq32(config: Any) -> Tensor:
+def _inv_freq32(config: Any, who: str = "the retrieval cache re-rotates keys") -> Tensor:
     """The inverse frequencies exactly as transformers computes them (fp32), so that keys it
-    rotated can be un-rotated with the same angles."""
+    rotated can be un-rotated with the same angles (or queries rotated as it rotates them)."""
     params = getattr(config, "rope_parameters", None) or {}
     rope_type = params.get("rope_type", "default")
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         raise ValueError(
-            f"the retrieval cache re-rotates keys at fixed angles; rope_type {rope_type!r} "
-            "changes its frequencies with the length"
+            f"{who} at fixed angles; rope_type {rope_type!r} changes its frequencies with the "
+            "length"
         )
     if rope_type == "default":
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -244,6 +252,70 @@ class RetrievalPolicyLayer(CacheLayerMixin):
     reorder_cache = crop = batch_repeat_interleave = batch_select_indices = PolicyLayer._refuse
 
 
+class SnapPolicyLayer(CacheLayerMixin):
+    """One decoder layer's cache under the ``snapkv`` policy (``memext.infer.snapkv``): keys
+    come in rotated at their true positions and are kept so; the queries of each forward arrive
+    through the hook ``PolicyCache.attach`` installs, before rotary, and are rotated here at
+    their positions (as transformers rotates them) for the prompt's vote."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, policy: SnapKV, rotations: Rotations):
+        super().__init__()
+        self.policy, self.cos_sin = policy, rotations
+        self.kv: SnapLayer | None = None
+        self.queries: Tensor | None = None
+        self.cumulative_length = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        batch, heads, _, dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.cos_sin.device = self.device
+        self.kv = self.policy.make_layer(batch, heads, dim, self.dtype, self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        queries, self.queries = self.queries, None
+        start, t = self.cumulative_length, key_states.shape[-2]
+        if queries is None or queries.shape[-2] != t:
+            raise ValueError(
+                "the snapkv cache votes with the prompt's last queries, which transformers "
+                "does not hand a cache: call cache.attach(model) before generate or a forward "
+                "(memext.hf.cache.prefill does)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cos, sin = self.cos_sin(start, start + t)
+        rotated = apply_rotary(queries.to(key_states.dtype), cos, sin)
+        keys, values = self.kv.step(start, key_states, value_states, rotated)
+        self.cumulative_length += t
+        return keys, values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The kept keys sit contiguously before the queries; a first single token finds the
+        # prompt already cut.
+        held = self.kv.held_after(query_length) if self.kv is not None else 0
+        return held + query_length, self.cumulative_length - held
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return self.policy.max_len
+
+    def reset(self) -> None:
+        self.kv, self.is_initialized, self.cumulative_length = None, False, 0
+        self.queries = None
+
+    def nbytes(self) -> int:
+        return self.kv.nbytes() if self.kv is not None else 0
+
+    reorder_cache = crop = batch_repeat_interleave = batch_select_indices = PolicyLayer._refuse
+
+
 def hf_rotations(inv_freq: Tensor, device: Any = "cpu") -> Rotations:
     """(cos, sin) at positions [start, stop) as transformers' rotary computes them (fp32 angles,
     no attention factor), shared by the layers of a cache."""
@@ -284,8 +356,14 @@ class PolicyCache(Cache):
             super().__init__(layers=[RetrievalPolicyLayer(policy, rotations) for _ in range(n)])
             self.policy, self.sinks, self.window = cache, policy.sinks, None
             return
+        if isinstance(policy, SnapKV):
+            rotations = hf_rotations(_inv_freq32(config, "the snapkv cache rotates queries"))
+            super().__init__(layers=[SnapPolicyLayer(policy, rotations) for _ in range(n)])
+            self.policy, self.sinks, self.window = cache, 0, None  # no band
+            return
         layout = policy.layout()
-        inv_freq = _inv_freq(config) if layout.sinks else None
+        # Sinks are re-rotated only when tokens after them are evicted (a window).
+        inv_freq = _inv_freq(config) if layout.sinks and layout.window is not None else None
         super().__init__(layers=[PolicyLayer(layout, inv_freq) for _ in range(n)])
         self.policy, self.sinks, self.window = cache, layout.sinks, layout.window
 

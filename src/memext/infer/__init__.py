@@ -1,4 +1,4 @@
 """Inference: KV caches and generation."""
 
 # Cache policies in their own modules register themselves on import.
-from memext.infer import retrieval  # noqa: F401
+from memext.infer import kivi, retrieval, snapkv  # noqa: F401

@@ -45,6 +45,12 @@ the same options. A new policy is a ``CachePolicy`` subclass with ``@register_ca
   ``rotary``; module ``memext.infer.retrieval``): InfLLM-style memory. Sinks, a local window, and
   evicted tokens stored in blocks with representative keys; each chunk brings back the ``topk``
   blocks its queries match best, at cache positions. Bytes and positions: that module's doc.
+- ``kivi`` (``max_len``, ``bits``, ``group``, ``residual``, ``value_group``, ``sinks``; module
+  ``memext.infer.kivi``): every token, old ones in 2-bit codes (keys per channel over groups of
+  tokens, values per token), the newest in a full-precision residual. Bytes: that module's doc.
+- ``snapkv`` (``budget``, ``window``, ``kernel``, ``sinks``, ``pool``, ``max_len``; module
+  ``memext.infer.snapkv``): the prompt in full; when it ends (the first one-token forward) its
+  last queries vote which ``budget`` prompt tokens each KV head keeps. Bytes: that module's doc.
 - ``quantized`` (``policy`` = full | window | sinks, their options, ``axis``, ``group`` = G):
   the same policies over int8 storage (``memext.infer.kv_store``), symmetric absmax, so every
   stored element is within scale / 2 of what was written. ``axis="token"``: one fp32 scale per
@@ -103,13 +109,17 @@ def layer_heads(n_heads: Heads, n_layers: int) -> list[int]:
 class Layout:
     """What one layer keeps: the first ``sinks`` tokens, then the newest ``window - 1`` (every
     token, up to ``max_len``, when ``window`` is None), in full precision or int8 by
-    ``quantize`` ("token" or "channel", in groups of ``group`` tokens)."""
+    ``quantize`` ("token" or "channel", in groups of ``group`` tokens), or in the storage
+    ``store(batch, n_heads, head_dim, capacity, dtype, device)`` makes (a policy with a store of
+    its own, ``kivi``): an object with ``write``, ``read`` and ``nbytes`` as in
+    ``memext.infer.kv_store``."""
 
     sinks: int = 0
     window: int | None = None
     max_len: int | None = None
     quantize: str | None = None
     group: int = 32
+    store: Callable[..., Any] | None = None
 
 
 class CachePolicy:
@@ -336,8 +346,10 @@ def make_kv_layer(
     sinks, window = layout.sinks, layout.window
     capacity = layout.max_len if window is None else window - 1
     shape = (batch, n_heads, head_dim, capacity)
-    if layout.quantize == "channel":
-        recent: Any = ChannelGroups(*shape, layout.group, dtype, device)
+    if layout.store is not None:
+        recent: Any = layout.store(*shape, dtype, device)
+    elif layout.quantize == "channel":
+        recent = ChannelGroups(*shape, layout.group, dtype, device)
     elif layout.quantize == "token":
         recent = Int8Ring(*shape, dtype, device)
     else:
