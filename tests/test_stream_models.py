@@ -311,7 +311,7 @@ def test_stream_text_reads_texts_in_order_and_marks_the_cut(adapter, tmp_path: P
 
 def test_stdlib_is_its_validation_split(adapter, monkeypatch) -> None:
     # Tokenizing the whole standard library takes minutes: the store is stood in for.
-    import memext.data
+    import memext.data.prepare
     from memext.data.store import TokenStore
 
     split = TokenStore(np.arange(1000), np.arange(500, 800), "hash", "key")
@@ -321,7 +321,7 @@ def test_stdlib_is_its_validation_split(adapter, monkeypatch) -> None:
         asked.append(cfg.corpus)
         return split, ()
 
-    monkeypatch.setattr(memext.data, "prepare_data", prepare)
+    monkeypatch.setattr(memext.data.prepare, "prepare_data", prepare)
     ids, parts = stream_text(["stdlib"], adapter.tokenizer, 200, log=lambda m: None)
     assert asked == ["stdlib"] and list(ids) == list(range(500, 700))
     assert parts == [{"text": "stdlib", "start": 0, "tokens": 200, "available": 300}]

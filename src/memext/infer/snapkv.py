@@ -47,7 +47,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from memext.infer.cache import CachePolicy, _check_fits, _check_positive, register_cache
+from memext.infer.cache import (
+    CachePolicy,
+    Heads,
+    _check_fits,
+    _check_positive,
+    layer_heads,
+    register_cache,
+)
 
 #: Defaults: the observation window and the sinks kept (SnapKV's window is 32).
 WINDOW = 32
@@ -142,13 +149,13 @@ class SnapKV(CachePolicy):
         self,
         n_layers: int,
         batch: int,
-        n_heads: int,
+        n_heads: Heads,
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> SnapCache:
-        layers = [self.make_layer(batch, n_heads, head_dim, dtype, device) for _ in range(n_layers)]
-        return SnapCache(layers)
+        heads = layer_heads(n_heads, n_layers)  # per layer: a pruned model's may differ
+        return SnapCache([self.make_layer(batch, h, head_dim, dtype, device) for h in heads])
 
 
 class SnapLayer:
