@@ -312,3 +312,16 @@ def test_a_teacher_that_cannot_teach_is_refused(tmp_path, corpus, teacher, case,
     assert done.exit_code == 2, done.output
     assert message in " ".join(done.output.split())
     assert not out.exists()  # refused before anything was written
+
+
+def test_the_guides_commands_parse():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "compression.md"
+    section = docs.read_text().split("## Distillation", 1)[1]
+    lines = [ln[2:] for ln in section.splitlines() if ln.startswith("$ memext ")]
+    assert len(lines) >= 4
+    for line in lines:
+        words = line.split("  #")[0].split()[1:]
+        shown = runner.invoke(app, [words[0], "--help"])
+        assert shown.exit_code == 0, line
+        for option in (w for w in words if w.startswith("--")):
+            assert option in shown.output, f"{option} is not an option of `memext {words[0]}`"
