@@ -6,24 +6,27 @@ Three runs of the product's own commands, then one suite over each:
   over 1,024 tokens, d128 x 4 layers);
 - the CE student: `memext train --config benchmarks/configs/distill-student.yaml` (kNN memory,
   128-token segments, d64 x 2 layers), cross-entropy alone;
-- the KD student: `memext distill --teacher TEACHER --student distill-student.yaml`, the same
-  config and the same steps, with the teacher's soft targets;
+- the KD students: `memext distill --teacher TEACHER --student distill-student.yaml --alpha A
+  --temperature T`, the same config and the same steps, with the teacher's soft targets, one run
+  per `--kd A:T` (run `kd-aA-tT`);
 - `memext eval RUN --suite benchmarks/configs/distill-suite.yaml` on each: bits-per-byte of
   held text at 1,024 tokens (the students read it in segments through their memory), passkey at
   4x and 8x the student's 128-token window.
 
-The teacher and the CE student train side by side (two processes), then the KD student.
-Reports the gap the KD student closes, (bpb_CE - bpb_KD) / (bpb_CE - bpb_teacher), and the
-students' passkey at 4x their window. A finished run is not trained again.
+The teacher and the CE student train side by side (two processes), then the KD students, two
+at a time. Reports the gap each KD student closes, (bpb_CE - bpb_KD) / (bpb_CE - bpb_teacher),
+and the students' passkey at 4x their window. A finished run is not trained again (and is
+graded from its cached suite cells), so a sweep can add a --kd variant later.
 
     OMP_NUM_THREADS=1 python benchmarks/distill.py --runs runs/distill \\
-        --out benchmarks/results/distill.json
+        --kd 0.5:2 --kd 0.5:1 --out benchmarks/results/distill.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -48,6 +51,10 @@ def finished(run: Path) -> bool:
     return bool(steps) and steps[-1] == load_config(run).train.total_steps
 
 
+def kd_name(alpha: float, temperature: float) -> str:
+    return f"kd-a{alpha:g}-t{temperature:g}"
+
+
 def command(run: Path, args: argparse.Namespace) -> list[str]:
     """The command that trains ``run`` (its name says which)."""
     memext = [sys.executable, "-m", "memext"]
@@ -56,9 +63,10 @@ def command(run: Path, args: argparse.Namespace) -> list[str]:
     student = str(CONFIGS / "distill-student.yaml")
     if run.name == "ce":
         return [*memext, "train", "--config", student]
+    alpha, temperature = next(v for v in args.kd if kd_name(*v) == run.name)
     return [
         *memext, "distill", "--teacher", str(args.runs / "teacher"), "--student", student,
-        "--alpha", str(args.alpha), "--temperature", str(args.temperature),
+        "--alpha", f"{alpha:g}", "--temperature", f"{temperature:g}",
     ]  # fmt: skip
 
 
@@ -76,12 +84,14 @@ def start(run: Path, args: argparse.Namespace, log: dict) -> subprocess.Popen | 
     return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
 
 
-def wait(proc: subprocess.Popen | None, run: Path, log: dict, t0: float) -> None:
-    if proc is None:
-        return
-    if proc.wait() != 0:
+def wait(proc: subprocess.Popen | None, run: Path, log: dict) -> None:
+    """Wait for ``run``'s training; log the seconds its command reported (from its log)."""
+    if proc is not None and proc.wait() != 0:
         raise SystemExit(f"{run.name} failed: see {run.parent / (run.name + '.log')}")
-    log[run.name]["train_seconds"] = round(time.perf_counter() - t0, 1)
+    found = re.findall(
+        r"completed at step \d+ in (\d+)s", (run.parent / f"{run.name}.log").read_text()
+    )
+    log[run.name]["train_seconds"] = int(found[-1]) if found else None
 
 
 def grade(run: Path) -> dict:
@@ -100,48 +110,66 @@ def grade(run: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("runs/distill"))
-    p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument(
+        "--kd",
+        type=lambda v: tuple(float(x) for x in v.split(":")),
+        action="append",
+        help="ALPHA:TEMPERATURE of a KD student (repeatable; default 0.5:2)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distill.json"))
     args = p.parse_args()
+    args.kd = args.kd or [(0.5, 2.0)]
     args.runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    runs = {name: args.runs / name for name in ("teacher", "ce", "kd")}
+    students = [kd_name(*v) for v in args.kd]
+    runs = {name: args.runs / name for name in ("teacher", "ce", *students)}
     log: dict = {}
     teacher = start(runs["teacher"], args, log)
     ce = start(runs["ce"], args, log)
-    wait(teacher, runs["teacher"], log, t0)
-    kd = start(runs["kd"], args, log)
-    wait(ce, runs["ce"], log, t0)
-    wait(kd, runs["kd"], log, t0)
+    wait(teacher, runs["teacher"], log)
+    running = [("ce", ce)]
+    for name in students:  # two processes at a time
+        running.append((name, start(runs[name], args, log)))
+        if len(running) == 2:
+            done, proc = running.pop(0)
+            wait(proc, runs[done], log)
+    for done, proc in running:
+        wait(proc, runs[done], log)
     scores = {name: grade(run) for name, run in runs.items()}
     length, probe = "1024", str(4 * WINDOW)
     bpb = {name: s["bits_per_byte"][length] for name, s in scores.items()}
-    gap = bpb["ce"] - bpb["teacher"]
-    closed = (bpb["ce"] - bpb["kd"]) / gap if gap > 0 else None
     passkey = {name: s["passkey"][probe] for name, s in scores.items()}
+    gap = bpb["ce"] - bpb["teacher"]
+    closed = {n: (bpb["ce"] - bpb[n]) / gap if gap > 0 else None for n in students}
     result = {
-        "command": command_line(),
+        "command": command_line("benchmarks/distill.py", args),
         "runs": log,
         "suite": str(SUITE),
-        "alpha": args.alpha,
-        "temperature": args.temperature,
+        "kd": {kd_name(*v): {"alpha": v[0], "temperature": v[1]} for v in args.kd},
         "scores": scores,
         "bits_per_byte_at": int(length),
         "gap_closed": closed,
         "passkey_at": int(probe),
         "targets": {
-            "gap_closed_at_least_0.4": closed is not None and closed >= 0.4,
-            "kd_improves_passkey_at_4x_window": passkey["kd"] > passkey["ce"],
+            n: {
+                "gap_closed_at_least_0.4": closed[n] is not None and closed[n] >= 0.4,
+                "kd_improves_passkey_at_4x_window": passkey[n] > passkey["ce"],
+            }
+            for n in students
         },
-        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "wall_seconds_of_this_call": round(time.perf_counter() - t0, 1),
         "provenance": provenance("cpu"),
     }
-    print(f"\n{'model':<10} {'bpb@' + length:>10} {'passkey@' + probe:>12} {'passkey@1024':>13}")
+    print(
+        f"\n{'model':<14} {'bpb@' + length:>9} {'passkey@' + probe:>11} {'passkey@1024':>12} gap closed"
+    )
     for name in runs:
-        s = scores[name]
-        print(f"{name:<10} {bpb[name]:>10.4f} {passkey[name]:>12.3f} {s['passkey']['1024']:>13.3f}")
-    print(f"gap closed by KD: {closed if closed is None else f'{closed:.3f}'}")
+        s, c = scores[name], closed.get(name)
+        shown = "" if c is None else f"{c:+.3f}"
+        print(
+            f"{name:<14} {bpb[name]:>9.4f} {passkey[name]:>11.3f} "
+            f"{s['passkey']['1024']:>12.3f} {shown}"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
