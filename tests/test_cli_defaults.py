@@ -34,6 +34,7 @@ from memext.train import train
 # What each command calls, with the options it passes on under the same name.
 DRIVES: dict[str, tuple[Callable[..., Any], ...]] = {
     "train": (train,),
+    "distill": (train,),
     "eval": (evaluate_model,),
     "generate": (generate_ids,),
     "stream": (streaming_perplexity,),
@@ -54,6 +55,7 @@ DIFFER: dict[tuple[str, str], str] = {
     ("*", "device"): "commands take 'auto' and resolve it (runtime.resolve_device); library "
     "functions take the device to use",
     ("train", "resume"): "the command names the run directory to continue; train() takes a flag",
+    ("distill", "resume"): "as train's: the command names the run directory to continue",
     ("memory search", "mode"): "the command's query is text, and searches as `ask` does "
     "(hybrid); RetrievalStore.search also takes query vectors, which only 'embedding' can use",
     ("memory add", "overlap"): "the command stores documents for retrieval, whose chunks overlap "

@@ -408,6 +408,21 @@ class TrainConfig:
     eval_tokens: int = doc(16384, "Validation tokens scored at each periodic validation.")
     save_every: int = doc(200, "Checkpoint every this many steps (and at the end).")
     log_every: int = doc(10, "Append a line to metrics.jsonl every this many steps.")
+    distill_teacher: str = doc(
+        "",
+        "Distil from this teacher (any model memext opens: a run, a Hugging Face dir, a known "
+        "name) on the same batches: its logits are computed on the fly and mixed with the "
+        "tokens' cross-entropy (docs/compression.md); '' = plain training. The teacher must use "
+        "the student's tokenizer and read each training sequence whole.",
+    )
+    distill_alpha: float = doc(
+        0.5,
+        "Weight of the teacher's soft targets: loss = alpha * T^2 * KL(teacher_T ‖ student_T) "
+        "+ (1 - alpha) * CE, in [0, 1].",
+    )
+    distill_temperature: float = doc(
+        2.0, "Temperature T of the distillation's softmaxes (> 0; 1 = the models' own)."
+    )
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "seq_len", "batch_size", "grad_accum", "steps", "lr")
@@ -423,6 +438,10 @@ class TrainConfig:
         for name in ("beta1", "beta2", "min_lr_ratio"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 _fail("train", name, getattr(self, name), "a number in [0, 1]")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            _fail("train", "distill_alpha", self.distill_alpha, "a weight in [0, 1]")
+        if not 0.0 < self.distill_temperature < float("inf"):
+            _fail("train", "distill_temperature", self.distill_temperature, "a number > 0")
         _check_choice("train", self, "precision")
         _check_choice("train", self, "strategy")
         _check_choice("train", self, "cp_method")
@@ -572,6 +591,7 @@ class Config:
             max_seq_len=self.model.max_seq_len,
         )
         self._check_context_parallel()
+        self._check_distill()
         too_long = [n for _, n in self.eval.probe_cells if n > self.model.max_seq_len]
         if too_long and not self.train.segment_len:
             _fail(
@@ -588,6 +608,21 @@ class Config:
                 "lengths",
                 self.eval.lengths,
                 f"lengths <= model.max_seq_len={self.model.max_seq_len}",
+            )
+
+    def _check_distill(self) -> None:
+        """Distillation compares a decoder's predictions with the teacher's, each sequence
+        whole on one rank."""
+        if not self.train.distill_teacher:
+            return
+        if self.model.arch == "seq2seq":
+            _fail("model", "arch", self.model.arch, "a decoder with train.distill_teacher set")
+        if self.train.context_parallel != 1:
+            _fail(
+                "train",
+                "context_parallel",
+                self.train.context_parallel,
+                "1 with train.distill_teacher set (the teacher reads each sequence whole)",
             )
 
     def _check_context_parallel(self) -> None:

@@ -1,6 +1,7 @@
 """The `memext` command line: thin commands over the library, one module per command group.
 
-The group modules (`run`, `generate`, `bench`, `memory`, `classify`, `compress`) define plain functions and
+The group modules (`run`, `distill`, `generate`, `bench`, `memory`, `classify`, `compress`) define plain
+functions and
 this module registers them on the app, all in one place: the order of `memext --help` reads
 here, and no group module imports the package that imports it.
 """
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 import memext
-from memext.cli import bench, classify, compress, generate, memory, run
+from memext.cli import bench, classify, compress, distill, generate, memory, run
 
 app = typer.Typer(
     help="memext: extend the memory of language models, and measure how far it reaches.",
@@ -41,6 +42,7 @@ compress_app = typer.Typer(
 app.add_typer(compress_app, name="compress")
 
 app.command(epilog=run.fields_epilog())(run.train)
+app.command()(distill.distill)
 app.command("eval")(run.eval_)
 app.command()(run.report)
 app.command()(generate.generate)

@@ -116,6 +116,7 @@ def train(
         overwrite=overwrite,
         log=lambda m: err.print(m, highlight=False),
         probes=training_probes(cfg),
+        teacher=open_teacher(cfg, dev),
     )
     if not result.main:  # rank 0 alone reports and evaluates
         return
@@ -141,6 +142,19 @@ def train(
         if cfg.train.segment_len:  # the same weights without memory: what memory adds
             run_and_print_suite(run_dir, suite, None, None, dev, None, memory=False)
         _report([run_dir], run_dir / "report")
+
+
+def open_teacher(cfg: memext.Config, dev: Any) -> Any:
+    """The model ``train.distill_teacher`` names, opened for the trainer; None when unset."""
+    from memext.adapters import open_model
+
+    name = cfg.train.distill_teacher
+    if not name:
+        return None
+    try:
+        return open_model(name, dev)
+    except MemextError as e:
+        raise MemextError(f"the teacher (train.distill_teacher): {e}") from None
 
 
 def run_and_print_suite(

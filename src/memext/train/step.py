@@ -22,6 +22,7 @@ from memext.config import Config, TrainConfig
 from memext.data.mixture import Batch
 from memext.dist.strategy import Strategy
 from memext.runtime import autocast
+from memext.train.distill import Distillation
 
 # Around each segment's forward (and the backward that follows it): given True for the segments
 # whose backward is the batch's last one (a data-parallel strategy synchronises only the step's
@@ -61,6 +62,8 @@ def sequence_backward(
     reset_id: int | None = None,
     denom: float | None = None,
     sync: Sync = _no_sync,
+    distill: Distillation | None = None,
+    parts: dict[str, float] | None = None,
 ) -> float:
     """Forward and backward one batch of sequences; returns its mean loss (before ``scale``).
 
@@ -73,6 +76,10 @@ def sequence_backward(
     ``denom``: the mean's denominator when these rows are a data-parallel rank's share of a
     batch (``Batch.denom``); ``sync(final)`` is entered around each segment, ``final`` for
     those whose backward ends the batch.
+
+    ``distill``: the teacher's soft targets join the loss (``memext.train.distill``); the
+    teacher reads each whole sequence once, and its logits are cut at the segments' bounds.
+    ``parts``, when given, receives ``ce`` and ``kd``, the two terms' means, times ``scale``.
     """
     x, y = x.to(device), y.to(device)
     seg = t.segment_len or x.shape[1]
@@ -83,7 +90,8 @@ def sequence_backward(
     memory = ckpt.unwrap(fwd).memory  # the variant's rules for cutting and forgetting state
     # The first segment of the last truncated-backprop window: its backward ends the batch.
     last_window = ((n - 1) // t.bptt) * t.bptt if t.bptt else 0
-    state, pending, total = None, None, 0.0
+    soft = distill.targets(x) if distill is not None else None  # (B, T, vocab), the teacher's
+    state, pending, total, ce_sum, kd_sum = None, None, 0.0, 0.0, 0.0
     for i in range(n):
         xs, ys = x[:, i * seg : (i + 1) * seg], y[:, i * seg : (i + 1) * seg]
         with sync(i >= last_window):
@@ -92,8 +100,16 @@ def sequence_backward(
             nll = F.cross_entropy(
                 logits.float().reshape(-1, logits.shape[-1]), ys.reshape(-1), reduction="none"
             )
+            if soft is not None:
+                assert distill is not None
+                ce = nll
+                nll, kd = distill.mix(logits, nll, soft[:, i * seg : (i + 1) * seg])
             if w is not None:
                 nll = nll * w[:, i * seg : (i + 1) * seg].reshape(-1)
+            if soft is not None and parts is not None:
+                seg_w = 1.0 if w is None else w[:, i * seg : (i + 1) * seg].reshape(-1)
+                ce_sum += float((ce.detach() * seg_w).sum()) / denom
+                kd_sum += float((kd.detach() * seg_w).sum()) / denom
             loss = nll.sum() / denom
             total += float(loss.detach())
             if state.aux_loss is not None:
@@ -108,6 +124,9 @@ def sequence_backward(
             rows = (xs == reset_id).any(dim=1)
             if bool(rows.any()):
                 state.memory = memory.reset(state.memory, rows)
+    if soft is not None and parts is not None:
+        parts["ce"] = parts.get("ce", 0.0) + scale * ce_sum
+        parts["kd"] = parts.get("kd", 0.0) + scale * kd_sum
     return total
 
 
@@ -150,6 +169,8 @@ def train_step(
     reset_id: int | None = None,
     losses: dict[str, float] | None = None,
     strategy: Strategy | None = None,
+    distill: Distillation | None = None,
+    terms: dict[str, float] | None = None,
 ) -> tuple[float, float]:
     """One optimizer step over ``batches``; returns (loss, grad norm).
 
@@ -162,12 +183,14 @@ def train_step(
     gradient norm is not finite. ``strategy``: the data parallelism the batches are this rank's
     share of (``memext.dist.strategy``); the returned losses and norm are then the whole
     batch's, the same on every rank, so every rank takes or skips the step alike.
+    ``distill``: the teacher whose soft targets join every text batch's loss; ``terms``, when
+    given, receives the step's two terms, ``ce`` and ``kd`` (weighted as the loss is).
     """
     parts = [b if isinstance(b, Batch) else Batch("lm", 1.0, *b, resets=True) for b in batches]
     for group in opt.param_groups:
         group["lr"] = lr
     shares = sum(b.share for b in parts)
-    total, by_name, counts = 0.0, {}, {}
+    total, by_name, counts, split = 0.0, {}, {}, {}
     for k, b in enumerate(parts):
         weight = b.share / shares
         sync = _step_sync(strategy, last=k == len(parts) - 1)
@@ -188,16 +211,23 @@ def train_step(
                 reset_id=reset_id if b.resets else None,
                 denom=b.denom,
                 sync=sync,
+                distill=distill,
+                parts=split,
             )
         total += weight * loss
         by_name[b.name] = by_name.get(b.name, 0.0) + loss
         counts[b.name] = counts.get(b.name, 0) + 1
     if strategy is not None:  # one collective for every number the step reports
-        names = list(by_name)
-        total, *means = strategy.mean([total, *(by_name[k] for k in names)])
-        by_name = dict(zip(names, means, strict=True))
+        names, keys = list(by_name), list(split)
+        total, *means = strategy.mean(
+            [total, *(by_name[k] for k in names), *(split[k] for k in keys)]
+        )
+        by_name = dict(zip(names, means[: len(names)], strict=True))
+        split = dict(zip(keys, means[len(names) :], strict=True))
     if losses is not None:
         losses.update({k: v / counts[k] for k, v in by_name.items()})
+    if terms is not None:
+        terms.update(split)
     if not math.isfinite(total):
         opt.zero_grad(set_to_none=True)
         return total, math.nan

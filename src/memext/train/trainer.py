@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from memext import checkpoint as ckpt
 from memext.config import Config
-from memext.curriculum import Stage, stage_at
+from memext.curriculum import Stage, stage_at, trained_length
 from memext.data import prepare_data
 from memext.data.mixture import BatchSource
 from memext.dist.context import ContextParallel
@@ -47,6 +47,7 @@ from memext.io import atomic_write, atomic_write_text
 from memext.model import build_model, build_rotary
 from memext.runtime import provenance
 from memext.tokenizer import load_tokenizer
+from memext.train.distill import Distillation, Teacher, check_teacher, identity
 from memext.train.parallel import (
     agree,
     check_split,
@@ -119,6 +120,7 @@ def train(
     log: Callable[[str], None] = print,
     init_from: str | Path | None = None,
     probes: Sequence[Probe] = (),
+    teacher: Teacher | None = None,
 ) -> TrainResult:
     """Train ``cfg`` into the run directory ``out`` (or continue it with ``resume=True``).
 
@@ -130,6 +132,10 @@ def train(
     ``probes``: measurements taken every ``train.eval_every`` steps, at the end and after each
     curriculum stage, logged to ``metrics.jsonl`` (``memext.train.probes``); none by default:
     ``memext train`` passes ``memext.evals.probes.training_probes(cfg)``.
+    ``teacher``: the model ``cfg.train.distill_teacher`` names, opened by the caller
+    (``memext.adapters.open_model``; ``memext train`` and ``memext distill`` do): its soft
+    targets join the loss (``memext.train.distill``). Its identity is recorded in ``run.json``,
+    and a resumed run refuses another teacher.
 
     Started by torchrun, every rank calls this with the same arguments (docs/distributed.md);
     the process group is made here, unless the caller made one, and destroyed on return.
@@ -137,7 +143,17 @@ def train(
     world = join(torch.device(device), cfg.train.dist_timeout)
     try:
         return _train(
-            cfg, Path(out), world, resume, overwrite, progress, callback, log, init_from, probes
+            cfg,
+            Path(out),
+            world,
+            resume,
+            overwrite,
+            progress,
+            callback,
+            log,
+            init_from,
+            probes,
+            teacher,
         )
     finally:
         world.leave()
@@ -154,6 +170,7 @@ def _train(
     log: Callable[[str], None],
     init_from: str | Path | None,
     probes: Sequence[Probe],
+    teacher: Teacher | None,
 ) -> TrainResult:
     device, main = world.device, world.main
     if not main:  # rank 0 alone logs and shows progress
@@ -178,6 +195,7 @@ def _train(
             f"the tokenizer has {tok.vocab_size} ids but model.vocab_size={cfg.model.vocab_size}; "
             f"set model.vocab_size={tok.vocab_size}"
         )
+    distill = _distillation(cfg, teacher, tok, device)
     if world.local_rank != 0:  # one rank per node builds the token store; the others read it
         world.barrier()
     store, skipped = prepare_data(cfg.data, tok, log)
@@ -194,6 +212,7 @@ def _train(
         "skipped_files": list(skipped),
         "tokenizer": tok.fingerprint(),
         **({"init_from": str(init_from)} if init_from is not None else {}),
+        **({"teacher": identity(distill.teacher)} if distill is not None else {}),
         **provenance(device),
         **({"world_size": world.size} if world.size > 1 else {}),
         # An elastic restart takes over only a run its own job wrote (parallel.elastic_start).
@@ -210,6 +229,8 @@ def _train(
                 "cannot resume: the tokenizer changed since the run started (fingerprint "
                 f"{old['tokenizer']} -> {info['tokenizer']}); the run's ids would change meaning"
             )
+        if old.get("teacher") != info.get("teacher"):
+            raise MemextError(_teacher_changed(old.get("teacher"), info.get("teacher")))
         if old.get("threads") not in (None, info["threads"]):
             log(
                 f"note: this run used {old['threads']} threads and now uses {info['threads']}: "
@@ -320,6 +341,7 @@ def _train(
                 if context is not None:
                     batches = [context.shard_batch(b) for b in batches]
                 by_source: dict[str, float] = {}
+                terms: dict[str, float] = {}
                 total, gnorm = train_step(
                     fwd,
                     model,
@@ -331,6 +353,8 @@ def _train(
                     reset_id,
                     losses=by_source,
                     strategy=strategy if world.size > 1 else None,
+                    distill=distill,
+                    terms=terms,
                 )
                 if not (math.isfinite(total) and math.isfinite(gnorm)):
                     what = "loss" if not math.isfinite(total) else "gradient norm"
@@ -351,6 +375,7 @@ def _train(
                     row = {"step": loop.step, "loss": total, "lr": lr, "grad_norm": gnorm}
                     if len(by_source) > 1:
                         row |= {f"loss/{name}": v for name, v in by_source.items()}
+                    row |= {f"loss_{name}": v for name, v in terms.items()}  # ce and kd
                     pending.append(row | {"tokens_per_s": round(tps, 1)})
                     bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tps:,.0f}", **shown)
                 if callback is not None:
@@ -395,6 +420,42 @@ def _train(
     result.step = loop.step
     result.last_val = last_val
     return result
+
+
+def _distillation(
+    cfg: Config, teacher: Teacher | None, tok: Any, device: torch.device
+) -> Distillation | None:
+    """The teacher's part of the loss, checked against the student before anything is
+    written; None without ``train.distill_teacher``."""
+    t = cfg.train
+    if not t.distill_teacher:
+        if teacher is not None:
+            raise MemextError("a teacher was given but train.distill_teacher is not set")
+        return None
+    if teacher is None:
+        raise MemextError(
+            f"train.distill_teacher={t.distill_teacher!r} needs its model: pass "
+            "teacher=memext.adapters.open_model(cfg.train.distill_teacher) to train()"
+        )
+    lengths = [n for src in cfg.data.mixture for n in src.lengths]
+    check_teacher(teacher, tok, cfg.model.vocab_size, max([trained_length(cfg), *lengths]), device)
+    return Distillation(teacher, t.distill_alpha, t.distill_temperature)
+
+
+def _teacher_changed(old: dict | None, new: dict | None) -> str:
+    """Why a resume with another teacher (or with one where there was none) is refused."""
+    if old is None:
+        return "cannot resume: the run was started without a teacher; drop train.distill_teacher"
+    if new is None:
+        return (
+            f"cannot resume: the run distils from {old['name']!r}; give that teacher again "
+            "(train.distill_teacher)"
+        )
+    return (
+        f"cannot resume: the run distils from {old['name']!r} (fingerprint "
+        f"{old['fingerprint']}) but the teacher now is {new['name']!r} (fingerprint "
+        f"{new['fingerprint']}): another teacher would change the targets of the steps to come"
+    )
 
 
 def _silent(message: str) -> None:
