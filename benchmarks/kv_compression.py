@@ -16,8 +16,10 @@ an existing ``--out``):
    ``budget`` tokens per KV head after the prompt; sinks: 4 sinks and a window holding the rest).
 
 A passkey sample is right when the first number generated is the key. Passkey prompts are read
-``--chunk`` tokens per forward, in the model's chat template (as ``memext generate`` reads
-them). Cache bytes for the passkey parts are those decoding works from, by the documented
+``--chunk`` tokens per forward, as plain text continued after "The pass key is" (``--chat``:
+in the model's chat template, as ``memext generate`` reads them by default; with the template
+SmolLM2's ``full`` reading already misses at 2k-8k, without it ``full`` read 5 of 5 at 8k,
+``benchmarks/kv_retrieval.py --no-chat``). Cache bytes for the passkey parts are those decoding works from, by the documented
 formulas (``memext.infer.kivi``, ``memext.infer.snapkv``, ``memext.infer.cache``).
 
     python benchmarks/kv_compression.py --model smollm2 --text ../shared/data/kjv_bible.txt
@@ -146,7 +148,7 @@ def passkey_runs(
         depth = (i + 0.5) / args.samples
         sample = passkey(tok, filler, length, depth, (args.seed, length, i))
         prompt = tok.decode_bytes(sample.prompt.tolist()).decode("utf-8", errors="replace")
-        n_prompt = len(model.prompt_ids(prompt))
+        n_prompt = len(model.prompt_ids(prompt, chat=args.chat))
         for policy, fixed in policies.items():
             options = fixed if fixed is not None else budget_options(policy, n_prompt, args)
             started = time.perf_counter()
@@ -158,6 +160,7 @@ def passkey_runs(
                     cache=policy,
                     cache_options=options,
                     chunk=args.chunk,
+                    chat=args.chat,
                 )
             )
             row = {
@@ -223,6 +226,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--chunk", type=int, default=512, help="passkey prompt tokens per forward")
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="Passkey prompts in the chat template (default: plain text, continued).",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_compression.json"))
