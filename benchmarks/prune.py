@@ -36,7 +36,6 @@ are recorded: the machine may be shared, so wall-clock figures carry that caveat
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 import sys
@@ -49,22 +48,8 @@ import torch
 
 from memext.adapters import open_model, prune
 from memext.config import Config
+from memext.evals.perplexity import windowed_bits_per_byte as bits_per_byte
 from memext.runtime import write_result
-
-
-def bits_per_byte(adapter: Any, ids: np.ndarray, context: int) -> float:
-    lengths = np.asarray(adapter.tokenizer.byte_lengths())
-    nats, nbytes = 0.0, 0
-    with torch.no_grad():
-        for a in range(0, len(ids) - 1, context):
-            window = torch.as_tensor(ids[a : a + context], dtype=torch.int64)[None]
-            if window.shape[1] < 2:
-                break
-            positions = torch.arange(window.shape[1] - 1)
-            lp = adapter.log_probs(window, positions, window[:, 1:])
-            nats -= float(lp.double().sum())
-            nbytes += int(lengths[window[0, 1:].numpy()].sum())
-    return nats / math.log(2) / max(nbytes, 1)
 
 
 def held_ids(adapter: Any, skip: int, n: int) -> np.ndarray:

@@ -46,7 +46,6 @@ length of the common prefix).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -59,6 +58,7 @@ import torch
 
 from memext.adapters import HFAdapter, open_model
 from memext.adapters.quantized import calibration_hessians, linear_root
+from memext.evals.perplexity import windowed_bits_per_byte as bits_per_byte
 from memext.evals.stream_text import stream_text
 from memext.nn import quant
 from memext.runtime import resolve_device, write_result
@@ -147,22 +147,6 @@ def _others(root: torch.nn.Module, names: list[str]) -> tuple[str, ...]:
 
 
 # --- measuring -------------------------------------------------------------------------------------
-
-
-def bits_per_byte(adapter: Any, ids: np.ndarray, context: int) -> float:
-    lengths = np.asarray(adapter.tokenizer.byte_lengths())
-    nats = 0.0
-    nbytes = 0
-    with torch.no_grad():
-        for a in range(0, len(ids) - 1, context):
-            window = torch.as_tensor(ids[a : a + context], dtype=torch.int64)[None]
-            if window.shape[1] < 2:
-                break
-            positions = torch.arange(window.shape[1] - 1)
-            lp = adapter.log_probs(window, positions, window[:, 1:])
-            nats -= float(lp.double().sum())
-            nbytes += int(lengths[window[0, 1:].numpy()].sum())
-    return nats / math.log(2) / max(nbytes, 1)
 
 
 def token_stream(adapter: Any, prompt: list[int], n: int) -> Iterator[int]:

@@ -322,3 +322,26 @@ def test_stream_reads_a_quantized_model(models: dict[str, Path], tmp_path: Path)
                                "cpu", "--out", str(tmp_path / "s.json")])  # fmt: skip
     assert done.exit_code == 0, done.output
     assert json.loads((tmp_path / "s.json").read_text())["kind"] == "quantized"
+
+
+def test_windowed_bits_per_byte_is_the_log_loss_over_bytes(models: dict[str, Path]) -> None:
+    # What the quantize and prune benchmarks compare configurations on, from full logits.
+    import math
+
+    import numpy as np
+
+    from memext.evals.perplexity import windowed_bits_per_byte
+
+    model = open_model(models["memext"])
+    ids = np.random.default_rng(0).integers(0, model.tokenizer.vocab_size, 70)
+    lengths = np.asarray(model.tokenizer.byte_lengths())
+    nats, nbytes = 0.0, 0
+    for a in range(0, 69, 32):
+        w = torch.as_tensor(ids[a : a + 32], dtype=torch.int64)[None]
+        if w.shape[1] < 2:
+            break
+        lp = torch.log_softmax(model.logits(w)[0, :-1].double(), -1)
+        nats -= float(lp.gather(1, w[0, 1:, None]).sum())
+        nbytes += int(lengths[w[0, 1:].numpy()].sum())
+    want = nats / math.log(2) / nbytes
+    assert abs(windowed_bits_per_byte(model, ids, 32) - want) < 1e-4 * want

@@ -138,3 +138,21 @@ def evaluate_lengths(
         ]
     finally:
         model.train(was_training)
+
+
+def windowed_bits_per_byte(adapter: Any, ids: np.ndarray, context: int) -> float:
+    """Bits per byte of ``ids`` read through ``adapter.log_probs`` in consecutive windows of
+    ``context`` tokens, each window's tokens after its first scored (what the quantization and
+    pruning benchmarks compare configurations on)."""
+    lengths = np.asarray(adapter.tokenizer.byte_lengths())
+    nats, nbytes = 0.0, 0
+    with torch.no_grad():
+        for a in range(0, len(ids) - 1, context):
+            window = torch.as_tensor(ids[a : a + context], dtype=torch.int64)[None]
+            if window.shape[1] < 2:
+                break
+            positions = torch.arange(window.shape[1] - 1)
+            lp = adapter.log_probs(window, positions, window[:, 1:])
+            nats -= float(lp.double().sum())
+            nbytes += int(lengths[window[0, 1:].numpy()].sum())
+    return nats / math.log(2) / max(nbytes, 1)
