@@ -11,7 +11,8 @@ smaller model. Where the per-layer head counts live depends on the base, one pla
   ``pruned``: ``pruned.json`` holds the base model, the KV groups each layer keeps and a checksum
   of the base's attention weights. Opening it opens the base and cuts its projections to the
   kept groups (``memext.hf.prune``); the weights kept are the base's own, so nothing else is
-  stored. Everything else is the base adapter's, as for ``quantized``.
+  stored. Everything else is the base adapter's, as for ``quantized`` (both are derived
+  directories, ``adapters/derived.py``).
 
 Refused before anything is written: a fraction outside (0, 1), one that would leave a layer no
 head, an ``out`` that exists, a model already pruned or quantized (prune its base), and
@@ -32,7 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from memext.adapters.base import files_fingerprint, register_model_kind
+from memext.adapters import derived
+from memext.adapters.base import register_model_kind
 from memext.errors import MemextError
 from memext.nn import prune as heads_prune
 
@@ -287,10 +289,6 @@ def _base_checksums(lm: torch.nn.Module) -> list[dict[str, float]]:
     return sums
 
 
-def _base_source(path: str | Path, kind: str) -> str:
-    return str(path) if kind == "known" else str(Path(path).resolve())
-
-
 def _write_pruned(
     source: str | Path, kind: str, out: Path, lm: torch.nn.Module, record: dict
 ) -> None:
@@ -300,36 +298,24 @@ def _write_pruned(
     meta = {
         "format": FORMAT,
         "version": VERSION,
-        "base": {"source": _base_source(source, kind), "kind": kind},
+        "base": {"source": derived.base_source(source, kind), "kind": kind},
         **record,
         "checksums": _base_checksums(lm),
     }
     prune_llama(lm, record["keep"])  # the adapter in hand is now the pruned model
     with atomic_dir(out) as tmp:
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        derived.write_record(tmp, META, meta)
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """``pruned.json`` of the directory ``path``, checked; a MemextError says what is wrong."""
-    file = Path(path) / META
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MemextError(f"{str(file)!r} is unreadable or not JSON ({e})") from None
-    bad = _meta_problem(meta)
-    if bad:
-        raise MemextError(f"{str(file)!r} is not a memext pruned model: {bad}")
-    return meta
+    return derived.read_record(path, META, "pruned", _meta_problem)
 
 
 def _meta_problem(meta: Any) -> str | None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"its format is not {FORMAT!r}"
-    if meta.get("version") != VERSION:
-        return f"version {meta.get('version')!r}, this memext reads version {VERSION}"
-    base = meta.get("base")
-    if not isinstance(base, dict) or not isinstance(base.get("source"), str):
-        return "no base model (base.source)"
+    bad = derived.header_problem(meta, FORMAT, VERSION) or derived.base_problem(meta)
+    if bad:
+        return bad
     keep, sums = meta.get("keep"), meta.get("checksums")
     if not isinstance(keep, list) or not keep:
         return "no kept groups (keep)"
@@ -346,28 +332,22 @@ def _meta_problem(meta: Any) -> str | None:
 
 
 @register_model_kind("pruned")
-class PrunedAdapter:
+class PrunedAdapter(derived.DerivedAdapter):
     """A pruned directory: the base model's adapter with the heads ``pruned.json`` drops cut
     out of its attention. Every attribute the contract names that is not set here is the base
     adapter's."""
 
     kind = "pruned"
+    META = META
+    FINGERPRINT = "p"
+    HOLDS = "which heads to keep, and reads the weights from its base"
 
     def __init__(self, path: str | Path, device: torch.device | str = "cpu", reading: Any = None):
-        from memext.adapters.open import open_model
         from memext.hf.prune import llama_slots, prune_llama
 
         self.meta = meta = read_meta(path)
         source = meta["base"]["source"]
-        if not _exists(source):
-            raise MemextError(
-                f"{str(path)!r} prunes {source!r}, which is not there any more: a pruned "
-                "directory holds which heads to keep, and reads the weights from its base"
-            )
-        try:
-            self._base = open_model(source, device, reading=reading)
-        except MemextError as e:
-            raise MemextError(f"{str(path)!r}: its base model: {e}") from None
+        self._base = self.open_base(path, "prunes", device, reading=reading)
         lm = self._base.model.model
         try:
             slots = llama_slots(lm)
@@ -383,15 +363,6 @@ class PrunedAdapter:
         self.params = sum(p.numel() for p in self._base.model.parameters())
         self._files = [Path(path) / META]
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "_base":  # not built yet: no recursion
-            raise AttributeError(name)
-        return getattr(self._base, name)
-
-    @staticmethod
-    def claims(path: str | Path) -> bool:
-        return (Path(path) / META).is_file()
-
     @staticmethod
     def summary(path: str | Path) -> list[str]:
         meta = read_meta(path)
@@ -405,9 +376,6 @@ class PrunedAdapter:
     def describe(self) -> dict[str, Any]:
         kept = {k: self.meta.get(k) for k in ("heads", "base", "heads_after", "keep")}
         return {**self._base.describe(), "pruned": kept}
-
-    def fingerprint(self) -> str:
-        return f"p{files_fingerprint(self._files)}-{self._base.fingerprint()}"
 
 
 def _fit_problem(slots: list, meta: dict[str, Any], sums: list[dict[str, float]]) -> str | None:
@@ -426,9 +394,3 @@ def _fit_problem(slots: list, meta: dict[str, Any], sums: list[dict[str, float]]
         ):
             return f"layer {i}'s attention weights are not those that were pruned"
     return None
-
-
-def _exists(source: str) -> bool:
-    from memext.adapters.known import KNOWN_MODELS
-
-    return source in KNOWN_MODELS or Path(source).exists()

@@ -12,14 +12,13 @@ The directory holds two files and no copy of the model:
 Opening it opens the base through its own kind (``open_model``), checks that the base's weights
 are still those that were quantized, and replaces those linear layers by ``QuantLinear`` layers
 (``nn.quant.apply_quantized``). Everything else (tokenizer, reading, generation, validation text)
-is the base adapter's, so every command that opens models reads a quantized one. Nothing is
-unpickled: safetensors and JSON only. A directory is written whole or not at all
-(``io.atomic_dir``).
+is the base adapter's (``adapters/derived.py``, shared with ``pruned``), so every command that
+opens models reads a quantized one. Nothing is unpickled: safetensors and JSON only. A directory
+is written whole or not at all (``io.atomic_dir``).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from memext.adapters.base import Reading, files_fingerprint, register_model_kind
+from memext.adapters import derived
+from memext.adapters.base import Reading, register_model_kind
 from memext.errors import MemextError
 from memext.nn import quant
 
@@ -44,10 +44,6 @@ def linear_root(adapter: Any) -> torch.nn.Module:
 
     adapter = getattr(adapter, "_base", adapter)  # a quantized model's: its base's
     return adapter.model.model if isinstance(adapter, HFAdapter) else adapter.model
-
-
-def _base_source(path: str | Path, kind: str) -> str:
-    return str(path) if kind == "known" else str(Path(path).resolve())
 
 
 def quantize(
@@ -116,7 +112,7 @@ def quantize(
         "calibration": (
             {"text": calibration, "tokens": calibration_tokens} if method == "gptq" else None
         ),
-        "base": {"source": _base_source(source, kind), "kind": kind},
+        "base": {"source": derived.base_source(source, kind), "kind": kind},
         "layers": report["layers"],
         "skipped": report["skipped"],
         "linear_bytes": sizes,
@@ -124,7 +120,7 @@ def quantize(
     with atomic_dir(out) as tmp:
         header = {"format": FORMAT, "version": str(VERSION), "weights": weights}
         save_file(tensors, str(tmp / TENSORS), metadata=header)
-        (tmp / META).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+        derived.write_record(tmp, META, meta)
     return meta
 
 
@@ -202,22 +198,13 @@ def describe_scheme(meta: dict[str, Any]) -> str:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """``quantized.json`` of the directory ``path``, checked; a MemextError says what is wrong."""
-    file = Path(path) / META
-    try:
-        meta = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MemextError(f"{str(file)!r} is unreadable or not JSON ({e})") from None
-    bad = _meta_problem(meta)
-    if bad:
-        raise MemextError(f"{str(file)!r} is not a memext quantized model: {bad}")
-    return meta
+    return derived.read_record(path, META, "quantized", _meta_problem)
 
 
 def _meta_problem(meta: Any) -> str | None:
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return f"its format is not {FORMAT!r}"
-    if meta.get("version") != VERSION:
-        return f"version {meta.get('version')!r}, this memext reads version {VERSION}"
+    bad = derived.header_problem(meta, FORMAT, VERSION)
+    if bad:
+        return bad
     weights, group = meta.get("weights"), meta.get("group")
     try:
         quant.check_scheme(weights, group if weights == "int4" else 128)
@@ -228,9 +215,9 @@ def _meta_problem(meta: Any) -> str | None:
         check_method(meta.get("method", "rtn"), weights)
     except ValueError as e:
         return str(e)
-    base = meta.get("base")
-    if not isinstance(base, dict) or not isinstance(base.get("source"), str):
-        return "no base model (base.source)"
+    bad = derived.base_problem(meta)
+    if bad:
+        return bad
     layers = meta.get("layers")
     if not isinstance(layers, dict) or not layers:
         return "no layers"
@@ -260,11 +247,14 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 @register_model_kind("quantized")
-class QuantizedAdapter:
+class QuantizedAdapter(derived.DerivedAdapter):
     """A quantized directory: the base model's adapter with its linear layers quantized. Every
     attribute the contract names that is not set here is the base adapter's."""
 
     kind = "quantized"
+    META = META
+    FINGERPRINT = "q"
+    HOLDS = "the quantized layers only, and reads the rest from its base"
 
     def __init__(
         self,
@@ -273,20 +263,10 @@ class QuantizedAdapter:
         memory: bool = True,
         reading: Reading | None = None,
     ) -> None:
-        from memext.adapters.open import open_model
-
         self.meta = meta = read_meta(path)
         tensors = read_tensors(path)  # both files checked before the base is loaded
         source = meta["base"]["source"]
-        if not _exists(source):
-            raise MemextError(
-                f"{str(path)!r} quantizes {source!r}, which is not there any more: a quantized "
-                "directory holds the quantized layers only, and reads the rest from its base"
-            )
-        try:
-            self._base = open_model(source, device, memory=memory, reading=reading)
-        except MemextError as e:
-            raise MemextError(f"{str(path)!r}: its base model: {e}") from None
+        self._base = self.open_base(path, "quantizes", device, memory=memory, reading=reading)
         try:
             quant.apply_quantized(
                 linear_root(self._base), tensors, meta["weights"], meta.get("group"), meta["layers"]
@@ -298,15 +278,6 @@ class QuantizedAdapter:
         self.path = str(path)
         self.name = f"{Path(path).resolve().name} ({self._base.name}, {meta['weights']})"
         self._files = [Path(path) / META, Path(path) / TENSORS]
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "_base":  # not built yet: no recursion
-            raise AttributeError(name)
-        return getattr(self._base, name)
-
-    @staticmethod
-    def claims(path: str | Path) -> bool:
-        return (Path(path) / META).is_file()
 
     @staticmethod
     def summary(path: str | Path) -> list[str]:
@@ -330,13 +301,3 @@ class QuantizedAdapter:
         scheme = {k: self.meta.get(k) for k in ("weights", "group", "activations", "method",
                                                  "calibration", "base", "skipped")}  # fmt: skip
         return {**self._base.describe(), "quantized": scheme}
-
-    def fingerprint(self) -> str:
-        # The quantized files and the base's identity (its weights and reading rule).
-        return f"q{files_fingerprint(self._files)}-{self._base.fingerprint()}"
-
-
-def _exists(source: str) -> bool:
-    from memext.adapters.known import KNOWN_MODELS
-
-    return source in KNOWN_MODELS or Path(source).exists()
