@@ -110,7 +110,7 @@ def grade(run: Path) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("runs/distill"))
     p.add_argument(
@@ -120,7 +120,7 @@ def main() -> None:
         help="ALPHA:TEMPERATURE of a KD student (repeatable; default 0.5:2)",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distill.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.kd = args.kd or [(0.5, 2.0)]
     args.runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -206,7 +206,7 @@ def budget_options(policy: str, n_prompt: int, args: argparse.Namespace) -> dict
     return {"sinks": 4, "window": budget - 4 + 1}  # 4 + (window - 1) = budget tokens kept
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2", help="A model path or name.")
     p.add_argument("--parts", default="1,2,3", help="which parts to run, e.g. 1,3")
@@ -235,7 +235,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/kv_compression.json"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
     parts = {int(x) for x in args.parts.split(",")}
     if not parts or not parts <= {1, 2, 3}:
         p.error(f"--parts={args.parts!r}: expected a comma-separated subset of 1,2,3")
