@@ -54,11 +54,11 @@ def shape(model: Any) -> tuple[int, int, int, int]:
     return m.n_layers, m.n_heads, m.d_model // m.n_heads, 4
 
 
-def options(policy: str, args: argparse.Namespace) -> dict[str, int]:
+def options(policy: str, args: argparse.Namespace) -> dict[str, int | str]:
     if policy == "sinks":
         return {"sinks": args.sinks, "window": args.window + args.topk * args.block}
     if policy == "retrieval":
-        keys = ("sinks", "window", "block", "topk", "reps", "tail")
+        keys = ("sinks", "window", "block", "topk", "reps", "tail", "group", "share")
         return {k: getattr(args, k) for k in keys}
     return {}
 
@@ -111,6 +111,8 @@ def main() -> None:
     p.add_argument(
         "--tail", type=int, default=0, help="The prompt's last TAIL tokens read as one chunk."
     )
+    p.add_argument("--group", choices=("mean", "max"), default="mean", help="retrieval's group")
+    p.add_argument("--share", choices=("head", "layer"), default="head", help="retrieval's share")
     p.add_argument("--chunk", type=int, default=512, help="Prompt tokens per forward.")
     # SmolLM2 writes digits one token each: "The pass key is " and five digits take ~10 tokens;
     # 8 cut every answer after its third digit.

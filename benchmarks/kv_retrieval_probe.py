@@ -40,6 +40,13 @@ def main() -> None:
     p.add_argument(
         "--tail", type=int, default=0, help="Read the prompt's last TAIL tokens as a chunk alone."
     )
+    p.add_argument("--filler", choices=("classic", "stdlib"), default="classic")
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="The chat template (default: when the tokenizer has one); --no-chat: plain text.",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
@@ -47,15 +54,16 @@ def main() -> None:
     model = open_model(args.model)
     tok = model.tokenizer
     depth = (args.index + 0.5) / args.of  # as kv_retrieval.py spreads its samples
+    filler = Filler.from_text(tok, CLASSIC_FILLER) if args.filler == "classic" else None
     sample = passkey(
         tok,
-        Filler.from_text(tok, CLASSIC_FILLER),
+        filler or Filler.stdlib(tok),
         args.length,
         depth,
         (args.seed, args.length, args.index),
     )
     prompt = tok.decode_bytes(sample.prompt.tolist()).decode("utf-8", errors="replace")
-    ids = model.prompt_ids(prompt, None)
+    ids = model.prompt_ids(prompt, args.chat)
     digits = tok.encode(str(sample.meta["key"]))
     where = next(j for j in range(len(ids)) if ids[j : j + len(digits)] == digits)
     key_block = (where - args.sinks) // args.block  # blocks start after the sinks
