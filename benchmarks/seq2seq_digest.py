@@ -7,8 +7,10 @@ Train first (the preset lists the facts scattered through 384-token documents):
     python benchmarks/seq2seq_digest.py --run runs/seq2seq-tiny
 
 The samples are ``memext.evals.seq2seq.held_out_samples``: haystacks cut from the run's
-validation text, seeds above the training range, depths spread evenly. Prints a table and
-writes JSON (``--out``).
+validation text, seeds above the training range, depths spread evenly (``outline`` reads the
+stdlib modules of ``--split``). Each reading is also scored for the prefix oracle
+(``oracle_answer``: what a perfect reader of the same tokens writes), the ceiling of a prefix
+baseline. Prints a table and writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from memext.checkpoint import load, run_tokenizer
 from memext.data.filler import Filler
 from memext.data.prepare import prepare_data
-from memext.evals.seq2seq import evaluate_pairs, held_out_samples
+from memext.evals.seq2seq import evaluate_pairs, held_out_samples, oracle_scores
 from memext.io import atomic_write_text
 from memext.runtime import command_line, provenance
 
@@ -34,6 +36,7 @@ def main() -> None:
     ap.add_argument("--task", default="", help="default: the run's first mixture task")
     ap.add_argument("--length", type=int, default=0, help="default: its first training length")
     ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--split", default="validation", help="outline: validation or test modules")
     ap.add_argument(
         "--keep", default="0.25,0.5", help="prefix baselines, as fractions of the length"
     )
@@ -46,7 +49,8 @@ def main() -> None:
     task = args.task or source.task
     length = args.length or (source.lengths[0] if source.lengths else cfg.train.seq_len)
     store, _ = prepare_data(cfg.data, tok, lambda m: None)
-    samples = held_out_samples(task, tok, Filler(store.validation), length, args.samples)
+    filler = Filler(store.validation)
+    samples = held_out_samples(task, tok, filler, length, args.samples, args.split)
 
     rows = []
     for frac in (1.0, *(float(f) for f in args.keep.split(",") if f)):
@@ -55,12 +59,15 @@ def main() -> None:
         r = evaluate_pairs(model, tok, samples, keep=keep)
         r["seconds"] = round(time.perf_counter() - tic, 2)
         r["reading"] = "whole input" if keep is None else f"prefix {keep}"
+        r["oracle"] = oracle_scores(tok, samples, keep)
         rows.append(r)
-        print(
-            f"{r['reading']:>12}  source {r['source_tokens']:>5}  ROUGE-1 {r['rouge1']:5.1f}  "
-            f"ROUGE-2 {r['rouge2']:5.1f}  ROUGE-L {r['rougeL']:5.1f}  BLEU {r['bleu']:5.1f}  "
-            f"chrF {r['chrf']:5.1f}  loss {r['loss']:.3f}"
-        )
+        for who, s in (("model", r), ("oracle", r["oracle"])):
+            print(
+                f"{r['reading']:>12}  {who:>6}  source {r['source_tokens']:>5}  "
+                f"ROUGE-1 {s['rouge1']:5.1f}  ROUGE-2 {s['rouge2']:5.1f}  "
+                f"ROUGE-L {s['rougeL']:5.1f}  BLEU {s['bleu']:5.1f}  chrF {s['chrf']:5.1f}"
+                + (f"  loss {s['loss']:.3f}" if who == "model" else "")
+            )
     for ex in rows[0]["examples"]:
         print(f"  reference {ex['reference']!r}\n  output    {ex['prediction']!r}")
     payload = {
@@ -68,6 +75,7 @@ def main() -> None:
         "command": command_line("benchmarks/seq2seq_digest.py", args, ("out",)),
         "task": task,
         "length": length,
+        "split": args.split,
         "samples": args.samples,
         "rows": rows,
         "provenance": provenance(torch.device("cpu")),

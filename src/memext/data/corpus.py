@@ -109,9 +109,13 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
+def file_bucket(name: str) -> int:
+    """The file's hash bucket in [0, 10000): the split rule every file-level split shares."""
+    return int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10000
+
+
 def _is_validation(name: str, val_percent: float) -> bool:
-    bucket = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 10000
-    return bucket < val_percent * 100
+    return file_bucket(name) < val_percent * 100
 
 
 def read_corpus(source: str, val_percent: float = 5.0, raw_bytes: bool = False) -> Corpus:

@@ -61,7 +61,9 @@ def digest(
     Uniform depths: with ``free`` = the body before the gap less the k sentences, fact i
     (0-based) starts ``round((i + depth) * free / k)`` tokens after the sentences before it, so
     each fact sits at ``depth`` of its own k-th of the document. ``key_positions``: each word's
-    start. ``meta["question_tokens"]``: the question's length (a prefix baseline keeps it).
+    start. ``meta["question_tokens"]``: the question's length (a prefix baseline keeps it);
+    ``items``, ``item_ends`` and ``joiner``: the words and where each one's sentence shows it
+    whole (the word and the token after it), for ``memext.evals.seq2seq.oracle_answer``.
     """
     _check(length, depth, gap, _needed(filler, "digest"))
     if not 1 <= min_facts <= max_facts <= len(DIGEST_WORDS):
@@ -103,4 +105,6 @@ def digest(
         "chance": float(len(DIGEST_WORDS)) ** -k,
     }
     positions = tuple(s + h.size for s, h in zip(starts, heads, strict=True))
+    ends = [p + w.size + 1 for p, w in zip(positions, word_ids, strict=True)]
+    meta |= {"items": words, "item_ends": ends, "joiner": " "}
     return _sample("digest", np.concatenate([body, question]), answer, positions, meta)

@@ -5,10 +5,13 @@ A **prefix baseline** (``keep``) reads the same samples with each source cut to 
 ``keep`` tokens: the document's first ``keep - q`` tokens, then the task's question (``q``
 tokens, ``meta["question_tokens"]``; 0 when the task has none), so that the baseline loses the
 input the truncation drops and nothing else. This is the "Lead" reading of a model that cannot
-take the whole input (SCROLLS' BART-1k against LED-16k).
+take the whole input (SCROLLS' BART-1k against LED-16k). Its ceiling is the **prefix oracle**
+(``oracle_answer``): what a perfect reader of the same tokens writes, from the items a task
+lists in ``meta`` (``items``, ``item_ends``, ``joiner``); with no cut it is the reference.
 
 Held-out samples are cut from the validation text, with seeds above ``TRAIN_SEEDS`` (the range
-training samples draw theirs from) and depths spread evenly, as ``memext.evals.probes`` does.
+training samples draw theirs from) and depths spread evenly, as ``memext.evals.probes`` does; a
+task that picks its own source files (``outline``: a ``split`` setting) reads the validation ones.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from memext.train.probes import Moment, ProbeContext
 
 
 def held_out_samples(
-    task: str, tok: Tokenizer, filler: Filler, length: int, n: int
+    task: str, tok: Tokenizer, filler: Filler, length: int, n: int, split: str = "validation"
 ) -> list[Sample]:
     """``n`` samples of ``task`` with ``length``-token sources: sample ``i`` at depth
-    (i + 1/2) / n, seed ``TRAIN_SEEDS + i``."""
+    (i + 1/2) / n, seed ``TRAIN_SEEDS + i``; ``split`` goes to a task that takes one."""
+    extra = {"split": split} if "split" in TASKS.takes(task) else {}
     try:
         return [
             TASKS.build(
@@ -46,6 +50,7 @@ def held_out_samples(
                 length=length,
                 depth=(i + 0.5) / n,
                 seed=TRAIN_SEEDS + i,
+                **extra,
             )
             for i in range(n)
         ]
@@ -63,6 +68,29 @@ def prefix_source(sample: Sample, keep: int) -> np.ndarray:
     if keep >= prompt.size:
         return prompt
     return np.concatenate([prompt[: keep - q], prompt[prompt.size - q :]])
+
+
+def oracle_answer(sample: Sample, keep: int | None = None) -> str:
+    """What a perfect reader of ``prefix_source(sample, keep)`` writes: the answer's items
+    (``meta["items"]``) whose evidence ends (``meta["item_ends"]``) inside the kept document,
+    joined by ``meta["joiner"]``. ``keep=None``: the whole input, so the reference itself."""
+    meta = sample.meta
+    if not {"items", "item_ends", "joiner"} <= meta.keys():
+        raise ValueError(f"{sample.task} samples list no answer items (meta['items']): no oracle")
+    seen = sample.prompt.size
+    if keep is not None and keep < seen:
+        seen = prefix_source(sample, keep).size - int(meta.get("question_tokens", 0))
+    items = zip(meta["items"], meta["item_ends"], strict=True)
+    return str(meta["joiner"]).join(item for item, end in items if end <= seen)
+
+
+def oracle_scores(
+    tok: Tokenizer, samples: Sequence[Sample], keep: int | None = None
+) -> dict[str, float]:
+    """``text_scores`` of the prefix oracle's answers (``oracle_answer``) against the
+    references, as ``evaluate_pairs`` scores a model's; 100 everywhere when ``keep`` is None."""
+    refs = [tok.decode(s.answer.tolist()) for s in samples]
+    return text_scores([oracle_answer(s, keep) for s in samples], refs)
 
 
 @torch.no_grad()
