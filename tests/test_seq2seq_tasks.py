@@ -34,6 +34,7 @@ from memext.data.seq2seq_tasks import (
     strip_docstrings,
 )
 from memext.data.tasks import TASKS, TooShort, make_samples, passkey
+from memext.evals.probes import HeldOutTask
 from memext.evals.seq2seq import held_out_samples, oracle_answer, oracle_scores, prefix_source
 from memext.tokenizer import ByteTokenizer, Tokenizer, train_bpe
 
@@ -69,28 +70,31 @@ def _check_outline(tok: Tokenizer, s, length: int) -> None:
     """Exact length, the question last, and the names: the module's own top-level definitions,
     consecutive and in order, each where the sample says, with none of its neighbours whole in
     the window."""
-    names, q = s.meta["names"], s.meta["question_tokens"]
+    names, q, gap = s.meta["names"], s.meta["question_tokens"], s.meta["gap"]
     assert s.prompt.size == length and s.task == "outline"
     assert _text(tok, s.prompt[-q:]) == OUTLINE_QUESTION
+    assert _text(tok, s.prompt[length - q - gap : length - q]) == "\n" * gap
     assert _text(tok, s.answer) == "\n".join(names) == oracle_answer(s)
     assert module_split(s.meta["file"]) == s.meta["split"]
     every = _top_level(s.meta["file"])
     i = next(i for i in range(len(every)) if every[i : i + len(names)] == names)
-    window = _text(tok, s.prompt[:-q])
+    window = _text(tok, s.prompt[: length - q - gap])
     for pos, name, end in zip(s.key_positions, names, s.meta["item_ends"], strict=True):
         before = _text(tok, s.prompt[:pos])
         line = before[before.rfind("\n") + 1 :]  # the header, from column 0 up to the name
         assert re.fullmatch(r"(async\s+def|def|class)\s+", line), (name, line)
-        assert _text(tok, s.prompt[pos : end - 1]) == name and end <= length - q
+        assert _text(tok, s.prompt[pos : end - 1]) == name and end <= length - q - gap
     for gone in every[i - 1 : i] + every[i + len(names) : i + len(names) + 1]:
         header = rf"(?m)^(?:async\s+def|def|class)\s+{re.escape(gone)}(?=\W)"
         assert re.search(header, window) is None, gone
 
 
-@pytest.mark.parametrize(("length", "depth"), [(300, 0.0), (900, 0.5), (1600, 1.0)])
-def test_outline_lists_the_modules_top_level_definitions_in_order(length, depth) -> None:
+@pytest.mark.parametrize(
+    ("length", "depth", "gap"), [(300, 0.0, 0), (900, 0.5, 37), (1600, 1.0, 0)]
+)
+def test_outline_lists_the_modules_top_level_definitions_in_order(length, depth, gap) -> None:
     for seed in range(4):
-        _check_outline(TOK, outline(TOK, length, seed, depth=depth), length)
+        _check_outline(TOK, outline(TOK, length, seed, depth=depth, gap=gap), length)
 
 
 def test_outline_is_deterministic_and_its_depth_moves_the_window() -> None:
@@ -145,8 +149,8 @@ def test_outline_refuses_what_it_cannot_make() -> None:
         outline(TOK, 10**8, 0, split="test")
     with pytest.raises(ValueError, match="split='dev'"):
         outline(TOK, 500, 0, split="dev")
-    with pytest.raises(ValueError, match="gap=3 must be 0"):
-        outline(TOK, 500, 0, gap=3)
+    with pytest.raises(TooShort, match="gap=500"):
+        outline(TOK, 520, 0, gap=500)
     with pytest.raises(ValueError, match="depth"):
         outline(TOK, 500, 0, depth=1.5)
 
@@ -265,9 +269,16 @@ def test_both_tasks_place_their_pieces_exactly_with_a_bpe(tmp_path: Path) -> Non
 
 
 def test_the_mixture_draws_both_tasks_for_either_architecture() -> None:
-    for task in ("outline", "cipher"):
-        sample = fitted_sample(task, TOK, FILLER, 500, 0.5, 3, 0)  # decoder-only: exact total
-        assert sample.tokens.size == 500
+    # A decoder-only model reads prompt + answer of an exact total, though an outline's answer
+    # changes with the window's length (some of these widen their gap to fit).
+    for seed in range(24):
+        s = fitted_sample("outline", TOK, FILLER, 500, seed / 60, seed, 0)
+        assert s.tokens.size == 500
+        _check_outline(TOK, s, s.prompt.size)
+        assert fitted_sample("cipher", TOK, FILLER, 500, seed / 24, seed, 0).tokens.size == 500
+    probe = HeldOutTask("outline", 400, 3).samples(TOK, FILLER)  # a decoder-only probe
+    assert all(module_split(s.meta["file"]) == "validation" for s in probe)
+    assert [s.tokens.size for s in probe] == [401] * 3
     mixture = [{"task": "outline", "batch_size": 2, "lengths": [256]}]
     cfg = Config.preset("seq2seq-tiny").override({"data.mixture": mixture})
     batch = BatchSource(cfg, TOK, np.frombuffer(b"x = 1\n" * 2000, np.uint8).astype(np.int64))

@@ -14,6 +14,7 @@ least W tokens before the question, where only memory reaches it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,6 +36,8 @@ TRAIN_SEEDS = 2**62
 # The answer length a sample is first sized for (a passkey's 5 digits); a task whose answer
 # encodes to another length is drawn once more at the corrected size.
 ANSWER_GUESS = 5
+# fitted_sample: corrections of the prompt's size at one gap, and the gaps it tries.
+FIT_TRIES, FIT_GAPS = 8, 64
 
 
 @dataclass
@@ -202,20 +205,40 @@ def answer_weights(answer: Tensor, share: float) -> Tensor:
 
 
 def fitted_sample(
-    task: str, tok: Tokenizer, filler: Filler, total: int, depth: float, seed: int, gap: int
+    task: str,
+    tok: Tokenizer,
+    filler: Filler,
+    total: int,
+    depth: float,
+    seed: int,
+    gap: int,
+    **kw: Any,
 ) -> Sample:
     """A sample of ``total`` tokens (prompt + answer): the prompt is sized for the answer's
-    token count, which a subword tokenizer may vary (the same seed draws the same answer)."""
-    guess = make_samples(task, tok, filler, max(1, total - ANSWER_GUESS), depth, 1, seed, gap=gap)[
-        0
-    ]
-    if guess.tokens.size == total:
-        return guess
-    size = total - guess.answer.size
-    sample = make_samples(task, tok, filler, size, depth, 1, seed, gap=gap)[0]
-    if sample.tokens.size != total:
-        raise ValueError(f"{task} cannot make a sample of exactly {total} tokens")
-    return sample
+    token count, which a subword tokenizer may vary (the same seed draws the same answer).
+    ``kw``: further task settings (``split``).
+
+    Where the answer grows with the prompt (``outline`` lists the names its window holds), a
+    total can fall between two sizes: then the gap grows a token at a time until one fits (a
+    gap is a least distance, so a wider one keeps the task's promise)."""
+
+    def make(size: int, wider: int) -> Sample:
+        return make_samples(task, tok, filler, size, depth, 1, seed, gap=gap + wider, **kw)[0]
+
+    for wider in range(FIT_GAPS):
+        size, tried = max(1, total - ANSWER_GUESS), set()
+        try:
+            while size not in tried and len(tried) < FIT_TRIES:
+                tried.add(size)
+                sample = make(size, wider)
+                if sample.tokens.size == total:
+                    return sample
+                size = max(1, total - sample.answer.size)
+        except TooShort:
+            if wider:
+                break  # a wider gap will not fit either
+            raise
+    raise ValueError(f"{task} cannot make a sample of exactly {total} tokens")
 
 
 def _after(prefix: np.ndarray, inner: Sample) -> Sample:

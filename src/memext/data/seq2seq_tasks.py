@@ -227,36 +227,40 @@ def outline(
     """A window of a stdlib module's docstring-free source, then the question; the answer is
     the names of the top-level ``def``/``class`` statements in the window, in order, one a line.
 
-    The module: drawn uniformly among ``split``'s files (``module_split``) at least as long as
-    the window (``length`` less the question) in bytes and in tokens, and with a name in it;
-    a file of another split is never read (when the window holds no name, the next module
-    drawn is tried). The window: exactly that many tokens of the source, starting at the last
-    line that begins at or before ``depth`` of the way through the source's slack (depth 0:
-    the module's head) and cut wherever it ends, so a module gives many samples. A window
-    that starts at a line rather than at a statement spreads the names through it: one that
-    starts at a definition would hand a prefix baseline its first name every time. A name
-    counts when the window holds it and the token after it (which shows where it ends); the
-    top level is column 0, so definitions nested under a top-level ``if`` or ``try`` do not
-    count.
+    The module: ``split``'s files (``module_split``) in an order drawn from the seed alone (a
+    slightly longer sample of a seed reads the same module), the first at least as long as the
+    window (``length`` less the question and the gap) in bytes and in tokens whose window holds
+    a name; a file of another split is never read. The window: exactly that many tokens of the
+    source, from the last line that begins at or before ``depth`` of the way through the
+    source's slack (depth 0: the module's head), cut wherever it ends, so a module gives many
+    samples. Starting at a line rather than at a statement spreads the names through the
+    window: one that started at a definition would hand a prefix baseline its first name every
+    time. A name counts when the window holds it and the token after it (which shows where it
+    ends); the top level is column 0, so definitions nested under a top-level ``if`` or ``try``
+    do not count.
 
-    ``filler`` is not read (the module is the document); ``gap`` must be 0 (nothing is held
-    back from the question). ``meta``: ``names``, ``file`` (relative to the stdlib root),
+    ``filler`` is not read (the module is the document). ``gap``: that many tokens of blank
+    lines between the window and the question, so no name lies in the last ``gap`` tokens
+    before it, as with ``passkey``. ``meta``: ``names``, ``file`` (relative to the stdlib root),
     ``split``, ``start`` and ``module_tokens`` (the window's place in the module), ``items``,
     ``item_ends``, ``joiner``, ``question_tokens``.
     """
     _check(length, depth, gap, filler)
-    if gap:
-        raise ValueError(f"outline lists every definition in its window: gap={gap} must be 0")
     modules = split_modules(split)  # checks the split
     rng = _rng(seed, "outline")
     question = _ids(tok, OUTLINE_QUESTION)
-    body_len = length - question.size
+    body_len = length - question.size - gap
     if body_len < 1:
-        raise TooShort(f"length={length} is too short for the {question.size}-token question")
+        raise TooShort(
+            f"length={length} is too short for the {question.size}-token question and gap={gap}"
+        )
     key = _ByFingerprint(tok)
-    fits = [m for m in modules if m[2] >= body_len]
-    for i in rng.permutation(len(fits)):
-        name, path, _ = fits[int(i)]
+    # One order per seed, whatever the length: a decoder-only batch sizes each prompt for its
+    # answer (mixture.fitted_sample), which must not move it to another module.
+    for i in rng.permutation(len(modules)):
+        name, path, size = modules[int(i)]
+        if size < body_len:
+            continue  # a token holds a byte at least: too short, without reading it
         module = _module(key, path)
         if module is None or module.ids.size < body_len:
             continue
@@ -289,7 +293,8 @@ def outline(
         "question_tokens": int(question.size),
         "chance": 0.0,
     }
-    prompt = np.concatenate([module.ids[start:end], question])
+    blank = np.resize(_ids(tok, "\n"), gap)  # a newline is one token in bytes and byte BPEs
+    prompt = np.concatenate([module.ids[start:end], blank, question])
     positions = tuple(a - start for _, a, _ in picked)
     return _sample("outline", prompt, np.concatenate(answer), positions, meta)
 

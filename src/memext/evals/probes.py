@@ -89,10 +89,19 @@ class HeldOutTask:
 
     def samples(self, tok: Tokenizer, filler: Filler) -> list[Sample]:
         """The probe's samples with haystacks cut from ``filler``."""
+        # A task that picks its own source files (outline) reads the validation ones.
+        extra = {"split": "validation"} if "split" in TASKS.takes(self.task) else {}
         try:
             return [
                 fitted_sample(
-                    self.task, tok, filler, self.length + 1, (i + 0.5) / self.n, TRAIN_SEEDS + i, 0
+                    self.task,
+                    tok,
+                    filler,
+                    self.length + 1,
+                    (i + 0.5) / self.n,
+                    TRAIN_SEEDS + i,
+                    0,
+                    **extra,
                 )
                 for i in range(self.n)
             ]
