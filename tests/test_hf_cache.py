@@ -170,3 +170,29 @@ def test_chunked_prefill_hands_grouped_kv_to_sdpa_and_reads_the_same(monkeypatch
     assert heads and all(h == (4, 2, True) for h in heads)
     assert (logits - whole).abs().max() <= TOL
     assert "TRANSFORMERS_SDPA_FORCE_GQA" not in os.environ  # restored
+
+
+def test_chunked_reading_of_dynamic_rope_is_refused_past_the_original_length() -> None:
+    # Dynamic rope changes its frequencies past max_position_embeddings; keys cached earlier keep
+    # their old angles, so a chunked read past that length would compute something else.
+    config = transformers.LlamaConfig(
+        vocab_size=264,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    inside = _prompt(60)
+    with torch.no_grad():
+        one_shot = model(inside).logits[:, -1]
+    logits, _ = prefill(model, inside, PolicyCache(config, "full", max_len=60), 16)
+    torch.testing.assert_close(logits, one_shot, rtol=1e-4, atol=1e-4)  # inside: allowed, exact
+    with pytest.raises(ValueError, match=r"rope_type 'dynamic' changes its frequencies past 64"):
+        prefill(model, _prompt(100), PolicyCache(config, "full", max_len=100), 16)
+    logits, _ = prefill(model, _prompt(100), PolicyCache(config, "full", max_len=100), 100)
+    assert logits.shape == (1, 264)  # one forward past the length: allowed
