@@ -9,6 +9,7 @@ int8 caches: logits within 0.2 of full attention.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 import torch
@@ -19,15 +20,19 @@ from memext.hf.cache import PolicyCache, prefill
 TOL = 1e-4
 
 
-def _llama(n_layers: int = 2):
+def _llama(n_layers: int = 2, **config: Any):
+    """A random Llama; ``config`` overrides fields of its ``LlamaConfig``."""
     config = transformers.LlamaConfig(
-        vocab_size=264,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=n_layers,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # peaked logits: greedy choices far from ties
+        **{
+            "vocab_size": 264,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": n_layers,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "initializer_range": 0.2,  # peaked logits: greedy choices far from ties
+            **config,
+        }
     )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
@@ -175,18 +180,12 @@ def test_chunked_prefill_hands_grouped_kv_to_sdpa_and_reads_the_same(monkeypatch
 def test_chunked_reading_of_dynamic_rope_is_refused_past_the_original_length() -> None:
     # Dynamic rope changes its frequencies past max_position_embeddings; keys cached earlier keep
     # their old angles, so a chunked read past that length would compute something else.
-    config = transformers.LlamaConfig(
-        vocab_size=264,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
+    model = _llama(
+        1,
         max_position_embeddings=64,
         rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0},
-        initializer_range=0.2,
     )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    config = model.config
     inside = _prompt(60)
     with torch.no_grad():
         one_shot = model(inside).logits[:, -1]

@@ -66,10 +66,15 @@ from memext.nn.rotary import apply_rotary
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 
+def _rope(config: Any) -> tuple[dict[str, Any], str]:
+    """A Hugging Face config's rope parameters and type ("default" when it names none)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return params, params.get("rope_type", "default")
+
+
 def _inv_freq(config: Any) -> Tensor:
     """The rotary inverse frequencies of a Hugging Face config (fixed-frequency rope types)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
+    params, rope_type = _rope(config)
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         raise ValueError(
             f"the sinks cache re-rotates keys by fixed angles; rope_type {rope_type!r} changes "
@@ -87,8 +92,7 @@ def _inv_freq(config: Any) -> Tensor:
 def _inv_freq32(config: Any, who: str = "the retrieval cache re-rotates keys") -> Tensor:
     """The inverse frequencies exactly as transformers computes them (fp32), so that keys it
     rotated can be un-rotated with the same angles (or queries rotated as it rotates them)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
+    params, rope_type = _rope(config)
     if rope_type in _LENGTH_DEPENDENT_ROPE:
         raise ValueError(
             f"{who} at fixed angles; rope_type {rope_type!r} changes its frequencies with the "
@@ -436,8 +440,7 @@ def _check_fixed_angles(config: Any, start: int, t: int) -> None:
     rope recomputes its frequencies once the input passes the original length, but keys an
     earlier forward cached keep the angles they were rotated at (seen: SmolLM2 dynamic x4 read
     in 1,024-token chunks scored 2.49 bits/byte at 16k against 0.855 in one forward)."""
-    params = getattr(config, "rope_parameters", None) or {}
-    rope_type = params.get("rope_type", "default")
+    params, rope_type = _rope(config)
     original = params.get("original_max_position_embeddings") or config.max_position_embeddings
     if start > 0 and rope_type in _LENGTH_DEPENDENT_ROPE and start + t > original:
         raise ValueError(
