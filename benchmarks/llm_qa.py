@@ -256,7 +256,8 @@ def run(
     from memext.pipelines.store import RetrievalStore
 
     key = settings_key(s)
-    rows = done_rows(rows_path, key) if rows_path else []
+    # Rows of questions past this run's count (an earlier, longer run) are not this run's.
+    rows = [r for r in done_rows(rows_path, key) if r["q"] < len(items)] if rows_path else []
     done = {(r["q"], r["config"]) for r in rows}
     if done:
         log(f"resuming: {len(done)} row(s) of these settings in {rows_path}")

@@ -9,7 +9,9 @@ the same ids for every configuration), batch 1, greedy, ``--new-tokens`` new tok
   ``DynamicCache`` (one-shot prefill; end-of-sequence stopping off, so every run makes N tokens);
 - ``full``: memext's decode loop (``HFAdapter._generate_ids``, what ``HFAdapter.generate`` runs,
   given the ids so that no text decoding is timed) with ``cache="full"`` and no chunk:
-  transformers' ``DynamicCache``, one-shot prefill, memext's loop;
+  one-shot prefill, memext's loop, transformers' ``DynamicCache`` with memext's
+  ``GrowingLayer`` (``memext.hf.growing``: room for prompt + N allocated once, no per-token copy
+  of the whole cache);
 - ``full-chunked``, ``window``, ``sinks``, ``quantized``, ``retrieval``: memext's policies as a
   ``memext.hf.cache.PolicyCache``, the prompt read ``--chunk`` tokens per forward
   (``memext.hf.cache.prefill``). ``quantized`` is int8 storage over the ``sinks`` policy (same
@@ -286,7 +288,7 @@ def decode_benchmark(
         )
         entry: dict[str, Any] = {
             "config": config,
-            "cache": "DynamicCache" if config in ("transformers", "full") else cache,
+            "cache": {"transformers": "DynamicCache", "full": "GrowingLayer"}.get(config, cache),
             "options": opts,
             "runs": len(runs),
             "tokens_per_s": rate,

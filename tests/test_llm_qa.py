@@ -183,6 +183,9 @@ def test_llm_qa_runs_every_configuration_and_resumes(
         json.dumps(r, sort_keys=True) for r in got
     ]
     assert any("resuming: 8 row(s)" in line for line in lines)
+    # A shorter run over the same settings takes its own questions' rows only.
+    first = qa.run(llama, encoder, items[:1], [0], qa.CONFIGS, s, path, lines.append)
+    assert first == [r for r in got if r["q"] == 0] and len(first) == len(qa.CONFIGS)
 
 
 def test_a_document_that_fits_is_read_whole(llama: Any) -> None:

@@ -201,7 +201,7 @@ class HFAdapter:
         cache_options: dict[str, Any] | None = None,
         chunk: int | None = None,
     ) -> Iterator[int]:
-        from memext.hf.model import _transformers, cache_kwargs
+        from memext.hf.model import cache_kwargs
         from memext.infer.generate import sample_next
 
         if not prompt:
@@ -212,7 +212,10 @@ class HFAdapter:
         unhook: Any = None
         try:
             if cache == "full" and not cache_options and not chunk:
-                past: Any = _transformers().DynamicCache(config=lm.config)
+                from memext.hf.growing import growing_cache
+
+                # transformers' DynamicCache with its room allocated once (memext.hf.growing).
+                past: Any = growing_cache(lm.config, len(prompt) + max_new_tokens)
                 out = lm(input_ids=ids, use_cache=True, logits_to_keep=1, **cache_kwargs(lm, past))
                 logits = out.logits[:, -1]
             else:  # memext's policy, its exact band over the prompt, ``chunk`` tokens per forward
