@@ -58,7 +58,7 @@ def options(policy: str, args: argparse.Namespace) -> dict[str, int | str]:
     if policy == "sinks":
         return {"sinks": args.sinks, "window": args.window + args.topk * args.block}
     if policy == "retrieval":
-        keys = ("sinks", "window", "block", "topk", "reps", "tail", "group", "share")
+        keys = ("sinks", "window", "block", "topk", "reps", "tail", "group", "share", "score")
         return {k: getattr(args, k) for k in keys}
     return {}
 
@@ -113,6 +113,7 @@ def main() -> None:
     )
     p.add_argument("--group", choices=("mean", "max"), default="mean", help="retrieval's group")
     p.add_argument("--share", choices=("head", "layer"), default="head", help="retrieval's share")
+    p.add_argument("--score", choices=("free", "rope"), default="free", help="retrieval's score")
     p.add_argument("--chunk", type=int, default=512, help="Prompt tokens per forward.")
     # SmolLM2 writes digits one token each: "The pass key is " and five digits take ~10 tokens;
     # 8 cut every answer after its third digit.

@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--group", default="mean", help="retrieval's group option (mean|max)")
     p.add_argument("--share", default="head", help="retrieval's share option (head|layer)")
     p.add_argument("--hold", default="token", help="retrieval's hold option (token|prompt)")
+    p.add_argument("--score", default="free", help="retrieval's score option (free|rope)")
     p.add_argument(
         "--tail", type=int, default=0, help="Read the prompt's last TAIL tokens as a chunk alone."
     )
@@ -68,7 +69,7 @@ def main() -> None:
     where = next(j for j in range(len(ids)) if ids[j : j + len(digits)] == digits)
     key_block = (where - args.sinks) // args.block  # blocks start after the sinks
     lm = model.model.model
-    names = ("sinks", "window", "block", "topk", "reps", "group", "share", "hold")
+    names = ("sinks", "window", "block", "topk", "reps", "group", "share", "hold", "score")
     opts = {k: getattr(args, k) for k in names}
     cache = PolicyCache(lm.config, "retrieval", **opts)
     started = time.perf_counter()

@@ -102,6 +102,14 @@ def truncated_context(text: str, question: str, read: Callable[[str], list[int]]
     return text[:lo]
 
 
+def retrieval_options(args: argparse.Namespace) -> dict[str, Any]:
+    """(c)'s cache options; ``reps`` and ``score`` only where they differ from the policy's
+    defaults, so that rows measured before they were options keep their settings key."""
+    options = {k: getattr(args, k) for k in ("sinks", "window", "block", "topk")}
+    changed = {"reps": args.reps != 4, "score": args.score != "free"}
+    return options | {k: getattr(args, k) for k, differs in changed.items() if differs}
+
+
 def settings_key(settings: dict[str, Any]) -> str:
     """What a row was measured under: rows of other settings are never mixed into a table."""
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
@@ -328,6 +336,10 @@ def main() -> None:
     p.add_argument("--window", type=int, default=256, help="(c): the local window.")
     p.add_argument("--block", type=int, default=64, help="(c)")
     p.add_argument("--topk", type=int, default=4, help="(c)")
+    p.add_argument("--reps", type=int, default=4, help="(c): representative keys per block.")
+    p.add_argument(
+        "--score", choices=("free", "rope"), default="free", help="(c): how blocks are scored."
+    )
     p.add_argument("--chunk", type=int, default=256, help="(c): prompt tokens per forward.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -381,7 +393,7 @@ def main() -> None:
         "mode": args.mode,
         "context_tokens": args.context_tokens,
         "encoder": None if args.encoder is None else str(args.encoder),
-        "cache_options": {k: getattr(args, k) for k in ("sinks", "window", "block", "topk")},
+        "cache_options": retrieval_options(args),
         "chunk": args.chunk,
         "seed": args.seed,
     }

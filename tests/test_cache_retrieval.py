@@ -108,6 +108,9 @@ def _memext_logits(model, tokens, cache, chunk, **options) -> Tensor:
         pytest.param({"sinks": 2, "window": 9, "block": 4, "topk": 64}, 7, id="all-blocks-back"),
         pytest.param({"sinks": 1, "window": 1, "block": 1, "topk": 200}, 1, id="one-token-blocks"),
         pytest.param({"sinks": 3, "window": 16, "block": 5, "topk": 40}, 150, id="one-chunk"),
+        pytest.param(
+            {"sinks": 2, "window": 9, "block": 4, "topk": 64, "score": "rope"}, 7, id="rope-score"
+        ),
     ],
 )
 def test_budget_covering_the_input_equals_full(options: dict, chunk: int) -> None:
@@ -328,14 +331,15 @@ def test_a_retrieved_block_sits_right_before_the_local_part() -> None:
     assert (keys[:, :, 10:] - want).abs().max() <= REF_TOL
 
 
-def test_hf_layer_and_memext_cache_give_the_same_attention() -> None:
+@pytest.mark.parametrize("score", ["free", "rope"])
+def test_hf_layer_and_memext_cache_give_the_same_attention(score: str) -> None:
     # The same raw keys and queries: memext rotates at cache positions, the HF layer at true
     # positions shifted; every query-key distance, so the attention, must agree.
     config = LLAMA.config
     d, h, g = 8, 3, 3
     inv = _inv_freq32(config)
     rotary = Rotary(d, base=config.rope_parameters["rope_theta"])
-    options = {"sinks": 2, "window": 6, "block": 4, "topk": 2, "reps": 2}
+    options = {"sinks": 2, "window": 6, "block": 4, "topk": 2, "reps": 2, "score": score}
     ours = Retrieval(rotary=rotary, **options).allocate(1, 1, h, d)
     theirs = RetrievalPolicyLayer(Retrieval(**options), hf_rotations(inv))
     gen = torch.Generator().manual_seed(1)
@@ -368,12 +372,15 @@ def test_hf_layer_and_memext_cache_give_the_same_attention() -> None:
     block=st.integers(2, 8),
     reps=st.integers(1, 2),
     seed=st.integers(0, 1000),
+    score=st.sampled_from(["free", "rope"]),
 )
 # Found by hypothesis when weights were summed, not taken relative to uniform: the first
 # tokens after the sinks outscored a planted key late in block 0.
-@example(b=1, h=1, g=1, planted=0, block=3, reps=1, seed=0)
-@example(b=1, h=3, g=1, planted=0, block=6, reps=1, seed=1)
-def test_retrieval_picks_the_block_holding_a_planted_key(b, h, g, planted, block, reps, seed):
+@example(b=1, h=1, g=1, planted=0, block=3, reps=1, seed=0, score="free")
+@example(b=1, h=3, g=1, planted=0, block=6, reps=1, seed=1, score="free")
+def test_retrieval_picks_the_block_holding_a_planted_key(
+    b, h, g, planted, block, reps, seed, score
+):
     d, sinks, window, n_blocks = 16, 2, 6, 10
     gen = torch.Generator().manual_seed(seed)
     # The slowest rotary pair (dims d/2 - 1 and d - 1) turns by ~3e-4 rad a position: a query
@@ -400,6 +407,7 @@ def test_retrieval_picks_the_block_holding_a_planted_key(b, h, g, planted, block
         block=block,
         topk=1,
         reps=reps,
+        score=score,
         rotary=Rotary(d),
     )
     for a in range(0, n, 5):
@@ -559,6 +567,60 @@ def test_selection_equals_the_naive_rule(group: str, share: str) -> None:
     assert cache.layers[0].n_blocks > options["topk"]  # the last two steps chose a subset
 
 
+def _naive_rope_selection(
+    history: Tensor, q: Tensor, start: int, rotary: Rotary, sinks: int, block: int, topk: int
+) -> tuple[Tensor, Tensor]:
+    """score="rope" with every token of a block a representative: each stored block's raw keys
+    (``history`` (B, H, n, D), rotated here at their true positions) against the chunk's queries
+    ``q`` (B, H·g, T, D) at theirs, one block, head and query at a time: (scores, blocks)."""
+    b, h, n, d = history.shape
+    g, t = q.shape[1] // h, q.shape[2]
+    cos, sin = rotary(torch.arange(start + t), seq_len=start + t)
+    keys = apply_rotary(history, cos[:n], sin[:n])
+    looks = apply_rotary(q, cos[start:], sin[start:])
+    n_blocks = (n - sinks) // block
+    scores = torch.zeros(b, h, n_blocks)
+    for bi in range(b):
+        for hi in range(h):
+            for ni in range(n_blocks):
+                span = keys[bi, hi, sinks + ni * block : sinks + (ni + 1) * block]
+                per_query = []
+                for ti in range(max(0, t - retrieval.ROPE_QUERIES), t):  # the last queries
+                    group = looks[bi, hi * g : (hi + 1) * g, ti]  # (g, D)
+                    per_query.append(float((group @ span.T / d**0.5).flatten().logsumexp(0)))
+                scores[bi, hi, ni] = max(per_query)
+    return scores, scores.topk(topk, dim=-1).indices.sort(dim=-1).values
+
+
+def test_rope_selection_equals_the_naive_rule() -> None:
+    b, h, g, d = 2, 3, 3, 8
+    sinks, window, block, topk = 2, 4, 3, 2
+    rotary = Rotary(d)
+    cache = build_cache("retrieval", 1, b, h, d, sinks=sinks, window=window, block=block,
+                        topk=topk, reps=block, score="rope", rotary=rotary)  # fmt: skip
+    gen = torch.Generator().manual_seed(2)
+    history = torch.zeros(b, h, 0, d)
+    checked = 0
+    for t in (20, 5, 1, 140, 1):  # 140: more queries than score (ROPE_QUERIES)
+        k, v = torch.randn(2, b, h, t, d, generator=gen)
+        q = torch.randn(b, h * g, t, d, generator=gen)
+        layer = cache.layers[0]
+        n_blocks, start = layer.n_blocks, cache.seq_len
+        cache.update(0, k, v, queries=q)
+        cache.advance(t)
+        if n_blocks > topk:
+            scores, expected = _naive_rope_selection(
+                history[:, :, : sinks + n_blocks * block], q, start, rotary, sinks, block, topk
+            )
+            reps = layer.store_reps[:, :, :n_blocks].float()
+            got = layer._rope_scores(reps, q, start)
+            assert (got - scores).abs().max() <= REF_TOL
+            assert torch.equal(layer.selected, expected)
+            checked += 1
+        history = torch.cat((history, k), dim=-2)
+    assert checked == 4
+
+
 def test_hold_prompt_decodes_from_the_blocks_the_prompt_chose() -> None:
     b, h, g, d = 1, 2, 2, 8
     options = {"sinks": 2, "window": 6, "block": 3, "topk": 2, "reps": 1}
@@ -651,6 +713,8 @@ def test_prefill_reads_the_policys_tail_alone() -> None:
         ({"sinks": 4, "window": 8, "group": "sum"}, r"group must be one of mean, max, got 'sum'"),
         ({"sinks": 4, "window": 8, "share": "all"}, r"share must be one of head, layer"),
         ({"sinks": 4, "window": 8, "hold": "x"}, r"hold must be one of token, prompt"),
+        ({"sinks": 4, "window": 8, "score": "cos"}, r"score must be one of free, rope"),
+        ({"sinks": 4, "window": 8, "score": "rope", "group": "max"}, r"group='max' .* drop one"),
         ({"sinks": 4, "window": 8, "tail": -1}, r"tail must be a number of tokens >= 0, got -1"),
         ({"sinks": 4, "window": 8, "store_dir": "/no/such/dir"}, r"not an existing folder"),
         ({"sinks": 4, "window": 8, "max_len": 9}, r"cache 'retrieval' takes no option max_len"),
