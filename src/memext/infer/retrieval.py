@@ -46,10 +46,11 @@ rotated at the positions they held in the input, the chunk's last ``ROPE_QUERIES
 rotated at theirs, and a block's score is the logsumexp of its logits over the group's query
 heads and its representatives, max over those queries. The position-free score is the logit at
 distance 0, where RoPE's fast-turning dimensions count fully; at the true distance they
-average out, as in full attention. Measured on SmolLM2 in a stdlib (Python source) haystack
-(docs/results.md): passkey at 2k 0.2 -> 1.0 with 16-token blocks x 16, and at 4k 0.00 -> 0.60
-with 16-token blocks x 32, where the position-free score found the key's block barely more
-often than chance.
+average out, as in full attention. On SmolLM2 in a stdlib (Python source) haystack, where
+the position-free score found the key's block barely more often than chance, it reads far
+more passkeys (docs/results.md, "Block selection in varied text"); but in repetitive filler at
+32k, where every block matches alike, its logits favour the nearest blocks (RoPE's long-range
+decay) and it misses the far key the position-free score finds. So it is off by default.
 
 The prompt's end (``tail``, off by default). A chunk's mean query chooses its blocks, and the
 chunk that ends a prompt writes the first answer token; inside a 256-token chunk of filler the
