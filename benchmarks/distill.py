@@ -3,7 +3,8 @@
 Three runs of the product's own commands, then one suite over each:
 
 - the teacher: `memext train --config benchmarks/configs/distill-teacher.yaml` (full attention
-  over 1,024 tokens, d128 x 4 layers);
+  over 1,024 tokens, d128 x 4 layers; `--teacher-steps` trains it longer than its config's
+  300 steps, so that its soft targets carry more than the students could learn alone);
 - the CE student: `memext train --config benchmarks/configs/distill-student.yaml` (kNN memory,
   128-token segments, d64 x 2 layers), cross-entropy alone;
 - the KD students: `memext distill --teacher TEACHER --student distill-student.yaml --alpha A
@@ -61,7 +62,8 @@ def command(run: Path, args: argparse.Namespace) -> list[str]:
     """The command that trains ``run`` (its name says which)."""
     memext = [sys.executable, "-m", "memext"]
     if run.name == "teacher":
-        return [*memext, "train", "--config", str(CONFIGS / "distill-teacher.yaml")]
+        steps = [] if args.teacher_steps is None else ["--set", f"train.steps={args.teacher_steps}"]
+        return [*memext, "train", "--config", str(CONFIGS / "distill-teacher.yaml"), *steps]
     student = str(CONFIGS / "distill-student.yaml")
     if run.name == "ce":
         return [*memext, "train", "--config", student]
@@ -118,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda v: tuple(float(x) for x in v.split(":")),
         action="append",
         help="ALPHA:TEMPERATURE of a KD student (repeatable; default 0.5:2)",
+    )
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        help="the teacher's training steps (default: its config's); the students' stay equal",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distill.json"))
     args = p.parse_args(argv)

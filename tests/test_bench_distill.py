@@ -152,8 +152,13 @@ def test_the_recorded_commands_are_memext_commands_on_configs_that_exist(
     for name, grade in GRADES.items():
         _finish(runs, name, *grade)
     monkeypatch.setattr(bench, "subprocess", NOTHING_RUNS)
-    bench.main([f"--runs={runs}", "--kd=0.5:2", f"--out={tmp_path / 'd.json'}"])
+    bench.main(
+        [f"--runs={runs}", "--kd=0.5:2", "--teacher-steps=1200", f"--out={tmp_path / 'd.json'}"]
+    )
     logged = json.loads((tmp_path / "d.json").read_text())["runs"]
+    teacher = shlex.split(logged["teacher"]["command"])
+    assert teacher[teacher.index("--set") + 1] == "train.steps=1200"
+    assert "--set" not in logged["ce"]["command"]  # the students keep equal steps
     runner = CliRunner()
     for name, entry in logged.items():
         words = shlex.split(entry["command"])
