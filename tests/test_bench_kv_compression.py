@@ -74,7 +74,7 @@ def compressing(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, P
     tmp = tmp_path_factory.mktemp("kv_compression")
     path = save_tiny_llama(tmp / "llama", initializer_range=0.2)
     bench, out = _bench(), tmp / "kv.json"
-    bench.main([f"--model={path}", *SMALL, "--residual=8", "--budget=0.25", f"--out={out}"])
+    bench.main([f"--model={path}", *SMALL, "--residual=8", "--budget=0.25", "--pool=max", f"--out={out}"])
     return bench, path, out, json.loads(out.read_text())
 
 
@@ -132,7 +132,7 @@ def test_budget_policies_keep_a_quarter_of_the_prompt(compressing: tuple) -> Non
     budget = round(0.25 * PROMPT)
     for row in result["snapkv_passkey"]["rows"]:
         if row["policy"] == "snapkv":
-            assert row["options"]["budget"] == budget
+            assert row["options"]["budget"] == budget and row["options"]["pool"] == "max"
             assert row["cache_bytes"] == per_token * (budget + NEW)
         if row["policy"] == "sinks":  # 4 sinks and a window: the budget's tokens, no more
             assert row["options"]["sinks"] + row["options"]["window"] - 1 == budget
