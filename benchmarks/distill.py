@@ -43,6 +43,7 @@ from memext.runtime import command_line, provenance
 CONFIGS = Path("benchmarks/configs")
 SUITE = CONFIGS / "distill-suite.yaml"
 WINDOW = 128  # the student's segment: its attention window
+CE_INIT = "ce-init"  # with --init: alpha 0 from the teacher's weights, the init's share alone
 
 
 def finished(run: Path) -> bool:
@@ -64,13 +65,17 @@ def command(run: Path, args: argparse.Namespace) -> list[str]:
     if run.name == "teacher":
         steps = [] if args.teacher_steps is None else ["--set", f"train.steps={args.teacher_steps}"]
         return [*memext, "train", "--config", str(CONFIGS / "distill-teacher.yaml"), *steps]
-    student = str(CONFIGS / "distill-student.yaml")
+    student = str(args.student)
     if run.name == "ce":
         return [*memext, "train", "--config", student]
-    alpha, temperature = next(v for v in args.kd if kd_name(*v) == run.name)
+    if run.name == CE_INIT:  # the teacher's weights without its soft targets
+        alpha, temperature = 0.0, 1.0
+    else:
+        alpha, temperature = next(v for v in args.kd if kd_name(*v) == run.name)
+    init = ["--init-from-teacher"] if args.init else []
     return [
         *memext, "distill", "--teacher", str(args.runs / "teacher"), "--student", student,
-        "--alpha", f"{alpha:g}", "--temperature", f"{temperature:g}",
+        "--alpha", f"{alpha:g}", "--temperature", f"{temperature:g}", *init,
     ]  # fmt: skip
 
 
@@ -126,12 +131,24 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         help="the teacher's training steps (default: its config's); the students' stay equal",
     )
+    p.add_argument(
+        "--student",
+        type=Path,
+        default=CONFIGS / "distill-student.yaml",
+        help="the students' config (CE and KD alike)",
+    )
+    p.add_argument(
+        "--init",
+        action="store_true",
+        help="KD students start from the teacher's weights (DistilBERT's initialisation; the "
+        "student must have the teacher's width); adds a run of that start with CE alone",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distill.json"))
     args = p.parse_args(argv)
     args.kd = args.kd or [(0.5, 2.0)]
     args.runs.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    students = [kd_name(*v) for v in args.kd]
+    students = [kd_name(*v) for v in args.kd] + ([CE_INIT] if args.init else [])
     runs = {name: args.runs / name for name in ("teacher", "ce", *students)}
     log: dict = {}
     teacher = start(runs["teacher"], args, log)
@@ -157,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         "runs": log,
         "suite": str(SUITE),
         "kd": {kd_name(*v): {"alpha": v[0], "temperature": v[1]} for v in args.kd},
+        "student": str(args.student),
+        "init_from_teacher": args.init,
         "scores": scores,
         "bits_per_byte_at": int(length),
         "gap_closed": closed,

@@ -202,3 +202,27 @@ def test_a_sweep_resumes_the_interrupted_and_trains_only_the_new(
     assert result["runs"]["kd-a1-t2"]["train_seconds"] == 33
     assert list(result["gap_closed"]) == ["kd-a0.5-t2", "kd-a0.5-t1", "kd-a1-t2"]
     assert result["gap_closed"]["kd-a1-t2"] == pytest.approx(0.8)
+
+
+def test_with_init_the_kd_students_start_from_the_teacher_and_a_ce_run_shows_its_share(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench, runs, out = _bench(), tmp_path / "runs", tmp_path / "distill.json"
+    for name in ("teacher", "ce"):
+        _finish(runs, name, *GRADES[name])
+    launched = Launched({**GRADES, "ce-init": (3.4, 0.25, 21), "kd-a1-t1": (3.2, 0.25, 22)})
+    monkeypatch.setattr(bench, "subprocess", launched)
+    wide = "benchmarks/configs/distill-student-wide.yaml"
+    bench.main([f"--runs={runs}", "--kd=1:1", "--init", f"--student={wide}", f"--out={out}"])
+    result = json.loads(out.read_text())
+
+    assert result["init_from_teacher"] is True and result["student"] == wide
+    assert list(result["gap_closed"]) == ["kd-a1-t1", "ce-init"]
+    assert result["gap_closed"]["ce-init"] == pytest.approx(0.2)
+    assert result["gap_closed"]["kd-a1-t1"] == pytest.approx(0.6)
+    for cmd in launched.trained:
+        assert cmd[3] == "distill" and "--init-from-teacher" in cmd
+        assert cmd[cmd.index("--student") + 1] == wide
+    (ce_init,) = (c for c in launched.trained if c[c.index("--out") + 1].endswith("ce-init"))
+    assert ce_init[ce_init.index("--alpha") + 1] == "0"
+    assert (ROOT / wide).is_file()

@@ -13,13 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from memext import Config, load
+from memext import Config, build_model, load
 from memext import checkpoint as ckpt
 from memext.adapters import open_model
 from memext.checkpoint import read_metrics
 from memext.cli import app
+from memext.errors import MemextError
 from memext.train import train
-from memext.train.distill import Distillation, kd_loss
+from memext.train.distill import Distillation, init_from_teacher, kd_loss, teacher_blocks
 from memext.train.step import sequence_backward
 from tiny_hf import save_tiny_llama
 from tiny_runs import save_tiny_corpus, save_tiny_run
@@ -325,3 +326,94 @@ def test_the_guides_commands_parse():
         assert shown.exit_code == 0, line
         for option in (w for w in words if w.startswith("--")):
             assert option in shown.output, f"{option} is not an option of `memext {words[0]}`"
+
+
+@pytest.mark.parametrize(
+    ("teacher_depth", "student_depth", "picks"),
+    [(4, 2, [0, 3]), (6, 3, [0, 2, 5]), (2, 2, [0, 1]), (5, 1, [4]), (12, 6, [0, 2, 4, 7, 9, 11])],
+)
+def test_the_student_blocks_start_from_evenly_spaced_teacher_blocks(
+    teacher_depth, student_depth, picks
+):
+    assert teacher_blocks(teacher_depth, student_depth) == picks
+
+
+def test_a_student_deeper_than_its_teacher_cannot_start_from_it():
+    with pytest.raises(MemextError, match="no deeper than it"):
+        teacher_blocks(2, 3)
+
+
+def test_init_from_teacher_copies_every_weight_the_teacher_has(tmp_path, corpus, teacher):
+    # The student reads with an xl memory (a gate the teacher lacks) and half the depth.
+    deep = _sharp_run(save_tiny_run(tmp_path / "deep", corpus, seq_len=64, n_layers=4))
+    student = build_model(_cfg(corpus, **{"model.n_layers": "2"}).model, seed=1)
+    fresh = {k: v.clone() for k, v in student.state_dict().items()}
+    assert init_from_teacher(student, open_model(deep)) == [0, 3]
+    theirs = load(deep)[0].state_dict()
+    for name, value in student.state_dict().items():
+        if name.startswith("blocks."):
+            i, rest = name.split(".", 2)[1:]
+            name = f"blocks.{[0, 3][int(i)]}.{rest}"
+        if name in theirs:
+            assert torch.equal(value, theirs[name]), name
+        else:  # the memory's own parameters keep their initialisation
+            assert name.startswith("memory.") and torch.equal(value, fresh[name]), name
+    # At the teacher's own depth and kernel the student is the teacher: the same logits.
+    twin = build_model(load(teacher)[1].model, seed=1)
+    init_from_teacher(twin, open_model(teacher))
+    x = torch.randint(0, 256, (2, 40))
+    assert torch.equal(twin(x)[0], load(teacher)[0](x)[0])
+
+
+def test_distill_init_through_the_cli_starts_from_the_teacher(tmp_path, corpus, teacher):
+    _cfg(corpus, **{"train.steps": "1"}).save(tmp_path / "student.yaml")
+    args = ["distill", "--teacher", str(teacher), "--student", str(tmp_path / "student.yaml"),
+            "--no-eval", "--device", "cpu", "--alpha", "0"]  # fmt: skip
+    runs = {}
+    for flag in ("--init-from-teacher", "--random-init"):
+        out = tmp_path / flag.strip("-")
+        done = runner.invoke(app, [*args, flag, "--out", str(out)])
+        assert done.exit_code == 0, done.output
+        runs[flag] = read_metrics(out)[0]["loss"]
+        assert Config.load(out / ckpt.CONFIG).train.distill_init is (flag == "--init-from-teacher")
+    assert "starting from the teacher's weights (its blocks [0, 1])" in " ".join(
+        runner.invoke(
+            app, [*args, "--init-from-teacher", "--out", str(tmp_path / "again")]
+        ).output.split()
+    )
+    # The first step's loss is the teacher's weights' (sharpened: far from a random start's).
+    assert runs["--init-from-teacher"] != runs["--random-init"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("width", "needs the same d_model, heads and feed-forward width"),
+        ("deep", "needs a student no deeper than it"),
+    ],
+)
+def test_distill_init_refuses_what_it_cannot_map(tmp_path, corpus, teacher, case, message):
+    cfg, path = _cfg(corpus), str(teacher)
+    cfg = cfg.override({"model.d_model": "64"} if case == "width" else {"model.n_layers": "3"})
+    cfg.save(tmp_path / "student.yaml")
+    out = tmp_path / "out"
+    done = runner.invoke(
+        app,
+        ["distill", "--teacher", path, "--student", str(tmp_path / "student.yaml"),
+         "--init-from-teacher", "--out", str(out), "--no-eval", "--device", "cpu"],
+    )  # fmt: skip
+    assert done.exit_code == 2, done.output
+    assert message in " ".join(done.output.split())
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_hugging_face_teacher_cannot_start_a_student(tmp_path, corpus):
+    # (Through the command line its tokenizer is refused first: this is the second line.)
+    llama = open_model(save_tiny_llama(tmp_path / "llama"))
+    with pytest.raises(MemextError, match="needs a memext run as the teacher"):
+        init_from_teacher(build_model(_cfg(corpus).model), llama)
+
+
+def test_distill_init_without_a_teacher_is_an_invalid_config(corpus):
+    with pytest.raises(ValueError, match=r"train\.distill_init=True is invalid"):
+        _cfg(corpus, **{"train.distill_init": "true"})

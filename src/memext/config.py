@@ -423,6 +423,13 @@ class TrainConfig:
     distill_temperature: float = doc(
         2.0, "Temperature T of the distillation's softmaxes (> 0; 1 = the models' own)."
     )
+    distill_init: bool = doc(
+        False,
+        "Start the student from the teacher's weights, as DistilBERT does: its embedding, final "
+        "norm, head and each block copied from evenly spaced teacher blocks (first and last "
+        "kept); parameters the teacher lacks (a memory's) keep their initialisation. Needs a "
+        "memext-run teacher of the same width.",
+    )
 
     def __post_init__(self) -> None:
         _check_positive("train", self, "seq_len", "batch_size", "grad_accum", "steps", "lr")
@@ -614,6 +621,8 @@ class Config:
         """Distillation compares a decoder's predictions with the teacher's, each sequence
         whole on one rank."""
         if not self.train.distill_teacher:
+            if self.train.distill_init:
+                _fail("train", "distill_init", True, "false without train.distill_teacher")
             return
         if self.model.arch == "seq2seq":
             _fail("model", "arch", self.model.arch, "a decoder with train.distill_teacher set")

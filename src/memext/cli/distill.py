@@ -39,6 +39,13 @@ def distill(
         float | None,
         typer.Option(help="Temperature of the soft targets, > 0 (train.distill_temperature)."),
     ] = None,
+    init: Annotated[
+        bool | None,
+        typer.Option(
+            "--init-from-teacher/--random-init",
+            help="Start from the teacher's weights, DistilBERT's way (train.distill_init).",
+        ),
+    ] = None,
     set_: SetOpt = None,
     out_dir: Annotated[
         Path | None,
@@ -67,6 +74,7 @@ def distill(
         ("distill_teacher", teacher),
         ("distill_alpha", alpha),
         ("distill_temperature", temperature),
+        ("distill_init", None if init is None else str(init).lower()),
     ):
         if value is not None:
             sets.append(f"train.{key}={value}")

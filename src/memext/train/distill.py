@@ -27,7 +27,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from memext.errors import MemextError
 from memext.tokenizer import Tokenizer
@@ -86,6 +86,57 @@ class Distillation:
         """
         kd = kd_loss(logits, teacher, self.temperature).reshape(-1)
         return (1.0 - self.alpha) * nll + self.alpha * kd, kd
+
+
+def teacher_blocks(n_teacher: int, n_student: int) -> list[int]:
+    """The teacher block each student block starts from: evenly spaced, the first and the last
+    kept (4 -> 2: [0, 3]; 6 -> 3: [0, 2, 5]; equal depths: each its own)."""
+    if not 0 < n_student <= n_teacher:
+        raise MemextError(
+            f"the student has {n_student} blocks and the teacher {n_teacher}: initialising from "
+            "the teacher needs a student no deeper than it"
+        )
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def init_from_teacher(student: nn.Module, teacher: Teacher) -> list[int]:
+    """Copy a memext teacher's weights into ``student`` (``train.distill_init``): the embedding,
+    the final norm, the head, and block i from teacher block ``teacher_blocks(...)[i]``.
+    Parameters only the student has (a memory's gate) keep their initialisation: whatever
+    attention kernel or memory the student reads with, its projections have the teacher's
+    shapes. Returns the teacher blocks used. Refuses another width or a teacher that is not a
+    memext model, before anything is copied."""
+    source = getattr(teacher, "model", None)
+    blocks = getattr(source, "blocks", None)
+    if not isinstance(source, nn.Module) or blocks is None or not hasattr(source, "embed"):
+        raise MemextError(
+            f"train.distill_init needs a memext run as the teacher; {teacher.name!r} is not one "
+            "(its weights cannot be mapped onto a memext student)"
+        )
+    picks = teacher_blocks(len(blocks), len(student.blocks))
+    theirs, copies = source.state_dict(), []
+    for name, param in student.state_dict().items():
+        head, _, rest = name.partition(".")
+        if head == "blocks":
+            index, _, rest = rest.partition(".")
+            name_there = f"blocks.{picks[int(index)]}.{rest}"
+        else:
+            name_there = name
+        if name_there not in theirs:
+            continue
+        if theirs[name_there].shape != param.shape:
+            raise MemextError(
+                f"train.distill_init: the student's {name} is {tuple(param.shape)} but the "
+                f"teacher's {name_there} is {tuple(theirs[name_there].shape)}: initialising "
+                "from the teacher needs the same d_model, heads and feed-forward width"
+            )
+        copies.append((param, theirs[name_there]))
+    with torch.no_grad():
+        for param, value in copies:
+            param.copy_(value.to(param.device, param.dtype))
+    return picks
 
 
 def identity(teacher: Teacher) -> dict[str, str]:

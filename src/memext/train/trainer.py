@@ -47,7 +47,13 @@ from memext.io import atomic_write, atomic_write_text
 from memext.model import build_model, build_rotary
 from memext.runtime import provenance
 from memext.tokenizer import load_tokenizer
-from memext.train.distill import Distillation, Teacher, check_teacher, identity
+from memext.train.distill import (
+    Distillation,
+    Teacher,
+    check_teacher,
+    identity,
+    init_from_teacher,
+)
 from memext.train.parallel import (
     agree,
     check_split,
@@ -243,6 +249,11 @@ def _train(
     n_params = model.num_params()  # before sharding: the whole model's
     if init_from is not None and not resume:
         ckpt.load_weights(model, Path(init_from))
+    if distill is not None and t.distill_init and not resume:
+        if init_from is not None:
+            raise MemextError("give init_from or train.distill_init, not both")
+        picks = init_from_teacher(model, distill.teacher)
+        log(f"starting from the teacher's weights (its blocks {picks})")
     seed_rank(t.seed, world)
     strategy.shard(model)  # FSDP: in place, before the optimizer takes the parameters
     context = None
