@@ -82,6 +82,18 @@ def test_topk_attention_equals_naive_sort(b, h, t, n, d, topk, seed) -> None:
         assert (got - full).abs().max().item() <= TOL
 
 
+def test_topk_attention_in_query_blocks_equals_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    import memext.nn.seq2seq as s2s
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = torch.randn(2, 3, 7, 4, generator=gen), *torch.randn(2, 2, 3, 30, 4, generator=gen)
+    whole = topk_attention(q, k, v, 5)
+    monkeypatch.setattr(s2s, "CHUNK_ELEMENTS", 2 * 3 * 30 * 2)  # blocks of 2 queries
+    assert (topk_attention(q, k, v, 5) - whole).abs().max().item() <= TOL
+    monkeypatch.setattr(s2s, "CHUNK_ELEMENTS", 1)  # one query at a time
+    assert (topk_attention(q, k, v, 5) - whole).abs().max().item() <= TOL
+
+
 def test_topk_covering_every_key_equals_full_cross_attention() -> None:
     model = _model()
     src, tgt = _data(2, 40, 9)

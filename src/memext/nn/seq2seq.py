@@ -27,14 +27,14 @@ model; nothing in training changes. Both are options of ``forward`` (None = the 
   order: [slots, chunk 1, slots, chunk 2, ...]. A chunk at least as long as the source gives
   exactly ``encode``'s states.
 - ``cross_topk``: each decoder query, per head, attends over only the ``cross_topk`` encoder
-  keys of highest q.k (exact top-k, softmax over those alone), found by the kNN memory's search
-  (``memext.nn.memory.knn``), which scores queries in blocks so the (B, H, T, N) logits are
-  never all held at once. With ``cross_topk`` >= N it is the full cross-attention, summed in
-  another order.
+  keys of highest q.k (exact top-k, softmax over those alone). Queries are scored in blocks
+  (``topk_attention``), so the (B, H, T, N) logits are never all held at once. With
+  ``cross_topk`` >= N it is the full cross-attention, summed in another order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memext.nn.block import Block, SelfAttention
-from memext.nn.memory.knn import knn_attention
+from memext.nn.memory.knn import CHUNK_ELEMENTS
 from memext.nn.rotary import Rotary
 
 #: Per decoder layer, the cross-attention keys and values, each (B, H, N, D): N = G + S encoder
@@ -94,9 +94,26 @@ class CrossAttention(nn.Module):
 
 def topk_attention(q: Tensor, k: Tensor, v: Tensor, topk: int) -> Tensor:
     """Each query attends over its ``topk`` keys of highest q.k alone, scale 1/sqrt(D):
-    q (B, H, T, D), k and v (B, H, N, D) -> (B, H, T, D). Every key is a candidate."""
-    valid = torch.ones(k.shape[0], k.shape[-2], dtype=torch.bool, device=k.device)
-    return knn_attention(q, k, v, valid, topk)
+    q (B, H, T, D), k and v (B, H, N, D) -> (B, H, T, D). Exact top-k; ``topk`` >= N is the
+    full attention.
+
+    Queries go in blocks whose logits hold at most ``CHUNK_ELEMENTS`` (the kNN memory's budget)
+    or one query's row. The keys outside a query's top-k are masked, not gathered as
+    ``knn_attention`` does: gathered keys and values take D times the logits' memory when k
+    nears N.
+    """
+    b, h, t, d = q.shape
+    n = k.shape[-2]
+    block = max(1, CHUNK_ELEMENTS // max(1, b * h * n))
+    out = []
+    for s in range(0, t, block):
+        scores = q[:, :, s : s + block] @ k.transpose(-2, -1) / math.sqrt(d)
+        if topk < n:
+            best = scores.topk(topk, dim=-1).indices
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        out.append(torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v)
+    return torch.cat(out, dim=2)
 
 
 def check_retrieval(
