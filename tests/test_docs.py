@@ -34,8 +34,9 @@ def test_evaluation_guide_examples_run(tmp_path):
 
     text = (DOCS / "evaluation.md").read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    assert len(blocks) == 1
-    exec(compile(blocks[0], "docs/evaluation.md", "exec"), {})
+    assert len(blocks) == 2  # retrieval cross-attention, effective length
+    for block in blocks:
+        exec(compile(block, "docs/evaluation.md", "exec"), {})
     (suite,) = re.findall(r"```yaml\n(.*?)```", text, flags=re.S)  # a valid suite file
     (tmp_path / "mine.yaml").write_text(suite)
     spec = get_suite(str(tmp_path / "mine.yaml"))

@@ -110,7 +110,7 @@ def test_evaluate_pairs_scores_the_greedy_output(monkeypatch: pytest.MonkeyPatch
     model = build_model(Config.preset("seq2seq-tiny").model).eval()
     seen = []
 
-    def oracle(model, src, bos, eos, limit):
+    def oracle(model, src, bos, eos, limit, **retrieval):
         seen.append(src.shape)
         by_source = {tuple(s.prompt.tolist()): s.answer.tolist() for s in samples}
         return [

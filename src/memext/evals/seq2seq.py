@@ -103,15 +103,20 @@ def evaluate_pairs(
     keep: int | None = None,
     batch_size: int = 16,
     max_new_tokens: int | None = None,
+    encode_chunk: int | None = None,
+    cross_topk: int | None = None,
 ) -> dict[str, Any]:
     """Greedy outputs of ``samples``' sources (cut to ``keep`` tokens when given) scored against
     their answers: ROUGE-1/2/L, BLEU, chrF (0-100), ``loss`` (teacher-forced, nats per target
-    token, end token included), ``n``, ``source_tokens`` and a few ``examples``."""
+    token, end token included), ``n``, ``source_tokens`` and a few ``examples``.
+    ``encode_chunk``, ``cross_topk``: read with retrieval cross-attention
+    (``memext.nn.seq2seq``), loss and outputs alike; None: the plain model."""
     if not samples:
         raise ValueError("no samples to evaluate")
     special = tok.special_id
     bos, eos, pad = special("<bos>"), special("<eod>"), special("<pad>")
     limit = max_new_tokens or model.max_target_len - 1
+    retrieval = {"encode_chunk": encode_chunk, "cross_topk": cross_topk}
     was_training = model.training
     model.eval()
     preds: list[str] = []
@@ -123,11 +128,12 @@ def evaluate_pairs(
                 chunk = [_with_prompt(s, prefix_source(s, keep)) for s in chunk]
             src, x, y, real = pair_batch(chunk, bos, eos, pad)
             src = src.to(device)
-            logits, _ = model(src, x.to(device))
+            logits, _ = model(src, x.to(device), **retrieval)
             loss = F.cross_entropy(logits.float().transpose(1, 2), y.to(device), reduction="none")
             nll += float((loss * real.to(device)).sum())
             count += float(real.sum())
-            preds += [tok.decode(ids) for ids in greedy_decode(model, src, bos, eos, limit)]
+            out = greedy_decode(model, src, bos, eos, limit, **retrieval)
+            preds += [tok.decode(ids) for ids in out]
     finally:
         model.train(was_training)
     refs = [tok.decode(s.answer.tolist()) for s in samples]

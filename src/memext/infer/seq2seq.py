@@ -4,7 +4,8 @@ The source is encoded once and each decoder layer's cross-attention keys and val
 projected once (``Seq2SeqState.cross``); the decoder's own keys and values go to a KV-cache
 policy of ``memext.infer.cache`` (``full`` by default), so each new token costs one decoder step.
 ``cache=None`` recomputes everything (encoder and the whole target prefix) at every step: the slow twin the tests
-compare the cached path with.
+compare the cached path with. ``encode_chunk`` and ``cross_topk`` read the source with retrieval
+cross-attention (``memext.nn.seq2seq``), a test-time method, on either path.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from memext.infer.cache import CACHES, build_cache
-from memext.nn.seq2seq import EncoderDecoder, Seq2SeqState
+from memext.nn.seq2seq import EncoderDecoder, Seq2SeqState, check_retrieval
 
 
 def decoder_state(
@@ -48,9 +49,16 @@ def greedy_decode(
     eos: int,
     max_new_tokens: int,
     cache: str | None = "full",
+    encode_chunk: int | None = None,
+    cross_topk: int | None = None,
 ) -> list[list[int]]:
     """The greedy target of each source row: src (B, S) -> B lists of ids, each ending before
-    ``eos`` (not included) or after ``max_new_tokens`` ids. ``cache=None`` recomputes."""
+    ``eos`` (not included) or after ``max_new_tokens`` ids. ``cache=None`` recomputes.
+    ``encode_chunk``: encode the source in chunks of that many tokens (it may then exceed
+    ``max_seq_len``); ``cross_topk``: each cross-attention query reads its top-k encoder keys
+    only. None: the plain model."""
+    check_retrieval(model.max_seq_len, encode_chunk, cross_topk)
+    retrieval = {"encode_chunk": encode_chunk, "cross_topk": cross_topk}
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
     limit = model.max_target_len - 1  # the start token takes one position
@@ -66,9 +74,9 @@ def greedy_decode(
     fed = tgt
     for _ in range(max_new_tokens):
         if state is not None:
-            logits, state = model(src if state.cross is None else None, fed, state)
+            logits, state = model(src if state.cross is None else None, fed, state, **retrieval)
         else:  # recompute everything, encoder included: the twin the cached path must equal
-            logits, _ = model(src, tgt)
+            logits, _ = model(src, tgt, **retrieval)
         nxt = logits[:, -1].argmax(dim=-1)
         nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
         done |= nxt == eos

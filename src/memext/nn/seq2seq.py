@@ -16,10 +16,25 @@ target while it cross-attends to the encoder's output.
 Decoding state (``Seq2SeqState``): the decoder's self-attention KV cache (any policy of
 ``memext.infer.cache``) and the cross-attention keys and values, projected from the encoder
 output once per input and reused for every generated token.
+
+Retrieval cross-attention (Unlimiformer, Bertsch et al. 2023), a test-time reading of a trained
+model; nothing in training changes. Both are options of ``forward`` (None = the plain model):
+
+- ``encode_chunk``: the encoder reads the source in chunks of that many tokens, each as if it
+  were a whole source (its own global slots first, rotary positions from 0, as SLED and
+  Unlimiformer do), so a source longer than ``max_seq_len`` can be read; chunks do not overlap.
+  Every chunk's states are kept, slots included (a chunk's slots summarize it), in source
+  order: [slots, chunk 1, slots, chunk 2, ...]. A chunk at least as long as the source gives
+  exactly ``encode``'s states.
+- ``cross_topk``: each decoder query, per head, attends over only the ``cross_topk`` encoder
+  keys of highest q.k (exact top-k, softmax over those alone). Queries are scored in blocks
+  (``topk_attention``), so the (B, H, T, N) logits are never all held at once. With
+  ``cross_topk`` >= N it is the full cross-attention, summed in another order.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -28,9 +43,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from memext.nn.block import Block, SelfAttention
+from memext.nn.memory.knn import CHUNK_ELEMENTS
 from memext.nn.rotary import Rotary
 
-#: Per decoder layer, the cross-attention keys and values, each (B, H, G + S, D).
+#: Per decoder layer, the cross-attention keys and values, each (B, H, N, D): N = G + S encoder
+#: states, or n * G + S when the source is encoded in n chunks.
 CrossKV = list[tuple[Tensor, Tensor]]
 
 
@@ -64,11 +81,55 @@ class CrossAttention(nn.Module):
         k, v = kv.permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, x: Tensor, k: Tensor, v: Tensor, topk: int | None = None) -> Tensor:
+        """``topk``: attend over each query's ``topk`` best keys only (``topk_attention``)."""
         b, t, _ = x.shape
         q = self.q(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        y = F.scaled_dot_product_attention(q, k, v)
+        if topk is None:
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:
+            y = topk_attention(q, k, v, topk)
         return self.dropout(self.out(y.transpose(1, 2).reshape(b, t, -1)))
+
+
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, topk: int) -> Tensor:
+    """Each query attends over its ``topk`` keys of highest q.k alone, scale 1/sqrt(D):
+    q (B, H, T, D), k and v (B, H, N, D) -> (B, H, T, D). Exact top-k; ``topk`` >= N is the
+    full attention.
+
+    Queries go in blocks whose logits hold at most ``CHUNK_ELEMENTS`` (the kNN memory's budget)
+    or one query's row. The keys outside a query's top-k are masked, not gathered as
+    ``knn_attention`` does: gathered keys and values take D times the logits' memory when k
+    nears N.
+    """
+    b, h, t, d = q.shape
+    n = k.shape[-2]
+    block = max(1, CHUNK_ELEMENTS // max(1, b * h * n))
+    out = []
+    for s in range(0, t, block):
+        scores = q[:, :, s : s + block] @ k.transpose(-2, -1) / math.sqrt(d)
+        if topk < n:
+            best = scores.topk(topk, dim=-1).indices
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, best, True)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        out.append(torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v)
+    return torch.cat(out, dim=2)
+
+
+def check_retrieval(
+    max_seq_len: int, encode_chunk: int | None = None, cross_topk: int | None = None
+) -> None:
+    """Refuse retrieval options the model cannot take; None is always accepted."""
+    for name, value in (("encode_chunk", encode_chunk), ("cross_topk", cross_topk)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if value is not None and value < 1:
+            raise ValueError(f"{name}={value} must be positive")
+    if encode_chunk is not None and encode_chunk > max_seq_len:
+        raise ValueError(
+            f"encode_chunk={encode_chunk} exceeds the model's limit max_seq_len={max_seq_len}: "
+            "a chunk is read as a whole source"
+        )
 
 
 class DecoderBlock(nn.Module):
@@ -100,9 +161,10 @@ class DecoderBlock(nn.Module):
         cross_kv: tuple[Tensor, Tensor],
         cache: Any = None,
         layer: int = 0,
+        cross_topk: int | None = None,
     ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
-        x = x + self.cross(self.cross_norm(x), *cross_kv)
+        x = x + self.cross(self.cross_norm(x), *cross_kv, cross_topk)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -149,8 +211,23 @@ class EncoderDecoder(nn.Module):
     def n_slots(self) -> int:
         return 0 if self.global_slots is None else self.global_slots.shape[0]
 
-    def encode(self, src: Tensor) -> Tensor:
-        """src (B, S) int64 -> encoder states (B, G + S, d_model): the G global slots first."""
+    def encode(self, src: Tensor, chunk: int | None = None) -> Tensor:
+        """src (B, S) int64 -> encoder states (B, G + S, d_model): the G global slots first.
+
+        ``chunk``: read the source in chunks of that many tokens, each encoded as a whole source
+        (slots, positions from 0) and all kept: (B, n * G + S, d_model) for n chunks, and the
+        source may exceed ``max_seq_len``.
+        """
+        if chunk is None:
+            return self._encode_whole(src)
+        check_retrieval(self.max_seq_len, encode_chunk=chunk)
+        if src.shape[1] < 1:
+            raise ValueError("the source is empty: an encoder-decoder needs at least one token")
+        # One chunk at a time: activations for one chunk's attention, not the whole source's.
+        parts = [self._encode_whole(src[:, i : i + chunk]) for i in range(0, src.shape[1], chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _encode_whole(self, src: Tensor) -> Tensor:
         b, s = src.shape
         if s < 1:
             raise ValueError("the source is empty: an encoder-decoder needs at least one token")
@@ -173,19 +250,28 @@ class EncoderDecoder(nn.Module):
         return [block.cross.keys_values(memory) for block in self.decoder]
 
     def forward(
-        self, src: Tensor | None, tgt: Tensor, state: Seq2SeqState | None = None
+        self,
+        src: Tensor | None,
+        tgt: Tensor,
+        state: Seq2SeqState | None = None,
+        *,
+        encode_chunk: int | None = None,
+        cross_topk: int | None = None,
     ) -> tuple[Tensor, Seq2SeqState]:
         """src (B, S), tgt (B, T) int64 -> logits (B, T, vocab) and the next state.
 
         With a state that holds ``cross`` (after the first call of a decoding), ``src`` is not
-        read again and may be None; the target continues at ``state.pos``.
+        read again and may be None; the target continues at ``state.pos``. ``encode_chunk`` and
+        ``cross_topk``: retrieval cross-attention (see the module's docstring); a decoding
+        passes the same ``cross_topk`` at every call.
         """
+        check_retrieval(self.max_seq_len, encode_chunk, cross_topk)
         state = state or Seq2SeqState()
         cross = state.cross
         if cross is None:
             if src is None:
                 raise ValueError("the first call of a decoding needs the source")
-            cross = self.cross_kv(self.encode(src))
+            cross = self.cross_kv(self.encode(src, encode_chunk))
         t = tgt.shape[1]
         end = state.pos + t
         if end > self.max_target_len:
@@ -196,7 +282,7 @@ class EncoderDecoder(nn.Module):
         x = self.embed(tgt)
         cos, sin = self.rotary(torch.arange(state.pos, end, device=tgt.device), seq_len=end)
         for i, block in enumerate(self.decoder):
-            x = block(x, cos, sin, cross[i], state.cache, i)
+            x = block(x, cos, sin, cross[i], state.cache, i, cross_topk)
         if state.cache is not None:
             state.cache.advance(t)
         logits = self.head(self.norm(x))
