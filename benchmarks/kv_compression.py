@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--budget", type=float, default=0.2, help="snapkv/sinks: prompt fraction")
     p.add_argument("--snap-window", type=int, default=32)
     p.add_argument("--kernel", type=int, default=7)
-    p.add_argument("--pool", choices=("avg", "max"), default="avg", help="snapkv's vote pooling")
+    p.add_argument("--pool", choices=("avg", "max"), default="max", help="snapkv's vote pooling")
     p.add_argument("--samples", type=int, default=20)
     p.add_argument("--chunk", type=int, default=512, help="passkey prompt tokens per forward")
     p.add_argument("--new-tokens", type=int, default=16)

@@ -111,7 +111,7 @@ class SnapKV(CachePolicy):
         window: int = WINDOW,
         kernel: int = 7,
         sinks: int = SINKS,
-        pool: str = "avg",
+        pool: str = "max",
         max_len: int | None = None,
     ) -> None:
         _check_positive(budget=budget, window=window, kernel=kernel, max_len=max_len)
