@@ -97,14 +97,25 @@ def train_base(args: argparse.Namespace, out: Path) -> Config:
     return cfg
 
 
-def continue_base(base: Path, out: Path, steps: int, lr: float | None, data: str) -> None:
-    """The unpruned base fine-tuned exactly as the recovery fine-tunes the pruned one."""
+def continue_base(
+    base: Path, out: Path, steps: int, lr: float | None, data: str, kd: float = 0.0
+) -> None:
+    """The unpruned base fine-tuned exactly as the recovery fine-tunes the pruned one (with
+    ``kd``, distilled from itself, as the pruned one is from it)."""
     from memext import checkpoint as ckpt
     from memext.adapters.pruned import recovery_config
     from memext.train import train
 
-    cfg = recovery_config(ckpt.load_config(base), steps, lr, data)
-    train(cfg, out, progress=False, log=lambda m: None, init_from=base / ckpt.WEIGHTS)
+    teacher = str(base.resolve())
+    cfg = recovery_config(ckpt.load_config(base), steps, lr, data, kd=kd, teacher=teacher)
+    train(
+        cfg,
+        out,
+        progress=False,
+        log=lambda m: None,
+        init_from=base / ckpt.WEIGHTS,
+        teacher=open_model(teacher) if kd else None,
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -122,10 +133,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not out.exists():
             made[name] = prune(work / "base", out, args.heads, recover_steps=steps,
                                recover_lr=args.recover_lr, recover_data=args.recover_data,
+                               recover_kd=args.recover_kd if steps else 0.0,
                                **scoring)  # fmt: skip
     continued = work / "continued"
     if not continued.exists():  # the control: the unpruned base trained the same extra steps
-        continue_base(work / "base", continued, recover, args.recover_lr, args.recover_data)
+        continue_base(
+            work / "base", continued, recover, args.recover_lr, args.recover_data, args.recover_kd
+        )
     names = ("base", "continued", "pruned", "recovered")
     adapters = {name: open_model(work / name) for name in names}
     skip = args.batches * args.seq_len + 1
@@ -148,6 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rows["recovered"]["recover_steps"] = recover
     rows["recovered"]["recover_share"] = recover / cfg.train.steps
     rows["recovered"]["recover_data"] = args.recover_data
+    rows["recovered"]["recover_kd"] = args.recover_kd
 
     x = torch.as_tensor(np.asarray(adapters["base"].validation()[0])[: args.length].astype(np.int64))[None]  # fmt: skip
     timed = {"base": adapters["base"].model.eval(), "pruned": adapters["pruned"].model.eval()}
@@ -243,6 +258,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recover-steps", type=int, default=None, help="Default: 5%% of --steps.")
     p.add_argument("--recover-lr", type=float, default=None)
     p.add_argument("--recover-data", default="corpus", help="mixture or corpus (the text alone).")
+    p.add_argument(
+        "--recover-kd",
+        type=float,
+        default=0.0,
+        help="alpha of the unpruned model's soft targets in the recovery (and in the control's, "
+        "distilled from itself); 0 = the text alone",
+    )
     p.add_argument("--batches", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=32768)

@@ -262,6 +262,30 @@ def test_recovery_trains_the_pruned_run(models: dict[str, Path], tmp_path: Path)
     assert max(moved) > 1e-4  # the fine-tune changed the weights
 
 
+def test_recovery_with_the_unpruned_models_soft_targets(
+    models: dict[str, Path], tmp_path: Path
+) -> None:
+    plain, taught = tmp_path / "plain", tmp_path / "kd"
+    common = ["--heads", "0.25", "--recover-steps", "2", "--recover-lr", "0.01",
+              "--recover-data", "corpus"]  # fmt: skip
+    _prune(models["memext"], plain, *common)
+    said = _prune(models["memext"], taught, *common, "--recover-kd", "1")
+    assert "recovered 2 steps" in said, said
+    assert json.loads((taught / RECORD).read_text())["recover"]["kd"] == 1.0
+    t = ckpt.load_config(taught).train
+    assert (t.distill_teacher, t.distill_alpha, t.distill_temperature) == (
+        str(models["memext"].resolve()),
+        1.0,
+        1.0,
+    )
+    assert ckpt.load_config(plain).train.distill_teacher == ""
+    # The teacher was read: its term is logged, and the two recoveries differ.
+    assert all(r["loss_kd"] >= 0 for r in ckpt.read_metrics(taught) if "loss" in r)
+    a, b = open_model(plain), open_model(taught)
+    pairs = zip(a.model.parameters(), b.model.parameters(), strict=True)
+    assert any(not torch.equal(p, q) for p, q in pairs)
+
+
 def _fails(args: list[str], message: str) -> None:
     done = runner.invoke(app, args)
     assert done.exit_code == 2, done.output
@@ -279,6 +303,8 @@ def test_bad_input_is_one_line_and_writes_nothing(models: dict[str, Path], tmp_p
         _fails([*prune, "--heads", "0.01"], "removes none")
         _fails([*prune, "--seq-len", "1"], "--seq-len 1")
         _fails([*prune, "--recover-data", "tasks"], "--recover-data 'tasks'")
+        _fails([*prune, "--recover-kd", "1.5"], "--recover-kd 1.5: expected a weight in [0, 1]")
+        _fails([*prune, "--recover-kd", "0.5"], "give --recover-steps")
         _fails([*prune, "--text", str(tmp_path / "missing.txt")], "cannot be read")
     assert not out.exists()
     hf = ["compress", "prune", str(models["hf"]), "--out", str(out), "--device", "cpu"]

@@ -56,6 +56,7 @@ def prune(
     recover_steps: int = 0,
     recover_lr: float | None = None,
     recover_data: str = "mixture",
+    recover_kd: float = 0.0,
     device: torch.device | str = "cpu",
     progress: bool = False,
     log: Callable[[str], None] = lambda m: None,
@@ -65,7 +66,10 @@ def prune(
     ``text`` (a file; default: the model's validation text); returns the record of what was
     kept. ``recover_steps`` (memext runs): fine-tune the pruned run that many steps on its own
     training data (``recover_data``: ``mixture``, the run's ``data.mixture``; ``corpus``, its
-    corpus text alone) at ``recover_lr`` (default: the run's final rate, lr * min_lr_ratio)."""
+    corpus text alone) at ``recover_lr`` (default: the run's final rate, lr * min_lr_ratio);
+    ``recover_kd`` > 0 mixes in the unpruned model's soft targets with that weight (alpha of
+    ``memext.train.distill``, T = 1): the recovery learns to predict what the model did before
+    it was cut, not only the text."""
     from memext.adapters.open import detect_kind, open_model
 
     _check_fraction(heads)
@@ -76,6 +80,10 @@ def prune(
             )
     if not isinstance(recover_steps, int) or recover_steps < 0:
         raise MemextError(f"--recover-steps {recover_steps!r}: expected an integer >= 0")
+    if not 0.0 <= recover_kd <= 1.0:
+        raise MemextError(f"--recover-kd {recover_kd!r}: expected a weight in [0, 1]")
+    if recover_kd and not recover_steps:
+        raise MemextError("--recover-kd weighs the recovery's soft targets: give --recover-steps")
     if recover_data not in RECOVER_DATA:
         raise MemextError(
             f"--recover-data {recover_data!r}: expected one of {', '.join(RECOVER_DATA)}"
@@ -131,7 +139,12 @@ def prune(
         },
     }
     if kind == "memext":
-        recover = {"steps": recover_steps, "lr": recover_lr, "data": recover_data}
+        recover = {
+            "steps": recover_steps,
+            "lr": recover_lr,
+            "data": recover_data,
+            **({"kd": recover_kd} if recover_kd else {}),
+        }
         _write_run(source, out, model, adapter.cfg, keep, record, recover, device, progress, log)
     else:
         _write_pruned(source, kind, out, model, record)
@@ -224,14 +237,27 @@ def _write_run(source, out, model, cfg, keep, record, recover, device, progress,
     )
     record = {**record, "base": {"source": str(Path(source).resolve()), "kind": "memext"}}
     if recover["steps"]:
+        from memext.adapters.open import open_model
         from memext.train import train
 
-        new = recovery_config(new, recover["steps"], recover["lr"], recover["data"])
+        teacher = str(Path(source).resolve())
+        kd = recover.get("kd", 0.0)
+        new = recovery_config(
+            new, recover["steps"], recover["lr"], recover["data"], kd=kd, teacher=teacher
+        )
         record["recover"] = {**recover, "lr": new.train.lr}
         with tempfile.TemporaryDirectory() as tmp:
             weights = Path(tmp) / ckpt.WEIGHTS
             ckpt.save_weights(model, weights, {"step": "0"})
-            train(new, out, device=device, progress=progress, log=log, init_from=weights)
+            train(
+                new,
+                out,
+                device=device,
+                progress=progress,
+                log=log,
+                init_from=weights,
+                teacher=open_model(teacher, device) if kd else None,
+            )
         (out / RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         return
     with atomic_dir(out) as tmp:
@@ -246,10 +272,18 @@ def _write_run(source, out, model, cfg, keep, record, recover, device, progress,
 RECOVER_DATA = ("mixture", "corpus")
 
 
-def recovery_config(cfg: Any, steps: int, lr: float | None = None, data: str = "mixture") -> Any:
+def recovery_config(
+    cfg: Any,
+    steps: int,
+    lr: float | None = None,
+    data: str = "mixture",
+    kd: float = 0.0,
+    teacher: str = "",
+) -> Any:
     """``cfg`` set to fine-tune ``steps`` steps at its final length and tokens per step, at
     ``lr`` (default: the run's final rate, lr * min_lr_ratio), no curriculum or evaluation, on
-    ``data`` (``RECOVER_DATA``)."""
+    ``data`` (``RECOVER_DATA``); with ``kd`` > 0, distilled from ``teacher`` at that alpha,
+    T = 1."""
     from memext.curriculum import trained_length
 
     t = cfg.train
@@ -267,6 +301,10 @@ def recovery_config(cfg: Any, steps: int, lr: float | None = None, data: str = "
         eval_every=0,
         save_every=steps,
         context_parallel=1,
+        distill_teacher=teacher if kd else "",
+        distill_alpha=kd if kd else t.distill_alpha,
+        distill_temperature=1.0 if kd else t.distill_temperature,
+        distill_init=False,
     )
     # A fresh optimizer's first steps on synthetic tasks can cost text quality that a short
     # recovery does not win back (docs/compression.md): "corpus" reads the text alone.

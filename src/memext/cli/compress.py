@@ -142,6 +142,13 @@ def compress_prune(
             "corpus text alone)."
         ),
     ] = default(prune, "recover_data"),
+    recover_kd: Annotated[
+        float,
+        typer.Option(
+            help="Weight in [0, 1] of the unpruned model's soft targets in the recovery "
+            "(distillation at T = 1; 0 = the text alone)."
+        ),
+    ] = default(prune, "recover_kd"),
     device: DeviceOpt = "auto",
 ) -> None:
     """Remove the least important attention heads (gradient x activation of a head gate on
@@ -159,6 +166,7 @@ def compress_prune(
         recover_steps=recover_steps,
         recover_lr=recover_lr,
         recover_data=recover_data,
+        recover_kd=recover_kd,
         device=resolve_device(device),
         progress=recover_steps > 0,
         log=lambda m: err.print(m, highlight=False, soft_wrap=True),
