@@ -106,7 +106,7 @@ def main() -> None:
         "provenance": provenance(torch.device("cpu")),
         "texts": text_parts,
         "text_cycles": round((args.tokens + 1) / texts.size, 3),
-        "command": command_line("benchmarks/streaming.py", args, ("out", "parts")),
+        "command": command_line("benchmarks/streaming.py", args, ("out", "parts"), parser=p),
     }
     piece = stream[: end + 1]
     net = model.model

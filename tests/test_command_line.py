@@ -32,6 +32,28 @@ def test_command_line_writes_paths_relative_and_flags_as_argparse_reads_them(
     assert parsed.data == Path("data/x.jsonl") and parsed.passkey_batch == 16
 
 
+def test_flags_none_and_repeated_options_read_back_as_they_were_parsed() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--init", action="store_true")
+    p.add_argument("--smollm2", action="store_true")
+    p.add_argument("--peak", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--text", action="append")
+    p.add_argument("--recover-steps", type=int)
+    for argv in (
+        ["--init", "--no-peak", "--text=a.txt", "--text=b.txt"],
+        ["--smollm2", "--chat", "--recover-steps=3"],
+        [],
+    ):
+        args = p.parse_args(argv)
+        cmd = command_line("benchmarks/b.py", args, parser=p)
+        assert p.parse_args(cmd.split()[2:]) == args, cmd
+        assert "None" not in cmd and "True" not in cmd and "False" not in cmd
+    # Without the parser a False flag is left out: right for store_true and default-False flags.
+    args = p.parse_args(["--init"])
+    assert command_line("benchmarks/b.py", args) == "python benchmarks/b.py --init --peak"
+
+
 def test_a_result_file_leads_with_its_command_and_provenance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,20 +62,38 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
     return info
 
 
-def command_line(script: str, args: Any, leave_out: tuple[str, ...] = ()) -> str:
+def command_line(
+    script: str, args: Any, leave_out: tuple[str, ...] = (), parser: Any = None
+) -> str:
     """The command that reproduces a benchmark: ``python SCRIPT --opt=value ...`` from parsed
-    ``args`` (an argparse Namespace). Paths are written relative to the working directory (the
-    repository root the benchmarks run from), never as this machine's absolute path."""
+    ``args`` (an argparse Namespace), written as argparse reads it back. Paths are written
+    relative to the working directory (the repository root the benchmarks run from), never as
+    this machine's absolute path. None is left out (an option not given); True is the bare flag;
+    False is left out, or ``--no-opt`` where ``parser`` (the ArgumentParser) says the option
+    defaults to True; a list is its option repeated, one item each (``action="append"``)."""
     import os
+
+    defaults = {a.dest: a.default for a in parser._actions} if parser is not None else {}
 
     def shown(value: Any) -> Any:
         if isinstance(value, Path):
             return Path(os.path.relpath(value.resolve(), Path.cwd().resolve())).as_posix()
         return value
 
-    opts = (
-        f"--{k.replace('_', '-')}={shown(v)}" for k, v in vars(args).items() if k not in leave_out
-    )
+    opts = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key in leave_out or value is None:
+            continue
+        if value is True:
+            opts.append(flag)
+        elif value is False:
+            if defaults.get(key) is True:
+                opts.append("--no-" + flag[2:])
+        elif isinstance(value, list | tuple):
+            opts += [f"{flag}={shown(v)}" for v in value]
+        else:
+            opts.append(f"{flag}={shown(value)}")
     return " ".join([f"python {script}", *opts])
 
 
