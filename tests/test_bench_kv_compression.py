@@ -74,7 +74,9 @@ def compressing(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, P
     tmp = tmp_path_factory.mktemp("kv_compression")
     path = save_tiny_llama(tmp / "llama", initializer_range=0.2)
     bench, out = _bench(), tmp / "kv.json"
-    bench.main([f"--model={path}", *SMALL, "--residual=8", "--budget=0.25", "--pool=max", f"--out={out}"])
+    bench.main(
+        [f"--model={path}", *SMALL, "--residual=8", "--budget=0.25", "--pool=max", f"--out={out}"]
+    )
     return bench, path, out, json.loads(out.read_text())
 
 
