@@ -38,7 +38,18 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--split", default="validation", help="outline: validation or test modules")
     ap.add_argument(
-        "--keep", default="0.25,0.5", help="prefix baselines, as fractions of the length"
+        "--keep",
+        default="0.25,0.5",
+        help="prefix baselines: fractions of the length (< 1) or token counts (>= 1)",
+    )
+    ap.add_argument(
+        "--encode-chunk",
+        type=int,
+        default=0,
+        help="retrieval cross-attention: encode the source in chunks of this many tokens",
+    )
+    ap.add_argument(
+        "--cross-topk", type=int, default=0, help="retrieval: each query reads its top-k states"
     )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/seq2seq_digest.json"))
     args = ap.parse_args()
@@ -52,13 +63,17 @@ def main() -> None:
     filler = Filler(store.validation)
     samples = held_out_samples(task, tok, filler, length, args.samples, args.split)
 
+    retrieval = {"encode_chunk": args.encode_chunk or None, "cross_topk": args.cross_topk or None}
     rows = []
     for frac in (1.0, *(float(f) for f in args.keep.split(",") if f)):
-        keep = None if frac == 1.0 else round(frac * length)
+        keep = None if frac == 1.0 else round(frac * length if frac < 1 else frac)
         tic = time.perf_counter()
-        r = evaluate_pairs(model, tok, samples, keep=keep)
+        # A prefix within the trained length needs no retrieval: it is the truncated model.
+        r = evaluate_pairs(model, tok, samples, keep=keep, **(retrieval if keep is None else {}))
         r["seconds"] = round(time.perf_counter() - tic, 2)
         r["reading"] = "whole input" if keep is None else f"prefix {keep}"
+        if keep is None and args.encode_chunk:
+            r["retrieval"] = retrieval
         r["oracle"] = oracle_scores(tok, samples, keep)
         rows.append(r)
         for who, s in (("model", r), ("oracle", r["oracle"])):

@@ -65,6 +65,8 @@ PRESET_PARAMS = {
     "small": 10_621_824,
     "base": 84_953_856,
     "seq2seq-tiny": 246_784,
+    "seq2seq-digest": 246_784,
+    "seq2seq-cipher": 246_784,
 }
 
 

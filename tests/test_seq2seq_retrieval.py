@@ -8,6 +8,7 @@ Tolerance: fp32 outputs within 1e-5 absolute (top-k sums the same terms in anoth
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -195,6 +196,8 @@ def test_cached_logits_equal_one_pass_with_retrieval() -> None:
         ({"encode_chunk": 2.5}, "encode_chunk=2.5 must be a positive int"),
         ({"cross_topk": 0}, "cross_topk=0 must be positive"),
         ({"cross_topk": True}, "cross_topk=True must be a positive int"),
+        ({"trained_len": 0}, "trained_len=0 must be positive"),
+        ({"trained_len": 1.5}, "trained_len=1.5 must be a positive int"),
     ],
 )
 def test_bad_options_are_refused(options: dict, match: str) -> None:
@@ -225,3 +228,52 @@ def test_evaluate_pairs_takes_the_options() -> None:
     assert long["n"] == 2 and math.isfinite(long["loss"])
     with pytest.raises(ValueError, match="cross_topk=0"):
         evaluate_pairs(model, tok, samples, cross_topk=0)
+
+
+def _queries_scaled(model: EncoderDecoder, factor: float) -> EncoderDecoder:
+    """A twin whose cross-attention query projections are multiplied by ``factor``: its logits
+    are the model's times ``factor``, as ``trained_len`` promises."""
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for block in twin.decoder:
+            block.cross.q.weight.mul_(factor)
+    return twin
+
+
+@pytest.mark.parametrize(
+    ("s", "trained", "options"),
+    [
+        (40, 10, {}),
+        (40, 90, {}),
+        (150, 64, {"encode_chunk": 64}),
+        (150, 64, {"encode_chunk": 64, "cross_topk": 20}),
+    ],
+)
+def test_trained_len_scales_cross_logits_by_log_length(s: int, trained: int, options) -> None:
+    model = _model()
+    src, tgt = _data(2, s, 6, seed=s)
+    chunks = -(-s // options.get("encode_chunk", s))
+    n = chunks * model.n_slots + s  # encoder states the decoder reads
+    factor = math.log(n) / math.log(trained + model.n_slots)
+    with torch.no_grad():
+        got, _ = model(src, tgt, trained_len=trained, **options)
+        want, _ = _queries_scaled(model, factor)(src, tgt, **options)
+        plain, _ = model(src, tgt, **options)
+    assert (got - want).abs().max().item() <= TOL
+    assert (got - plain).abs().max().item() > 1e-3  # the check can fail: the scale moved them
+
+
+def test_trained_len_at_the_read_length_is_the_plain_model() -> None:
+    model = _model()
+    src, tgt = _data(2, 40, 6, seed=4)
+    with torch.no_grad():
+        plain, _ = model(src, tgt)
+        same, _ = model(src, tgt, trained_len=40)  # log N / log N = 1
+    assert (same - plain).abs().max().item() <= TOL
+
+
+def test_trained_len_needs_two_states() -> None:
+    model = _model(global_tokens=0)
+    src, tgt = _data(1, 10, 3)
+    with pytest.raises(ValueError, match="trained_len=1: need"):
+        model(src, tgt, trained_len=1)
