@@ -50,7 +50,8 @@ class MemextAdapter:
             # The contract is a decoder's (forward(tokens, state)); refused before loading.
             raise MemextError(
                 f"{str(path)!r} is an encoder-decoder run (model.arch=seq2seq): the evaluation "
-                "suite, generate and the other model commands do not read encoder-decoders yet; "
+                "suite and the other model commands (not generate) do not read encoder-decoders "
+                "yet; "
                 "its held-out scores are the probes memext train logged (metrics.jsonl), and "
                 "benchmarks/seq2seq_digest.py scores it against a prefix baseline"
             )

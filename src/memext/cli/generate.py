@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import torch
 import typer
 from rich.table import Table
 
@@ -32,16 +33,25 @@ from memext.evals.streaming import (
 )
 from memext.extend import extend_model, extend_run
 from memext.infer.generate import generate_ids
+from memext.infer.seq2seq import beam_decode
 
 
 @user_errors
 def generate(
+    ctx: typer.Context,
     run_dir: ModelArg,
     prompt: Annotated[str | None, typer.Option(help="The prompt text.")] = None,
     prompt_file: Annotated[
         Path | None, typer.Option(help="Read the prompt from this file.")
     ] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 200,
+    max_new_tokens: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Tokens to write at most (an encoder-decoder run: by default its decoder's "
+            "limit, max_target_len - 1).",
+        ),
+    ] = 200,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy.")] = default(
         generate_ids, "temperature"
     ),
@@ -68,10 +78,38 @@ def generate(
             "tokenizer has one, as instruct models do).",
         ),
     ] = None,
+    beams: Annotated[
+        int,
+        typer.Option(min=1, help="Encoder-decoder runs: beam search with N beams; 1 = greedy."),
+    ] = 1,
+    length_penalty: Annotated[
+        float,
+        typer.Option(
+            help="Beam search: a target's score is its log-probability / length**P (0: the "
+            "log-probability alone; above 0 favours longer targets)."
+        ),
+    ] = default(beam_decode, "length_penalty"),
+    encode_chunk: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Encoder-decoder runs: encode the source in chunks of N tokens (at most the "
+            "model's max_seq_len), so a source longer than that can be read.",
+        ),
+    ] = None,
+    cross_topk: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Encoder-decoder runs: each cross-attention query reads its N best encoder "
+            "states only.",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Continue a prompt with a model (KV-cached; window/sinks read input of any length); an
-    instruct model answers it in its chat template."""
+    instruct model answers it in its chat template. An encoder-decoder run (model.arch=seq2seq)
+    writes the target of the prompt as its source, greedily or by beam search (--beams)."""
     from memext.adapters import open_model
     from memext.runtime import resolve_device
 
@@ -84,6 +122,52 @@ def generate(
             prompt = prompt_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise MemextError(f"prompt file {str(prompt_file)!r} is not valid UTF-8") from None
+    given = _given(ctx)
+    if _is_seq2seq(run_dir):
+        sampling = [
+            flag
+            for flag, samples in (
+                ("--temperature", "temperature" in given and temperature > 0),
+                ("--top-k", top_k > 0),
+                ("--top-p", top_p < 1),
+                ("--seed", seed is not None),
+                ("--chat", bool(chat)),
+                ("--chunk", chunk is not None),
+            )
+            if samples
+        ]
+        if sampling:
+            raise MemextError(
+                f"{str(run_dir)!r} is an encoder-decoder run: it decodes greedily or by beam "
+                "search (--beams), without sampling options: "
+                f"{', '.join(sampling)}; it reads the whole source at once (--encode-chunk for "
+                "one longer than max_seq_len)"
+            )
+        _generate_seq2seq(
+            run_dir,
+            prompt,
+            max_new_tokens if "max_new_tokens" in given else None,
+            beams=beams,
+            length_penalty=length_penalty,
+            stop=stop or [],
+            cache=cache,
+            options=cache_options(cache_opt),
+            encode_chunk=encode_chunk,
+            cross_topk=cross_topk,
+            device=resolve_device(device),
+        )
+        return
+    seq2seq_only = [
+        f"--{name.replace('_', '-')}"
+        for name in ("beams", "length_penalty", "encode_chunk", "cross_topk")
+        if name in given
+    ]
+    if seq2seq_only:
+        raise MemextError(
+            f"{str(run_dir)!r} is a decoder-only model, given an encoder-decoder (seq2seq) "
+            f"option: {', '.join(seq2seq_only)}; it continues the prompt (greedily with "
+            "--temperature 0)"
+        )
     model = open_model(run_dir, resolve_device(device))
     for piece in model.generate(
         prompt,
@@ -101,6 +185,91 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _given(ctx: typer.Context) -> set[str]:
+    """The options given on the command line, not left at their defaults."""
+    # By name: typer runs its own copy of click, whose ParameterSource is not click's class.
+    sources = {name: getattr(ctx.get_parameter_source(name), "name", None) for name in ctx.params}
+    return {name for name, source in sources.items() if source not in (None, "DEFAULT")}
+
+
+def _is_seq2seq(path: Path) -> bool:
+    """Whether ``path`` is a memext run of an encoder-decoder; read from its config alone."""
+    from memext.checkpoint import is_memext_run, load_config
+
+    return path.is_dir() and is_memext_run(path) and load_config(path).model.arch == "seq2seq"
+
+
+def _generate_seq2seq(
+    run_dir: Path,
+    text: str,
+    max_new_tokens: int | None,
+    *,
+    beams: int,
+    length_penalty: float,
+    stop: list[str],
+    cache: str,
+    options: dict[str, Any],
+    encode_chunk: int | None,
+    cross_topk: int | None,
+    device: torch.device,
+) -> None:
+    """Print the target an encoder-decoder run writes for the source ``text``, cut before the
+    first ``stop`` string; everything the run's config can refuse is refused before loading."""
+    from memext.checkpoint import load, load_config, run_tokenizer
+    from memext.infer.cache import CACHES
+    from memext.infer.seq2seq import greedy_decode
+
+    cfg = load_config(run_dir).model
+    tok = run_tokenizer(run_dir)
+    ids = tok.encode(text)
+    if not ids:
+        raise MemextError("the source is empty: an encoder-decoder needs at least one token")
+    limit = cfg.max_target_len - 1  # the start token takes one position
+    if max_new_tokens is not None and max_new_tokens > limit:
+        raise MemextError(
+            f"--max-new-tokens {max_new_tokens} exceeds the decoder's limit: max_target_len="
+            f"{cfg.max_target_len} holds the start token and {limit} more"
+        )
+    if encode_chunk is not None and encode_chunk > cfg.max_seq_len:
+        raise MemextError(
+            f"--encode-chunk {encode_chunk} exceeds the model's max_seq_len={cfg.max_seq_len}: "
+            "each chunk is read as a whole source"
+        )
+    if encode_chunk is None and len(ids) > cfg.max_seq_len:
+        raise MemextError(
+            f"the source is {len(ids)} tokens, more than the model's max_seq_len="
+            f"{cfg.max_seq_len}: give --encode-chunk {cfg.max_seq_len} (or fewer) to read it in "
+            "chunks (retrieval cross-attention; --cross-topk N narrows what each query reads)"
+        )
+    CACHES.lookup(cache)  # an unknown policy is refused before the model loads
+    model, _ = load(run_dir, device)
+    src = torch.tensor([ids], dtype=torch.long, device=device)
+    bos, eos = tok.special_id("<bos>"), tok.special_id("<eod>")
+    decoding = dict(
+        max_new_tokens=max_new_tokens or limit,
+        cache=cache,
+        encode_chunk=encode_chunk,
+        cross_topk=cross_topk,
+        cache_options=options,
+    )
+    if beams == 1:
+        (out,) = greedy_decode(model, src, bos, eos, **decoding)
+    else:
+        best = beam_decode(
+            model, src, bos, eos, beams=beams, length_penalty=length_penalty, **decoding
+        )[0]
+        out = best.tokens
+        err.print(
+            f"beam search, {beams} beams: log-probability {best.logprob:.3f}, score "
+            f"{best.score:.3f} ({len(out)} tokens{', ended' if best.ended else ''})",
+            highlight=False,
+        )
+    target = tok.decode(out)
+    for s in stop:
+        target = target.split(s, 1)[0]
+    sys.stdout.write(target + "\n")
 
 
 SINKS = 4  # StreamingLLM's number of attention-sink tokens
