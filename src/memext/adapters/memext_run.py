@@ -49,10 +49,10 @@ class MemextAdapter:
         if load_config(path).model.arch == "seq2seq":
             # The contract is a decoder's (forward(tokens, state)); refused before loading.
             raise MemextError(
-                f"{str(path)!r} is an encoder-decoder run (model.arch=seq2seq): the evaluation "
-                "suite, generate and the other model commands do not read encoder-decoders yet; "
-                "its held-out scores are the probes memext train logged (metrics.jsonl), and "
-                "benchmarks/seq2seq_digest.py scores it against a prefix baseline"
+                f"{str(path)!r} is an encoder-decoder run (model.arch=seq2seq): "
+                "generate and the other model commands do not read encoder-decoders yet; "
+                "`memext eval` scores it on held-out pairs of its tasks (ROUGE, BLEU, chrF by "
+                "source length, against a prefix baseline) and `memext report` draws them"
             )
         self.path = str(path)
         self.reading = reading or Reading()
