@@ -168,7 +168,9 @@ def test_memext_train_seq2seq_end_to_end_and_checkpoint_round_trip(
     tmp_path: Path, corpus: Path
 ) -> None:
     output = _train(tmp_path / "a", corpus, 4)
-    assert "probe/digest@160" in output and "does not read encoder-decoders yet" in output
+    assert "probe/digest@160" in output and "seq2seq results:" in output
+    assert (tmp_path / "a" / "eval" / "seq2seq.json").is_file()
+    assert (tmp_path / "a" / "report" / "report.html").is_file()
     rows = read_metrics(tmp_path / "a")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 4 and all(np.isfinite(losses))

@@ -49,11 +49,11 @@ class MemextAdapter:
         if load_config(path).model.arch == "seq2seq":
             # The contract is a decoder's (forward(tokens, state)); refused before loading.
             raise MemextError(
-                f"{str(path)!r} is an encoder-decoder run (model.arch=seq2seq): the evaluation "
-                "suite and the other model commands (not generate) do not read encoder-decoders "
-                "yet; "
-                "its held-out scores are the probes memext train logged (metrics.jsonl), and "
-                "benchmarks/seq2seq_digest.py scores it against a prefix baseline"
+                f"{str(path)!r} is an encoder-decoder run (model.arch=seq2seq): the model "
+                "commands other than eval, report and generate do not read encoder-decoders; "
+                "`memext eval` scores it on held-out pairs of its tasks (ROUGE, BLEU, chrF by "
+                "source length, against a prefix baseline), `memext report` draws them and "
+                "`memext generate` writes its targets"
             )
         self.path = str(path)
         self.reading = reading or Reading()

@@ -126,11 +126,10 @@ def train(
     if result.status != "completed":
         raise typer.Exit(130)
     if evaluate and suite != "none" and cfg.model.arch == "seq2seq":
-        out.print(
-            "The evaluation suite does not read encoder-decoders yet: the held-out probes above "
-            "(eval.probes: ROUGE-L and loss) are this run's scores.",
-            highlight=False,
-        )
+        # An encoder-decoder reads no running text: its evaluation is the held-out pairs at
+        # eval.lengths, whole and by the 512-token prefix baseline (docs/evaluation.md).
+        run_and_print_seq2seq(run_dir, dev)
+        _report([run_dir], run_dir / "report")
     elif evaluate and suite != "none":
         out.print(
             "The trainer's val_bits_per_byte and bits_per_byte_by_length above are its monitor: "
@@ -183,6 +182,56 @@ def run_and_print_suite(
     _print_suite(results)
     out.print(f"suite results: {target}")
     return target
+
+
+def run_and_print_seq2seq(
+    path: Path,
+    dev: Any,
+    lengths: list[int] | None = None,
+    tasks: list[str] | None = None,
+    samples: int | None = None,
+    keep: int | None = None,
+    out_file: Path | None = None,
+) -> Path:
+    """``memext eval`` on an encoder-decoder run: the held-out pairs of its tasks at each
+    length, whole and by the prefix baseline (``memext.evals.seq2seq_suite``)."""
+    from memext.evals.seq2seq_suite import plan_seq2seq, run_seq2seq_eval
+
+    spec = plan_seq2seq(path, lengths, tasks, samples, keep)
+    results, target = run_seq2seq_eval(
+        path, spec, dev, out_file, log=lambda m: err.print(m, highlight=False)
+    )
+    _print_seq2seq(results)
+    out.print(f"seq2seq results: {target}")
+    return target
+
+
+def _print_seq2seq(results: dict[str, Any]) -> None:
+    model, spec = results["model"], results["spec"]
+    table = Table(title=f"held-out pairs by source length — {model['name']}")
+    for col in ("task", "length", "reading"):
+        table.add_column(col, no_wrap=True)
+    for col in ("ROUGE-L", "BLEU", "chrF", "loss", "oracle ROUGE-L"):
+        table.add_column(col, justify="right")
+    for c in results["cells"]:
+        oracle = c.get("oracle")
+        table.add_row(
+            c["task"],
+            f"{c['length']}{'*' if c['retrieval'] else ''}",
+            "whole" if c["keep"] is None else f"prefix {c['keep']}",
+            *(f"{c[m]:.1f}" for m in ("rougeL", "bleu", "chrf")),
+            f"{c['loss']:.3f}",
+            "-" if oracle is None else f"{oracle['rougeL']:.1f}",
+        )
+    out.print(table)
+    for c in results["skipped"]:
+        out.print(f"  {c['task']}@{c['length']} {c['reading']}: {c['skipped']}", highlight=False)
+    out.print(
+        f"scores 0-100 on {spec['samples']} held-out samples each (ROUGE-1/2 in the JSON); "
+        f"*: past max_seq_len={model['max_seq_len']}, read with retrieval cross-attention "
+        f"(chunks of {spec['encode_chunk']}, top-{spec['cross_topk']})",
+        highlight=False,
+    )
 
 
 def _print_suite(results: dict[str, Any]) -> None:
@@ -271,15 +320,74 @@ def eval_(
     device: DeviceOpt = "auto",
     output: Annotated[
         Path | None,
-        typer.Option("--out", help="Results JSON (default: RUN/eval/SUITE.json)."),
+        typer.Option(
+            "--out",
+            help="Results JSON (default: RUN/eval/SUITE.json; RUN/eval/seq2seq.json for an "
+            "encoder-decoder run).",
+        ),
+    ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="Encoder-decoder runs: comma-separated tasks to score (default: the tasks of "
+            "the run's data.mixture)."
+        ),
+    ] = None,
+    samples: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Encoder-decoder runs: held-out samples per task and length (default: the "
+            "run's eval.probe_samples).",
+        ),
+    ] = None,
+    keep: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Encoder-decoder runs: source tokens the prefix baseline reads (default: 512, "
+            "or model.max_seq_len when shorter).",
+        ),
     ] = None,
 ) -> None:
     """Grade a model with a suite: bits-per-byte by context length and memory reach by default;
-    long-context tasks and the effective context length with --suite longctx."""
+    long-context tasks and the effective context length with --suite longctx. An encoder-decoder
+    run is scored on held-out pairs of its tasks instead: ROUGE, BLEU, chrF and loss at each
+    length, whole and by a prefix baseline."""
     from memext.adapters import Reading
+    from memext.evals.seq2seq_suite import is_seq2seq_run
     from memext.runtime import resolve_device
 
     parsed = list(parse_value("--lengths", tuple[int, ...], lengths)) if lengths else None
+    if is_seq2seq_run(run_dir):  # decided from the config: the suite's adapters refuse it
+        suite_only = {
+            "--suite": suite != "default",
+            "--max-tokens": max_tokens is not None,
+            "--no-memory": not memory,
+            "--cache": cache is not None,
+            "--cache-opt": bool(cache_opt),
+            "--chunk": chunk is not None,
+        }
+        given = [name for name, set_ in suite_only.items() if set_]
+        if given:
+            raise MemextError(
+                f"{', '.join(given)}: options of the suite, which reads decoder-only models; "
+                f"{run_dir} is an encoder-decoder run, scored with --lengths, --task, --samples "
+                "and --keep"
+            )
+        tasks = [t.strip() for t in task.split(",") if t.strip()] if task is not None else None
+        if tasks == []:
+            raise MemextError("--task names no task: give one or more, comma-separated")
+        run_and_print_seq2seq(run_dir, resolve_device(device), parsed, tasks, samples, keep, output)
+        out.print(f"next: memext report {run_dir if output is None else output}")
+        return
+    options = (("--task", task), ("--samples", samples), ("--keep", keep))
+    given = [name for name, value in options if value is not None]
+    if given:
+        raise MemextError(
+            f"{', '.join(given)}: options for encoder-decoder runs (model.arch=seq2seq); "
+            f"{run_dir} is read by the suite (--suite, --lengths, --max-tokens)"
+        )
     reading = Reading.of(cache, cache_options(cache_opt), chunk)
     target = run_and_print_suite(
         run_dir, suite, parsed, max_tokens, resolve_device(device), output, memory, reading

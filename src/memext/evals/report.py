@@ -20,8 +20,16 @@ from typing import Any
 
 import memext
 from memext.errors import MemextError
-from memext.evals.report_plots import Plot, plots
-from memext.evals.report_runs import Run, has_depths, load_runs, run_lengths, run_tasks
+from memext.evals.report_plots import Plot, Seq2SeqRun, plots, seq2seq_plots
+from memext.evals.report_runs import (
+    Run,
+    _is_suite_file,
+    _labels,
+    has_depths,
+    load_runs,
+    run_lengths,
+    run_tasks,
+)
 from memext.evals.results import by_length
 from memext.io import atomic_write_text
 
@@ -196,21 +204,112 @@ def _cells_html(runs: Sequence[Run]) -> str:
 
 
 def _title(runs: Sequence[Run]) -> str:
+    if not runs:
+        return "memext evaluation report — encoder-decoder"
     suites = ", ".join(dict.fromkeys(str(r.data.get("suite", "?")) for r in runs))
     return f"memext evaluation report — suite {suites}"
 
 
-def render_html(runs: Sequence[Run], drawn: Sequence[Plot]) -> str:
-    """The whole page; ``drawn`` is ``plots(runs)``."""
+# --- encoder-decoder runs ------------------------------------------------------------------------
+
+SEQ2SEQ_NOTE = (
+    "Held-out samples of each task cut from the run's validation text, scored in ROUGE-1/2/L, "
+    "BLEU and chrF (0-100) and the teacher-forced loss (nats per target token). whole: the model "
+    "reads the whole source; prefix K: only its first K tokens, the question kept (the "
+    "truncation baseline); oracle: what a perfect reader of the same tokens writes. Sources "
+    "longer than the model's max_seq_len are read with retrieval cross-attention (chunked "
+    "encoding, top-k cross-attention): marked retrieval."
+)
+SEQ2SEQ_HEAD = (
+    "run",
+    "task",
+    "length",
+    "reading",
+    "source tokens",
+    "ROUGE-1",
+    "ROUGE-2",
+    "ROUGE-L",
+    "BLEU",
+    "chrF",
+    "loss",
+    "oracle ROUGE-L",
+    "n",
+    "seconds",
+)
+
+
+def _seq2seq_rows(runs: Sequence[Seq2SeqRun]) -> list[list[str]]:
+    rows = []
+    for run in runs:
+        for c in run.cells:
+            reading = "whole" if c.get("keep") is None else f"prefix {c['keep']}"
+            if c.get("retrieval"):
+                retrieval = c["retrieval"]
+                reading += (
+                    f" (retrieval: {retrieval['encode_chunk']}, top-{retrieval['cross_topk']})"
+                )
+            oracle = c.get("oracle")
+            rows.append(
+                [
+                    run.label,
+                    c["task"],
+                    str(c["length"]),
+                    reading,
+                    str(c.get("source_tokens", "")),
+                    *(f"{c[m]:.1f}" for m in ("rouge1", "rouge2", "rougeL", "bleu", "chrf")),
+                    f"{c['loss']:.3f}",
+                    "—" if oracle is None else f"{oracle['rougeL']:.1f}",
+                    str(c.get("n", "")),
+                    _duration(c.get("seconds")),
+                ]
+            )
+    return rows
+
+
+def _seq2seq_html(runs: Sequence[Seq2SeqRun], drawn: Sequence[Plot]) -> list[str]:
+    head = "".join(f"<th>{h}</th>" for h in SEQ2SEQ_HEAD)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row) + "</tr>"
+        for row in _seq2seq_rows(runs)
+    )
+    return [
+        "<h2>Encoder-decoder: held-out pairs by source length</h2>",
+        f'<p class="definition">{html.escape(SEQ2SEQ_NOTE)}</p>',
+        f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        *(f"<h2>{html.escape(p.title)}</h2>{_plot_html(p)}" for p in drawn),
+    ]
+
+
+def _seq2seq_markdown(runs: Sequence[Seq2SeqRun]) -> list[str]:
+    return [
+        "## Encoder-decoder: held-out pairs by source length",
+        SEQ2SEQ_NOTE,
+        _md_table(SEQ2SEQ_HEAD, _seq2seq_rows(runs)),
+    ]
+
+
+def render_html(
+    runs: Sequence[Run],
+    drawn: Sequence[Plot],
+    s2s: Sequence[Seq2SeqRun] = (),
+    s2s_drawn: Sequence[Plot] = (),
+) -> str:
+    """The whole page; ``drawn`` is ``plots(runs)``, ``s2s_drawn`` ``seq2seq_plots(s2s)``."""
+    n = len(runs) + len(s2s)
     sections = [
         f"<h1>{html.escape(_title(runs))}</h1>",
-        f'<p class="muted">{len(runs)} run(s); memext {html.escape(memext.__version__)}</p>',
-        "<h2>Summary</h2>",
-        _summary_html(runs),
-        *(f"<h2>{html.escape(p.title)}</h2>{_plot_html(p)}" for p in drawn),
-        "<h2>Cells</h2>",
-        _cells_html(runs),
+        f'<p class="muted">{n} run(s); memext {html.escape(memext.__version__)}</p>',
     ]
+    if runs:
+        sections += [
+            "<h2>Summary</h2>",
+            _summary_html(runs),
+            *(f"<h2>{html.escape(p.title)}</h2>{_plot_html(p)}" for p in drawn),
+            "<h2>Cells</h2>",
+            _cells_html(runs),
+        ]
+    if s2s:
+        sections += _seq2seq_html(s2s, s2s_drawn)
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         f"<title>{html.escape(_title(runs))}</title><style>{CSS}</style></head>"
@@ -249,22 +348,26 @@ def _scores_md(runs: Sequence[Run], task: str) -> str:
     )
 
 
-def render_markdown(runs: Sequence[Run]) -> str:
-    """The summary and, per task, a length × run table of scores; no images."""
-    rows = [
-        [field, *(_effective_md(v) if field.startswith("effective") else v for v in values)]
-        for field, values in _summary_rows(runs)
-    ]
-    parts = [
-        f"# {_title(runs)}",
-        "## Summary",
-        _md_table(["", *(r.label for r in runs)], rows),
-        f"—* {NONE_NOTE}: there is nothing to hold, so no effective context.",
-        *(f"The threshold: {d}." for d in _definitions(runs)),
-        *(f"Suite note: {n}" for n in _notes(runs)),
-        "## Scores by length",
-        *(_scores_md(runs, t) for t in run_tasks(runs)),
-    ]
+def render_markdown(runs: Sequence[Run], s2s: Sequence[Seq2SeqRun] = ()) -> str:
+    """The summary and, per task, a length × run table of scores; no images. Encoder-decoder
+    runs (``s2s``) add their table of held-out pairs."""
+    parts = [f"# {_title(runs)}"]
+    if runs:
+        rows = [
+            [field, *(_effective_md(v) if field.startswith("effective") else v for v in values)]
+            for field, values in _summary_rows(runs)
+        ]
+        parts += [
+            "## Summary",
+            _md_table(["", *(r.label for r in runs)], rows),
+            f"—* {NONE_NOTE}: there is nothing to hold, so no effective context.",
+            *(f"The threshold: {d}." for d in _definitions(runs)),
+            *(f"Suite note: {n}" for n in _notes(runs)),
+            "## Scores by length",
+            *(_scores_md(runs, t) for t in run_tasks(runs)),
+        ]
+    if s2s:
+        parts += _seq2seq_markdown(s2s)
     return "\n\n".join(parts) + "\n"
 
 
@@ -290,13 +393,36 @@ def build_report(
         MemextError: no results, a file that is not suite results of this schema version, a run
             directory without suite results, or matplotlib missing.
     """
-    runs = load_runs(results, suite)
+    s2s, others = _seq2seq_runs(results)
+    runs = load_runs(others, suite) if others or not s2s else []
     try:
         import matplotlib  # noqa: F401
     except ImportError:
         raise MemextError("the report's plots need matplotlib: pip install matplotlib") from None
     out = Path(out_dir)
     html_path, md_path = out / "report.html", out / "report.md"
-    atomic_write_text(html_path, render_html(runs, plots(runs)))
-    atomic_write_text(md_path, render_markdown(runs))
+    page = render_html(runs, plots(runs) if runs else [], s2s, seq2seq_plots(s2s) if s2s else [])
+    atomic_write_text(html_path, page)
+    atomic_write_text(md_path, render_markdown(runs, s2s))
     return html_path, md_path
+
+
+def _seq2seq_runs(
+    results: Sequence[str | Path],
+) -> tuple[list[Seq2SeqRun], list[str | Path]]:
+    """The encoder-decoder results among ``results`` (a seq2seq results file, or a run whose
+    ``eval/`` holds one), labelled, and the entries left for the suite's reader: every other
+    one, and a directory that also holds suite results."""
+    from memext.evals.seq2seq_suite import load_seq2seq_results, seq2seq_files
+
+    found: list[tuple[Path, dict[str, Any]]] = []
+    others: list[str | Path] = []
+    for entry in results:
+        files = seq2seq_files(entry)
+        found += [(f, load_seq2seq_results(f)) for f in files]
+        home = Path(entry)
+        suite_too = home.is_dir() and any(_is_suite_file(p) for p in home.glob("eval/*.json"))
+        if not files or suite_too:
+            others.append(entry)
+    labels = _labels(found)
+    return [Seq2SeqRun(lbl, p, d) for lbl, (p, d) in zip(labels, found, strict=True)], others

@@ -222,3 +222,126 @@ def plots(runs: Sequence[Run]) -> list[Plot]:
         Plot("depth × length", note="no task has cells at several depths: heatmaps omitted")
     ]
     return [plot_bpb(runs), *depth, plot_accuracy(runs), plot_speed(runs)]
+
+
+# --- encoder-decoder runs ------------------------------------------------------------------------
+
+#: The text scores drawn against source length, with their axis names.
+SEQ2SEQ_PANELS = (("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("chrf", "chrF"))
+
+
+@dataclass(frozen=True)
+class Seq2SeqRun:
+    """One encoder-decoder results file (``memext.evals.seq2seq_suite``) as the report shows it."""
+
+    label: str
+    path: Any
+    data: dict[str, Any]
+
+    @property
+    def cells(self) -> list[dict[str, Any]]:
+        return self.data["cells"]
+
+    @property
+    def model(self) -> dict[str, Any]:
+        return self.data.get("model") or {}
+
+    @property
+    def keep(self) -> int:
+        return int(self.data["spec"]["keep"])
+
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(c["task"] for c in self.cells))
+
+
+def seq2seq_points(
+    cells: Sequence[dict[str, Any]], task: str, reading: str, metric: str, oracle: bool = False
+) -> dict[int, float]:
+    """``metric`` of ``task`` at each source length under ``reading``: the model's, or with
+    ``oracle`` the prefix oracle's; a cell without the score (a task with no oracle) is left
+    out."""
+    points = {}
+    for c in cells:
+        if c["task"] == task and c["reading"] == reading:
+            scores = c.get("oracle") if oracle else c
+            if scores is not None and scores.get(metric) is not None:
+                points[int(c["length"])] = float(scores[metric])
+    return dict(sorted(points.items()))
+
+
+def _readings(run: Seq2SeqRun) -> list[tuple[str, bool, str, str]]:
+    """(reading, oracle, name, line style) of each line drawn for a run."""
+    return [
+        ("whole", False, "whole input", "-"),
+        ("prefix", False, f"prefix {run.keep}", "--"),
+        ("prefix", True, f"prefix oracle {run.keep}", ":"),
+    ]
+
+
+def plot_seq2seq(runs: Sequence[Seq2SeqRun], task: str) -> Plot:
+    """A task's ROUGE-L, BLEU and chrF against source length: the whole input, the prefix
+    baseline and its oracle; whole-input points read with retrieval cross-attention (past
+    ``max_seq_len``) are hollow."""
+    title = f"{task}: ROUGE-L, BLEU and chrF against input length"
+    have = [r for r in runs if task in r.tasks()]
+    lengths = sorted({int(c["length"]) for r in have for c in r.cells if c["task"] == task})
+    fig, axes = _figure(len(SEQ2SEQ_PANELS), 3, (4.6, 3.8))
+    series: list[Series] = []
+    for ax, (metric, name) in zip(axes, SEQ2SEQ_PANELS, strict=True):
+        for i, run in enumerate(have):
+            retrieved = {
+                int(c["length"])
+                for c in run.cells
+                if c["task"] == task and c["reading"] == "whole" and c.get("retrieval")
+            }
+            for j, (reading, oracle, line, style) in enumerate(_readings(run)):
+                pts = seq2seq_points(run.cells, task, reading, metric, oracle)
+                if not pts:
+                    continue
+                # One run: a colour per reading; several: a colour per run, a style per reading.
+                colour = _colour(i) if len(have) > 1 else (_colour(0), _colour(1), "grey")[j]
+                label = line if len(have) == 1 else f"{run.label}: {line}"
+                x, y = list(pts), list(pts.values())
+                ax.plot(x, y, linestyle=style, marker="" if oracle else "o", color=colour)
+                ax.plot([], [], linestyle=style, color=colour, label=label)
+                hollow = [n for n in x if n in retrieved and not oracle and reading == "whole"]
+                if hollow:
+                    hy = [pts[n] for n in hollow]
+                    ax.plot(hollow, hy, "o", mfc="white", mec=colour, linestyle="none")
+                series.append(
+                    {
+                        "panel": metric,
+                        "label": label,
+                        "run": run.label,
+                        "reading": reading,
+                        "oracle": oracle,
+                        "x": x,
+                        "y": y,
+                        "retrieval": hollow,
+                    }
+                )
+            limit = run.model.get("max_seq_len")
+            if limit and lengths and max(lengths) > limit:
+                colour = _colour(i) if len(have) > 1 else "grey"
+                ax.axvline(
+                    limit, color=colour, linestyle="-.", linewidth=1, alpha=0.6, label="max_seq_len"
+                )
+        _length_axis(ax, lengths)
+        ax.set(xlabel="source length (tokens)", ylabel=f"{name} (0-100)", title=name)
+        ax.set_ylim(-3, 103)
+    axes[0].legend(fontsize=8)
+    caption = (
+        "The model on the whole source and on its first KEEP tokens (the prefix baseline, "
+        "question kept), and what a perfect reader of that prefix writes (dotted: the prefix "
+        "oracle; the whole input's oracle is the reference). Hollow points: sources past the "
+        "model's max_seq_len (dash-dot line), read with retrieval cross-attention."
+    )
+    return Plot(title, _png(fig), tuple(series), caption=caption)
+
+
+def seq2seq_plots(runs: Sequence[Seq2SeqRun]) -> list[Plot]:
+    """One plot per task of the encoder-decoder runs, in the order they were scored."""
+    tasks = list(dict.fromkeys(t for r in runs for t in r.tasks()))
+    if not tasks:
+        return [Plot("encoder-decoder scores", note="no scored cells: plot omitted")]
+    return [plot_seq2seq(runs, t) for t in tasks]
