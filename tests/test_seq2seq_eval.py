@@ -101,7 +101,8 @@ def test_cells_are_evaluate_pairs_on_the_same_samples(run: Path, reader: list) -
     model, cfg = load(run)
     tok = run_tokenizer(run)
     filler = Filler(prepare_data(cfg.data, tok, lambda m: None)[0].validation)
-    retrieval = {"encode_chunk": 160, "cross_topk": 164}  # the trained length, + 4 global slots
+    # Chunks of the trained length, every state read, logits scaled from the trained length.
+    retrieval = {"encode_chunk": 160, "cross_topk": None, "trained_len": 160}
     for (length, reading), cell in cells.items():
         samples = held_out_samples("digest", tok, filler, length, 3)
         keep = 128 if reading == "prefix" else None
@@ -135,7 +136,8 @@ def test_a_source_past_max_seq_len_is_read_with_retrieval(run: Path, reader: lis
         128: None,
         320: 160,
     }
-    assert all(c.get("cross_topk") == 164 for c in reader if c["source"] == 320)
+    assert all(c.get("trained_len") == 160 for c in reader if c["source"] == 320)
+    assert all(c.get("cross_topk") is None for c in reader if c["source"] == 320)
 
 
 def test_resume_keeps_finished_cells_and_recomputes_none(
@@ -184,7 +186,10 @@ def test_report_draws_scores_against_length(run: Path, reader: list) -> None:
         assert oracle["y"] == [cells[n, "prefix"]["oracle"][metric] for n in (192, 320)]
         assert whole["retrieval"] == [320] and prefix["retrieval"] == []
     markdown = (run / "report" / "report.md").read_text()
-    assert "| run | digest | 320 | whole (retrieval: 160, top-164) | 320 |" in markdown
+    assert (
+        "| run | digest | 320 | whole (retrieval: chunks of 160, scaled from 160) | 320 |"
+        in markdown
+    )
 
 
 def test_defaults_come_from_the_run(run: Path) -> None:
@@ -192,7 +197,7 @@ def test_defaults_come_from_the_run(run: Path) -> None:
     assert spec.lengths == (192,) and spec.tasks == ("digest",) and spec.samples == 2
     assert suite.DEFAULT_KEEP == 512 and spec.keep == 256  # capped at max_seq_len
     assert suite.plan_seq2seq(run, keep=100, samples=5).keep == 100
-    assert (spec.encode_chunk, spec.cross_topk) == (160, 164)
+    assert (spec.encode_chunk, spec.cross_topk, spec.trained_len) == (160, 0, 160)
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,10 @@ from typer.testing import CliRunner
 
 import memext.infer.seq2seq as s2s
 from memext import checkpoint as ckpt
-from memext.checkpoint import load, run_tokenizer
+from memext.checkpoint import load, load_config, run_tokenizer
 from memext.cli import app
 from memext.config import Config, ModelConfig
+from memext.curriculum import trained_length
 from memext.infer.cache import CACHES
 from memext.infer.seq2seq import Hypothesis, beam_decode, greedy_decode
 from memext.model import build_model
@@ -281,8 +282,20 @@ def test_generate_reads_a_long_source_in_chunks(runs: dict[str, Path], tmp_path:
     long.write_text(SOURCE * 8)  # 512 bytes, past max_seq_len=384
     retrieval = ("--encode-chunk", "128", "--cross-topk", "16")
     code, stdout, _ = _generate(run, "--prompt-file", str(long), "--beams", "2", *retrieval)
-    expected = _library(run, SOURCE * 8, 2, encode_chunk=128, cross_topk=16)
+    # --encode-chunk scales the cross-attention logits from the run's trained length by default
+    trained = trained_length(load_config(run))
+    expected = _library(run, SOURCE * 8, 2, encode_chunk=128, cross_topk=16, trained_len=trained)
     assert code == 0 and stdout == expected + "\n"
+    code, stdout, _ = _generate(
+        run, "--prompt-file", str(long), "--encode-chunk", "128", "--trained-len", "0"
+    )
+    assert code == 0 and stdout == _library(run, SOURCE * 8, encode_chunk=128) + "\n"
+    code, stdout, _ = _generate(
+        run, "--prompt-file", str(long), "--encode-chunk", "128", "--trained-len", "64"
+    )
+    assert (
+        code == 0 and stdout == _library(run, SOURCE * 8, encode_chunk=128, trained_len=64) + "\n"
+    )
 
 
 @pytest.mark.parametrize(
@@ -305,6 +318,7 @@ def test_generate_reads_a_long_source_in_chunks(runs: dict[str, Path], tmp_path:
         ("seq2seq", ["--prompt", "x", "--cache", "nope"], "unknown cache 'nope'"),
         ("decoder", ["--prompt", "x", "--beams", "2"], "decoder-only model, given an encoder"),
         ("decoder", ["--prompt", "x", "--encode-chunk", "8"], "seq2seq) option: --encode-chunk"),
+        ("seq2seq", ["--prompt", "x", "--trained-len", "8"], "give --encode-chunk too"),
     ],
 )
 def test_generate_refusals_exit_2_with_one_line(

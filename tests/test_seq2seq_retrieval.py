@@ -159,14 +159,15 @@ def test_chunked_encoding_reads_past_max_seq_len() -> None:
     s=st.integers(2, 160),
     chunk=st.sampled_from([None, 7, 32, 64]),
     topk=st.sampled_from([None, 1, 4, 16]),
+    trained=st.sampled_from([None, 30]),
     seed=st.integers(0, 2**16),
 )
-def test_cached_greedy_equals_recompute_with_retrieval(b, s, chunk, topk, seed) -> None:
+def test_cached_greedy_equals_recompute_with_retrieval(b, s, chunk, topk, trained, seed) -> None:
     model = _model()
     if chunk is None and s > BASE.max_seq_len:
         chunk = 64
     src, _ = _data(b, s, 1, seed)
-    options = {"encode_chunk": chunk, "cross_topk": topk}
+    options = {"encode_chunk": chunk, "cross_topk": topk, "trained_len": trained}
     cached = greedy_decode(model, src, BOS, eos=-1, max_new_tokens=12, **options)
     recomputed = greedy_decode(model, src, BOS, -1, 12, cache=None, **options)
     assert cached == recomputed
@@ -176,7 +177,7 @@ def test_cached_greedy_equals_recompute_with_retrieval(b, s, chunk, topk, seed) 
 def test_cached_logits_equal_one_pass_with_retrieval() -> None:
     model = _model()
     src, tgt = _data(2, 100, 8, seed=5)
-    options = {"encode_chunk": 24, "cross_topk": 5}
+    options = {"encode_chunk": 24, "cross_topk": 5, "trained_len": 40}
     with torch.no_grad():
         whole, _ = model(src, tgt, **options)
         state = decoder_state(model, 2)

@@ -105,6 +105,14 @@ def generate(
             "states only.",
         ),
     ] = None,
+    trained_len: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Encoder-decoder runs with --encode-chunk: scale the cross-attention logits by "
+            "log(states) / log(N + global slots) (default N: the run's trained length; 0: off).",
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Continue a prompt with a model (KV-cached; window/sinks read input of any length); an
@@ -154,12 +162,13 @@ def generate(
             options=cache_options(cache_opt),
             encode_chunk=encode_chunk,
             cross_topk=cross_topk,
+            trained_len=trained_len,
             device=resolve_device(device),
         )
         return
     seq2seq_only = [
         f"--{name.replace('_', '-')}"
-        for name in ("beams", "length_penalty", "encode_chunk", "cross_topk")
+        for name in ("beams", "length_penalty", "encode_chunk", "cross_topk", "trained_len")
         if name in given
     ]
     if seq2seq_only:
@@ -213,15 +222,18 @@ def _generate_seq2seq(
     options: dict[str, Any],
     encode_chunk: int | None,
     cross_topk: int | None,
+    trained_len: int | None,
     device: torch.device,
 ) -> None:
     """Print the target an encoder-decoder run writes for the source ``text``, cut before the
     first ``stop`` string; everything the run's config can refuse is refused before loading."""
     from memext.checkpoint import load, load_config, run_tokenizer
+    from memext.curriculum import trained_length
     from memext.infer.cache import CACHES
     from memext.infer.seq2seq import greedy_decode
 
-    cfg = load_config(run_dir).model
+    run_cfg = load_config(run_dir)
+    cfg = run_cfg.model
     tok = run_tokenizer(run_dir)
     ids = tok.encode(text)
     if not ids:
@@ -243,6 +255,10 @@ def _generate_seq2seq(
             f"{cfg.max_seq_len}: give --encode-chunk {cfg.max_seq_len} (or fewer) to read it in "
             "chunks (retrieval cross-attention; --cross-topk N narrows what each query reads)"
         )
+    if trained_len is not None and encode_chunk is None:
+        raise MemextError("--trained-len scales a chunked reading: give --encode-chunk too")
+    if trained_len is None and encode_chunk is not None:
+        trained_len = trained_length(run_cfg)  # as `memext eval` reads past max_seq_len
     CACHES.lookup(cache)  # an unknown policy is refused before the model loads
     model, _ = load(run_dir, device)
     src = torch.tensor([ids], dtype=torch.long, device=device)
@@ -252,6 +268,7 @@ def _generate_seq2seq(
         cache=cache,
         encode_chunk=encode_chunk,
         cross_topk=cross_topk,
+        trained_len=trained_len or None,
         cache_options=options,
     )
     if beams == 1:

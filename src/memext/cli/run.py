@@ -207,6 +207,8 @@ def run_and_print_seq2seq(
 
 
 def _print_seq2seq(results: dict[str, Any]) -> None:
+    from memext.evals.report import retrieval_label
+
     model, spec = results["model"], results["spec"]
     table = Table(title=f"held-out pairs by source length — {model['name']}")
     for col in ("task", "length", "reading"):
@@ -229,7 +231,7 @@ def _print_seq2seq(results: dict[str, Any]) -> None:
     out.print(
         f"scores 0-100 on {spec['samples']} held-out samples each (ROUGE-1/2 in the JSON); "
         f"*: past max_seq_len={model['max_seq_len']}, read with retrieval cross-attention "
-        f"(chunks of {spec['encode_chunk']}, top-{spec['cross_topk']})",
+        f"({retrieval_label(spec)})",
         highlight=False,
     )
 

@@ -218,7 +218,8 @@ SEQ2SEQ_NOTE = (
     "reads the whole source; prefix K: only its first K tokens, the question kept (the "
     "truncation baseline); oracle: what a perfect reader of the same tokens writes. Sources "
     "longer than the model's max_seq_len are read with retrieval cross-attention (chunked "
-    "encoding, top-k cross-attention): marked retrieval."
+    "encoding; cross-attention logits scaled for the number of states, or top-k): marked "
+    "retrieval."
 )
 SEQ2SEQ_HEAD = (
     "run",
@@ -238,16 +239,24 @@ SEQ2SEQ_HEAD = (
 )
 
 
+def retrieval_label(retrieval: dict[str, Any]) -> str:
+    """``{"encode_chunk": 160, "cross_topk": None, "trained_len": 160}`` -> "chunks of 160,
+    scaled from 160"."""
+    parts = [f"chunks of {retrieval['encode_chunk']}"]
+    if retrieval.get("cross_topk"):
+        parts.append(f"top-{retrieval['cross_topk']}")
+    if retrieval.get("trained_len"):
+        parts.append(f"scaled from {retrieval['trained_len']}")
+    return ", ".join(parts)
+
+
 def _seq2seq_rows(runs: Sequence[Seq2SeqRun]) -> list[list[str]]:
     rows = []
     for run in runs:
         for c in run.cells:
             reading = "whole" if c.get("keep") is None else f"prefix {c['keep']}"
             if c.get("retrieval"):
-                retrieval = c["retrieval"]
-                reading += (
-                    f" (retrieval: {retrieval['encode_chunk']}, top-{retrieval['cross_topk']})"
-                )
+                reading += f" (retrieval: {retrieval_label(c['retrieval'])})"
             oracle = c.get("oracle")
             rows.append(
                 [

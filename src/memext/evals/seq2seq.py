@@ -105,18 +105,19 @@ def evaluate_pairs(
     max_new_tokens: int | None = None,
     encode_chunk: int | None = None,
     cross_topk: int | None = None,
+    trained_len: int | None = None,
 ) -> dict[str, Any]:
     """Greedy outputs of ``samples``' sources (cut to ``keep`` tokens when given) scored against
     their answers: ROUGE-1/2/L, BLEU, chrF (0-100), ``loss`` (teacher-forced, nats per target
     token, end token included), ``n``, ``source_tokens`` and a few ``examples``.
-    ``encode_chunk``, ``cross_topk``: read with retrieval cross-attention
+    ``encode_chunk``, ``cross_topk``, ``trained_len``: read with retrieval cross-attention
     (``memext.nn.seq2seq``), loss and outputs alike; None: the plain model."""
     if not samples:
         raise ValueError("no samples to evaluate")
     special = tok.special_id
     bos, eos, pad = special("<bos>"), special("<eod>"), special("<pad>")
     limit = max_new_tokens or model.max_target_len - 1
-    retrieval = {"encode_chunk": encode_chunk, "cross_topk": cross_topk}
+    retrieval = {"encode_chunk": encode_chunk, "cross_topk": cross_topk, "trained_len": trained_len}
     was_training = model.training
     model.eval()
     preds: list[str] = []

@@ -55,10 +55,11 @@ def check_decoding(
     max_new_tokens: int,
     encode_chunk: int | None = None,
     cross_topk: int | None = None,
+    trained_len: int | None = None,
 ) -> None:
     """Refuse a decoding the model cannot run: retrieval options it cannot take, or more new
     tokens than its decoder reads after the start token."""
-    check_retrieval(model.max_seq_len, encode_chunk, cross_topk)
+    check_retrieval(model.max_seq_len, encode_chunk, cross_topk, trained_len)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
     limit = model.max_target_len - 1  # the start token takes one position
@@ -80,15 +81,17 @@ def greedy_decode(
     encode_chunk: int | None = None,
     cross_topk: int | None = None,
     cache_options: dict[str, Any] | None = None,
+    trained_len: int | None = None,
 ) -> list[list[int]]:
     """The greedy target of each source row: src (B, S) -> B lists of ids, each ending before
     ``eos`` (not included) or after ``max_new_tokens`` ids. ``cache=None`` recomputes;
     ``cache_options`` are the cache policy's own (``{"window": 16}``).
     ``encode_chunk``: encode the source in chunks of that many tokens (it may then exceed
     ``max_seq_len``); ``cross_topk``: each cross-attention query reads its top-k encoder keys
-    only. None: the plain model."""
-    check_decoding(model, max_new_tokens, encode_chunk, cross_topk)
-    retrieval = {"encode_chunk": encode_chunk, "cross_topk": cross_topk}
+    only; ``trained_len``: scale cross-attention logits for the number of encoder states
+    (``memext.nn.seq2seq``). None: the plain model."""
+    check_decoding(model, max_new_tokens, encode_chunk, cross_topk, trained_len)
+    retrieval = {"encode_chunk": encode_chunk, "cross_topk": cross_topk, "trained_len": trained_len}
     b = src.shape[0]
     tgt = torch.full((b, 1), bos, dtype=torch.long, device=src.device)
     done = torch.zeros(b, dtype=torch.bool, device=src.device)
@@ -169,6 +172,7 @@ def beam_decode(
     encode_chunk: int | None = None,
     cross_topk: int | None = None,
     cache_options: dict[str, Any] | None = None,
+    trained_len: int | None = None,
 ) -> list[Hypothesis]:
     """Beam search over the target of ONE source, src (1, S) or (S,): up to ``beams``
     hypotheses, best score first (``Hypothesis``; ``score`` is GNMT's and Hugging Face's
@@ -184,11 +188,13 @@ def beam_decode(
     ``beams=1`` this is greedy decoding (``greedy_decode``); with ``beams`` at least the number
     of targets of up to ``max_new_tokens`` tokens it is exhaustive.
 
-    ``cache``, ``cache_options``, ``encode_chunk``, ``cross_topk``: as ``greedy_decode``'s
+    ``cache``, ``cache_options``, ``encode_chunk``, ``cross_topk``, ``trained_len``: as
+    ``greedy_decode``'s
     (``cache=None`` recomputes encoder and decoder at every step); the cache holds one row per
     beam, reordered each step as the module's doc says.
     """
-    check_decoding(model, max_new_tokens, encode_chunk, cross_topk)
+    check_decoding(model, max_new_tokens, encode_chunk, cross_topk, trained_len)
+    reading = {"cross_topk": cross_topk, "trained_len": trained_len}  # every decoder call's
     if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
         raise ValueError(f"beams={beams!r} must be a positive int")
     src = src.reshape(1, -1) if src.dim() == 1 else src
@@ -211,11 +217,9 @@ def beam_decode(
     stopped = False
     for step in range(1, max_new_tokens + 1):
         if state is not None:
-            logits, state = model(None, tokens[:, -1:], state, cross_topk=cross_topk)
+            logits, state = model(None, tokens[:, -1:], state, **reading)
         else:
-            logits, _ = model(
-                src.expand(beams, -1), tokens, encode_chunk=encode_chunk, cross_topk=cross_topk
-            )
+            logits, _ = model(src.expand(beams, -1), tokens, encode_chunk=encode_chunk, **reading)
         logp = torch.log_softmax(logits[:, -1].float(), dim=-1)
         vocab = logp.shape[-1]
         totals = (torch.tensor(sums, device=device)[:, None] + logp).view(-1)
@@ -252,7 +256,7 @@ def beam_decode(
         if step == max_new_tokens:
             break
         if state is not None and not reorder_cache(state.cache, index):
-            state = _reread(model, state.cross, tokens[:, :-1], cache, options, cross_topk)
+            state = _reread(model, state.cross, tokens[:, :-1], cache, options, reading)
     if not stopped:
         for row, total in enumerate(sums):
             if total > float("-inf"):
@@ -267,12 +271,12 @@ def _reread(
     prefix: Tensor,
     cache: str,
     options: dict[str, Any],
-    cross_topk: int | None,
+    reading: dict[str, Any],
 ) -> Seq2SeqState:
     """A fresh state that has read ``prefix`` one token at a time, as the cache it replaces
     did: for a policy whose cache cannot reorder its rows."""
     state = decoder_state(model, prefix.shape[0], cache, **options)
     state.cross = cross
     for j in range(prefix.shape[1]):
-        _, state = model(None, prefix[:, j : j + 1], state, cross_topk=cross_topk)
+        _, state = model(None, prefix[:, j : j + 1], state, **reading)
     return state
