@@ -6,6 +6,11 @@ Train first (the preset lists the facts scattered through 384-token documents):
     memext train --preset seq2seq-tiny --out runs/seq2seq-tiny
     python benchmarks/seq2seq_digest.py --run runs/seq2seq-tiny
 
+Past the model's max_seq_len, read with retrieval cross-attention (docs/evaluation.md):
+
+    python benchmarks/seq2seq_digest.py --run runs/seq2seq-digest --length 16384 --keep 512 \
+        --encode-chunk 4096 --trained-len 4096
+
 The samples are ``memext.evals.seq2seq.held_out_samples``: haystacks cut from the run's
 validation text, seeds above the training range, depths spread evenly (``outline`` reads the
 stdlib modules of ``--split``). Each reading is also scored for the prefix oracle
@@ -51,6 +56,12 @@ def main() -> None:
     ap.add_argument(
         "--cross-topk", type=int, default=0, help="retrieval: each query reads its top-k states"
     )
+    ap.add_argument(
+        "--trained-len",
+        type=int,
+        default=0,
+        help="retrieval: scale cross-attention logits by log(states) / log(this + slots)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/seq2seq_digest.json"))
     args = ap.parse_args()
 
@@ -63,7 +74,11 @@ def main() -> None:
     filler = Filler(store.validation)
     samples = held_out_samples(task, tok, filler, length, args.samples, args.split)
 
-    retrieval = {"encode_chunk": args.encode_chunk or None, "cross_topk": args.cross_topk or None}
+    retrieval = {
+        "encode_chunk": args.encode_chunk or None,
+        "cross_topk": args.cross_topk or None,
+        "trained_len": args.trained_len or None,
+    }
     rows = []
     for frac in (1.0, *(float(f) for f in args.keep.split(",") if f)):
         keep = None if frac == 1.0 else round(frac * length if frac < 1 else frac)

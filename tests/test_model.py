@@ -67,6 +67,7 @@ PRESET_PARAMS = {
     "seq2seq-tiny": 246_784,
     "seq2seq-digest": 246_784,
     "seq2seq-cipher": 246_784,
+    "seq2seq-outline": 246_784,
 }
 
 
