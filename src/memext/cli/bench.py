@@ -1,4 +1,4 @@
-"""Benchmarks shipped with the library: `memext bench attention`."""
+"""Benchmarks shipped with the library: `memext bench attention` and `memext bench seq2seq`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from memext.bench import attention as bench
+from memext.bench import seq2seq as s2s
 from memext.bench.peers import Shape
 from memext.cli.common import default, err, out, user_errors
 from memext.fields import parse_value
@@ -114,3 +115,95 @@ def bench_attention(
     command = " ".join(["memext", *sys.argv[1:]])
     path, png = bench.report(out, records, training, shape, left_out, out_dir, command)
     out.print(f"wrote {path}" + (f" and {png}" if png else " (no PNG: pip install matplotlib)"))
+
+
+@user_errors
+def bench_seq2seq(
+    lengths: Annotated[str, typer.Option(help="Source lengths, comma-separated.")] = "4096,16384",
+    d_model: Annotated[int, typer.Option(help="Width of all three.")] = default(
+        s2s.Seq2SeqShape, "d_model"
+    ),
+    encoder_layers: Annotated[int, typer.Option(help="Encoder blocks.")] = default(
+        s2s.Seq2SeqShape, "encoder_layers"
+    ),
+    decoder_layers: Annotated[int, typer.Option(help="Decoder blocks.")] = default(
+        s2s.Seq2SeqShape, "decoder_layers"
+    ),
+    heads: Annotated[int, typer.Option(help="Attention heads.")] = default(
+        s2s.Seq2SeqShape, "heads"
+    ),
+    d_ff: Annotated[
+        int,
+        typer.Option(help="Gated feed-forward width (LED's ungated one: 3/2 of it); 0 = 8/3 d."),
+    ] = default(s2s.Seq2SeqShape, "d_ff"),
+    vocab_size: Annotated[int, typer.Option(help="Vocabulary of all three.")] = default(
+        s2s.Seq2SeqShape, "vocab_size"
+    ),
+    window: Annotated[
+        int, typer.Option(help="Encoder window W (even): LED attention_window, LongT5 radius W/2.")
+    ] = default(s2s.Seq2SeqShape, "window"),
+    global_tokens: Annotated[
+        int, typer.Option(help="memext global slots = LED's globally attending leading tokens.")
+    ] = default(s2s.Seq2SeqShape, "global_tokens"),
+    global_block_size: Annotated[
+        int, typer.Option(help="LongT5: source tokens per transient global token.")
+    ] = default(s2s.Seq2SeqShape, "global_block_size"),
+    new_tokens: Annotated[int, typer.Option(help="Tokens each contender generates.")] = default(
+        s2s.Seq2SeqShape, "new_tokens"
+    ),
+    repeats: Annotated[int, typer.Option(help="Timed repeats per contender and length.")] = default(
+        s2s.measure, "repeats"
+    ),
+    threads: Annotated[int, typer.Option(help="torch threads; 0 = torch's default.")] = 0,
+    only: Annotated[
+        str | None, typer.Option(help="Run only these contenders (memext,led,longt5).")
+    ] = None,
+    memory: Annotated[bool, typer.Option(help="Also measure allocator peak memory.")] = default(
+        s2s.measure, "memory"
+    ),
+    time_limit: Annotated[
+        float, typer.Option(help="Stop growing a contender's length past this many seconds.")
+    ] = default(s2s.measure, "time_limit"),
+    out_path: Annotated[Path, typer.Option("--out", help="The JSON file to write.")] = Path(
+        "bench-results/seq2seq_speed.json"
+    ),
+) -> None:
+    """Encode + greedy generation: memext's encoder-decoder vs Hugging Face LED and LongT5."""
+    import torch
+    from tqdm import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    shape = s2s.Seq2SeqShape(
+        d_model=d_model,
+        encoder_layers=encoder_layers,
+        decoder_layers=decoder_layers,
+        heads=heads,
+        d_ff=d_ff,
+        vocab_size=vocab_size,
+        window=window,
+        global_tokens=global_tokens,
+        global_block_size=global_block_size,
+        new_tokens=new_tokens,
+    )
+    chosen, left_out = s2s.select(only)
+    if not chosen:
+        raise ValueError(f"--only {only!r} matches no contender (memext, led, longt5)")
+    for name, why in left_out.items():
+        err.print(f"[yellow]skipping {name}:[/] {why}", highlight=False)
+    sizes = parse_value("--lengths", tuple[int, ...], lengths)
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"--lengths={lengths!r} is invalid: expected positive integers")
+    bar = tqdm(desc="bench seq2seq", unit="step", leave=False)
+
+    def tick(msg: str) -> None:
+        bar.set_postfix_str(msg, refresh=False)
+        bar.update()
+
+    records = s2s.measure(
+        chosen, sizes, shape, repeats=repeats, memory=memory, time_limit=time_limit, progress=tick
+    )
+    bar.close()
+    command = " ".join(["memext", *sys.argv[1:]])
+    s2s.report(out, records, shape, left_out, out_path, command, repeats)
+    out.print(f"wrote {out_path}")
