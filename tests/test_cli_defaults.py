@@ -19,6 +19,8 @@ from memext.adapters.pruned import prune
 from memext.adapters.quantized import quantize
 from memext.bench.attention import measure, train_tokens_per_s
 from memext.bench.peers import Shape
+from memext.bench.seq2seq import Seq2SeqShape
+from memext.bench.seq2seq import measure as measure_seq2seq
 from memext.cli import app
 from memext.evals.runner import evaluate_model
 from memext.evals.streaming import streaming_perplexity
@@ -40,6 +42,7 @@ DRIVES: dict[str, tuple[Callable[..., Any], ...]] = {
     "stream": (streaming_perplexity,),
     "extend": (extend_run, extend_hf),
     "bench attention": (Shape, measure, train_tokens_per_s),
+    "bench seq2seq": (Seq2SeqShape, measure_seq2seq),
     "memory add": (RetrievalStore.add_file,),
     "memory search": (RetrievalStore.search,),
     "ask": (ask,),
