@@ -101,6 +101,23 @@ def test_pair_batch_pads_targets_and_marks_them() -> None:
         pair_batch([samples[0], digest(TOK, FILLER, 301, 0.5, 3)], 256, 257, 259)
 
 
+def test_target_padding_never_changes_a_real_position() -> None:
+    """Sources in a batch share a length (nothing on the encoder side is padded); a short
+    answer padded to a longer one's length gives the logits it gives alone, at every real
+    position, and the loss ignores the padding."""
+    model = build_model(Config.preset("seq2seq-tiny").model, seed=0).eval()
+    short = next(s for i in range(50) if (s := digest(TOK, FILLER, 300, 0.5, i)).answer.size < 20)
+    long = next(s for i in range(50) if (s := digest(TOK, FILLER, 300, 0.3, i)).answer.size > 30)
+    src, x, _, real = pair_batch([short, long], bos=256, eos=257, pad=259)
+    alone_src, alone_x, _, _ = pair_batch([short], bos=256, eos=257, pad=259)
+    assert x.shape[1] > alone_x.shape[1]  # the short row is padded in the pair
+    with torch.no_grad():
+        pair, _ = model(src, x)
+        alone, _ = model(alone_src, alone_x)
+    n = int(real[0].sum())
+    assert (pair[0, :n] - alone[0, :n]).abs().max().item() <= 1e-5
+
+
 def test_evaluate_pairs_scores_the_greedy_output(monkeypatch: pytest.MonkeyPatch) -> None:
     """With greedy decoding replaced by the references, every score is 100; the prefix
     baseline hands the decoder ``keep``-token sources; the teacher-forced loss is finite."""
