@@ -24,7 +24,6 @@ CORE_TOLERANCE = 0.03
 
 @pytest.fixture(scope="module")
 def built() -> dict[str, s2s.Built]:
-    pytest.importorskip("transformers")
     return {c.name: c.build(TINY, LENGTH) for c in s2s.contenders()}
 
 
@@ -98,7 +97,6 @@ ARGS += ["--repeats", "2", "--threads", "1"]
 
 
 def test_cli_writes_the_ratios_of_its_measured_times(tmp_path) -> None:
-    pytest.importorskip("transformers")
     path = tmp_path / "s2s.json"
     result = CliRunner().invoke(app, [*ARGS, "--out", str(path)])
     assert result.exit_code == 0, result.output
