@@ -231,20 +231,9 @@ SEQ2SEQ_PANELS = (("rougeL", "ROUGE-L"), ("bleu", "BLEU"), ("chrf", "chrF"))
 
 
 @dataclass(frozen=True)
-class Seq2SeqRun:
-    """One encoder-decoder results file (``memext.evals.seq2seq_suite``) as the report shows it."""
-
-    label: str
-    path: Any
-    data: dict[str, Any]
-
-    @property
-    def cells(self) -> list[dict[str, Any]]:
-        return self.data["cells"]
-
-    @property
-    def model(self) -> dict[str, Any]:
-        return self.data.get("model") or {}
+class Seq2SeqRun(Run):
+    """One encoder-decoder results file (``memext.evals.seq2seq_suite``) as the report shows it
+    (``Run``'s label, path, cells and model; it has no suite summary)."""
 
     @property
     def keep(self) -> int:
