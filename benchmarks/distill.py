@@ -64,7 +64,7 @@ def command(run: Path, args: argparse.Namespace) -> list[str]:
     memext = [sys.executable, "-m", "memext"]
     if run.name == "teacher":
         steps = [] if args.teacher_steps is None else ["--set", f"train.steps={args.teacher_steps}"]
-        return [*memext, "train", "--config", str(CONFIGS / "distill-teacher.yaml"), *steps]
+        return [*memext, "train", "--config", str(args.teacher_config), *steps]
     student = str(args.student)
     if run.name == "ce":
         return [*memext, "train", "--config", student]
@@ -125,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda v: tuple(float(x) for x in v.split(":")),
         action="append",
         help="ALPHA:TEMPERATURE of a KD student (repeatable; default 0.5:2)",
+    )
+    p.add_argument(
+        "--teacher-config",
+        type=Path,
+        default=CONFIGS / "distill-teacher.yaml",
+        help="the teacher's config (distill-teacher-curriculum.yaml: one that reads passkeys)",
     )
     p.add_argument(
         "--teacher-steps",

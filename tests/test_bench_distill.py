@@ -173,6 +173,24 @@ def test_the_recorded_commands_are_memext_commands_on_configs_that_exist(
     assert (ROOT / bench.SUITE).is_file()
 
 
+def test_the_teacher_config_is_an_option(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = _bench()
+    runs = tmp_path / "runs"
+    for name, grade in GRADES.items():
+        _finish(runs, name, *grade)
+    monkeypatch.setattr(bench, "subprocess", NOTHING_RUNS)
+    curriculum = "benchmarks/configs/distill-teacher-curriculum.yaml"
+    bench.main([f"--runs={runs}", f"--teacher-config={curriculum}", f"--out={tmp_path / 'd.json'}"])
+    teacher = shlex.split(
+        json.loads((tmp_path / "d.json").read_text())["runs"]["teacher"]["command"]
+    )
+    assert teacher[teacher.index("--config") + 1] == curriculum
+    cfg = Config.load(ROOT / curriculum)  # passkeys inside 128-token sequences come first
+    first = [s for s in cfg.data.mixture if s.task == "passkey" and s.stages == (0,)]
+    assert cfg.train.seq_len == 128 and first and first[0].lengths == (128,)
+    assert cfg.model == Config.load(ROOT / "benchmarks/configs/distill-teacher.yaml").model
+
+
 def test_a_sweep_resumes_the_interrupted_and_trains_only_the_new(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
