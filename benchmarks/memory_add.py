@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from memext.data.corpus import stdlib_files
-from memext.runtime import command_line
+from memext.runtime import command_line, cpu_name
 
 
 def write_text(path: Path, size: int) -> int:
@@ -84,16 +84,6 @@ def tiny_encoder(folder: Path) -> Path:
     )
     transformers.BertModel(config).eval().save_pretrained(folder)
     return folder
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:

@@ -49,7 +49,7 @@ import torch
 from memext.adapters import open_model, prune
 from memext.config import Config
 from memext.evals.perplexity import windowed_bits_per_byte as bits_per_byte
-from memext.runtime import write_result
+from memext.runtime import cpu_name, write_result
 
 
 def held_ids(adapter: Any, skip: int, n: int) -> np.ndarray:
@@ -65,16 +65,6 @@ def forward_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
         started = time.perf_counter()
         model(x)
         return time.perf_counter() - started
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def train_base(args: argparse.Namespace, out: Path) -> Config:

@@ -41,6 +41,18 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (``platform.processor()`` is empty or the bare
+    architecture on Linux); a speed figure names the CPU it ran on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def provenance(device: torch.device | None = None) -> dict[str, Any]:
     import numpy
 
@@ -53,6 +65,7 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "threads": torch.get_num_threads(),
     }
     if device is not None:

@@ -404,19 +404,6 @@ def comparisons(records: Sequence[Record], ours: str = "memext") -> list[dict]:
     return rows
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (platform.processor() is empty on Linux)."""
-    import platform
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def payload(
     records: Sequence[Record],
     shape: Seq2SeqShape,
@@ -437,8 +424,7 @@ def payload(
         "benchmark": "seq2seq_speed",
         "command": command,
         "provenance": {
-            **provenance(torch.device("cpu")),
-            "cpu": cpu_name(),
+            **provenance(torch.device("cpu")),  # names the CPU
             **versions,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },

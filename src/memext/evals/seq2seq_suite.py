@@ -9,8 +9,9 @@ A **cell** is one task at one source length under one reading:
   the cross-attention logits are scaled by log N / log(trained states) for the N states of all
   chunks; ``cross_topk``: none by default, every state is read, because a trained decoder's
   cross-attention is diffuse and top-k drops the background it relies on: on the
-  seq2seq-digest preset at 16k, top-1,024 reads ROUGE-L 37 where all states read 87, and 93
-  with the scaling, docs/results.md#seq2seq); the cell's ``retrieval`` says so.
+  seq2seq-digest preset at 16k (two seeds), top-1,024 reads ROUGE-L 87 and 85, all states 92
+  and 89, all states scaled 94 and 95, docs/results.md#seq2seq); the cell's ``retrieval`` says
+  so.
 - ``prefix``: the prefix (Lead) baseline of ``memext.evals.seq2seq``: the first ``keep`` tokens,
   question included (default ``DEFAULT_KEEP`` = 512, or ``model.max_seq_len`` if shorter: the
   truncation the long-input literature compares against, SCROLLS' BART-1k readers). A source

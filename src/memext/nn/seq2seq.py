@@ -35,7 +35,7 @@ model; nothing in training changes. Both are options of ``forward`` (None = the 
   sharp over 4x the states as it was in training (the log-length scaling of Chiang & Cholak
   2022 and of Scalable-Softmax, Nakanishi 2025, applied at test time). A trained decoder's
   cross-attention is diffuse: a small weight on each of thousands of states adds up (on the
-  seq2seq-digest preset, a query's top 1,024 of 4,100 states hold 38-81% of its weight), so
+  seq2seq-digest preset, a query's top 1,024 of 4,100 states hold 40-82% of its weight), so
   four times the states dilute the weight on the ones that matter, and ``cross_topk``, which
   drops that background, changes what the decoder reads (docs/results.md#seq2seq).
 """
