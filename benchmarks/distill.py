@@ -66,8 +66,9 @@ def command(run: Path, args: argparse.Namespace) -> list[str]:
         steps = [] if args.teacher_steps is None else ["--set", f"train.steps={args.teacher_steps}"]
         return [*memext, "train", "--config", str(args.teacher_config), *steps]
     student = str(args.student)
+    seed = [] if args.seed is None else ["--set", f"train.seed={args.seed}"]
     if run.name == "ce":
-        return [*memext, "train", "--config", student]
+        return [*memext, "train", "--config", student, *seed]
     if run.name == CE_INIT:  # the teacher's weights without its soft targets
         alpha, temperature = 0.0, 1.0
     else:
@@ -75,7 +76,7 @@ def command(run: Path, args: argparse.Namespace) -> list[str]:
     init = ["--init-from-teacher"] if args.init else []
     return [
         *memext, "distill", "--teacher", str(args.runs / "teacher"), "--student", student,
-        "--alpha", f"{alpha:g}", "--temperature", f"{temperature:g}", *init,
+        "--alpha", f"{alpha:g}", "--temperature", f"{temperature:g}", *init, *seed,
     ]  # fmt: skip
 
 
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="KD students start from the teacher's weights (DistilBERT's initialisation; the "
         "student must have the teacher's width); adds a run of that start with CE alone",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="the students' train.seed (default: their config's); the teacher is the same run",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/distill.json"))
     args = p.parse_args(argv)

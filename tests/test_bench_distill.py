@@ -191,6 +191,26 @@ def test_the_teacher_config_is_an_option(tmp_path: Path, monkeypatch: pytest.Mon
     assert cfg.model == Config.load(ROOT / "benchmarks/configs/distill-teacher.yaml").model
 
 
+def test_seed_sets_the_students_seed_and_leaves_the_teacher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = _bench()
+    runs = tmp_path / "runs"
+    _finish(runs, "teacher", *GRADES["teacher"])  # a teacher copied in, as for a second seed
+    launched = Launched(GRADES)
+    monkeypatch.setattr(bench, "subprocess", launched)
+    bench.main([f"--runs={runs}", "--seed=3", "--kd=0.5:2", f"--out={tmp_path / 'd.json'}"])
+    assert sorted(Path(c[c.index("--out") + 1]).name for c in launched.trained) == [
+        "ce",
+        "kd-a0.5-t2",
+    ]
+    for cmd in launched.trained:
+        assert cmd[cmd.index("--set") + 1] == "train.seed=3"
+    recorded = json.loads((tmp_path / "d.json").read_text())["runs"]
+    assert "train.seed" not in recorded["teacher"]["command"]
+    assert "--set train.seed=3" in recorded["kd-a0.5-t2"]["command"]
+
+
 def test_a_sweep_resumes_the_interrupted_and_trains_only_the_new(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
