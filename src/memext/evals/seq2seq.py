@@ -88,7 +88,9 @@ def oracle_scores(
     tok: Tokenizer, samples: Sequence[Sample], keep: int | None = None
 ) -> dict[str, float]:
     """``text_scores`` of the prefix oracle's answers (``oracle_answer``) against the
-    references, as ``evaluate_pairs`` scores a model's; 100 everywhere when ``keep`` is None."""
+    references, as ``evaluate_pairs`` scores a model's. With ``keep`` None (the whole input)
+    ROUGE-L and chrF are 100; BLEU can be lower (sacrebleu gives 0 to answers shorter than its
+    4-grams, as the digest's are)."""
     refs = [tok.decode(s.answer.tolist()) for s in samples]
     return text_scores([oracle_answer(s, keep) for s in samples], refs)
 
