@@ -64,7 +64,13 @@ def shape(model: Any) -> tuple[int, int, int, int]:
 def kivi_options(args: argparse.Namespace) -> dict[str, Any]:
     options = {"bits": args.bits, "group": args.group, "residual": args.residual}
     options["sinks"] = args.kivi_sinks
-    return options | ({"value_group": args.value_group} if args.value_group else {})
+    if args.value_group:
+        options["value_group"] = args.value_group
+    if args.scale_dtype != "float32":
+        options["scale_dtype"] = args.scale_dtype
+    if args.outliers:
+        options["outliers"] = args.outliers
+    return options | ({"pre_rotary": True} if args.pre_rotary else {})
 
 
 def decode_bytes(policy: str, options: dict, prompt: int, new: int, model_shape: tuple) -> int:
@@ -79,6 +85,7 @@ def decode_bytes(policy: str, options: dict, prompt: int, new: int, model_shape:
         return per_token * (min(options["budget"], prompt) + new)
     # kivi: the cache's own count, allocated for this model's shape
     dtype = {4: torch.float32, 2: torch.bfloat16}[e]
+    options = {k: v for k, v in options.items() if k != "pre_rotary"}  # same bytes, no rotary here
     policy = CACHES.build("kivi", max_len=prompt + new, **options)
     return policy.allocate(layers, 1, heads, d, dtype).nbytes()
 
@@ -223,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--value-group", type=int, default=0, help="0: all of head_dim")
     p.add_argument("--kivi-sinks", type=int, default=4)
+    p.add_argument("--scale-dtype", choices=("float32", "float16"), default="float32")
+    p.add_argument("--outliers", type=float, default=0.0, help="kivi: share kept exact")
+    p.add_argument(
+        "--pre-rotary", action="store_true", help="kivi: quantize keys before rotary (KVQuant)"
+    )
     p.add_argument("--kivi-length", type=int, default=2048)
     p.add_argument("--snap-length", type=int, default=4096)
     p.add_argument("--budget", type=float, default=0.2, help="snapkv/sinks: prompt fraction")

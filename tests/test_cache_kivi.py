@@ -7,6 +7,10 @@ token, a full-precision residual; on memext models and in transformers' Llama (`
   R - G + 1 and R tokens and is returned exactly.
 - Bytes: ``nbytes`` is the module doc's formula and the bytes of the tensors held.
 - A residual covering the input: exactly ``full`` (logits and greedy tokens), memext and HF.
+- Options past KIVI: fp16 scales keep the bound with the stored numbers; ``outliers`` (the
+  entries farthest from their slice's median) come back exactly and the rest within the bound
+  of a range computed without them; ``pre_rotary`` keys
+  are the naive reference's quantized raw keys, rotated at their positions (memext and HF).
 - Bad options: one clear error each; ``--cache kivi`` on the command line.
 
 Tolerances (fp32): quantization error <= scale / 2 + 4 ulps of the group's largest magnitude
@@ -37,6 +41,7 @@ from memext.infer.generate import generate_ids, new_state
 from memext.infer.kivi import KiviStore, pack_codes, quantize_asym, unpack_codes
 from memext.model import build_model
 from memext.nn.attention import AttentionKernel
+from memext.nn.rotary import apply_rotary
 from memext.nn.transformer import LongLM
 from tiny_hf import save_tiny_llama
 
@@ -101,6 +106,41 @@ def test_quantization_is_within_half_a_scale_per_group(bits, tokens, d, dim, see
     assert torch.allclose(scale, span / ((1 << bits) - 1))
     constant = span == 0
     assert torch.equal(back[constant.expand_as(x)], x[constant.expand_as(x)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    bits=st.sampled_from([1, 2, 4]),
+    tokens=st.integers(1, 40),
+    d=st.integers(1, 24),
+    dim=st.sampled_from([-1, -2]),
+    seed=st.integers(0, 100),
+)
+def test_fp16_scales_keep_the_bound_with_the_stored_numbers(bits, tokens, d, dim, seed) -> None:
+    x = _randn(2, tokens, d, seed=seed)
+    codes, scale, zero = quantize_asym(x, dim, bits, scale_dtype=torch.float16)
+    assert scale.dtype == zero.dtype == torch.float16
+    back = codes.float() * scale.float() + zero.float()
+    # The stored grid covers [min, max]: the zero is rounded down, the scale up.
+    assert (zero.float() <= x.amin(dim, keepdim=True)).all()
+    assert (zero.float() + scale.float() * ((1 << bits) - 1) >= x.amax(dim, keepdim=True)).all()
+    assert ((back - x).abs() <= _bound(x, scale.float(), dim)).all()
+
+
+def test_fp16_scales_refuse_a_range_fp16_cannot_hold() -> None:
+    with pytest.raises(
+        ValueError, match=r"scale_dtype=float16 cannot hold .* use scale_dtype='float32'"
+    ):
+        quantize_asym(torch.tensor([[-1e6, 1e6]]), -1, 2, scale_dtype=torch.float16)
+
+
+def test_excluded_entries_leave_the_range() -> None:
+    x = torch.tensor([[0.0, 1.0, 3.0, 100.0], [5.0, 5.0, 5.0, -7.0]])
+    exclude = torch.tensor([[False, False, False, True], [True, True, True, True]])
+    codes, scale, zero = quantize_asym(x, -1, 2, exclude)
+    assert scale[0].item() == 1.0 and zero[0].item() == 0.0  # [0, 3] over 3 steps
+    assert int(codes[0, 3]) == 3  # clamped into the range (restored from the outliers)
+    assert scale[1].item() == 0.0  # a row of outliers only: any grid
 
 
 # --- the store against a naive reference ------------------------------------------------------
@@ -173,17 +213,102 @@ def test_sinks_stay_in_full_precision_through_the_cache() -> None:
     assert torch.equal(keys[..., 35:, :], k[..., 35:, :])  # the chunk itself
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    group=st.integers(2, 6),
+    d=st.sampled_from([4, 8]),
+    outliers=st.sampled_from([0.05, 0.1, 0.3]),
+    fp16=st.booleans(),
+    seed=st.integers(0, 50),
+)
+def test_outliers_come_back_exactly_and_the_rest_within_their_own_range(
+    group, d, outliers, fp16, seed
+) -> None:
+    cap = 5 * group
+    k, v = _randn(1, 2, cap, d, seed=seed), _randn(1, 2, cap, d, seed=seed + 1)
+    dtype = torch.float16 if fp16 else torch.float32
+    store = KiviStore(1, 2, d, cap, group=group, residual=group - 1, value_group=d // 2,
+                      outliers=outliers, scale_dtype=dtype)  # fmt: skip
+    store.write(0, k, v)
+    keys, values = (torch.cat(x, -2) for x in store.read(0, cap))
+    n = store.boundary(cap)  # tokens quantized: whole groups
+    n_out = math.ceil(outliers * group * d)
+    for x, got, reduce in ((k, keys, -2), (v, values, -1)):
+        blocks = x[..., :n, :].unflatten(-2, (n // group, group))  # (1, 2, g, group, d)
+        back = got[..., :n, :].unflatten(-2, (n // group, group))
+        if reduce == -1:  # values: per token, per value group of d // 2 channels
+            blocks, back = blocks.unflatten(-1, (2, d // 2)), back.unflatten(-1, (2, d // 2))
+        # outliers: the entries farthest from their slice's median, n_out per block
+        far = (blocks - blocks.median(reduce, keepdim=True).values).abs().flatten(3)
+        top = far.topk(n_out, -1).indices
+        is_out = torch.zeros_like(far, dtype=torch.bool).scatter(-1, top, True)
+        is_out = is_out.view(blocks.shape)
+        assert torch.equal(back[is_out], blocks[is_out])
+        # the rest: half a step of the grid of its slice without the outliers (the stored
+        # step: fp16 rounds the zero down and the step up, test_fp16_scales_keep_the_bound...)
+        _, step, _ = quantize_asym(blocks, reduce, 2, is_out, dtype)
+        if not fp16:
+            inf = torch.tensor(float("inf"))
+            lo = torch.where(is_out, inf, blocks).amin(reduce, keepdim=True)
+            hi = torch.where(is_out, -inf, blocks).amax(reduce, keepdim=True)
+            assert torch.allclose(step, torch.where(lo.isinf(), 0.0, hi - lo) / 3)
+        bound = _bound(blocks, step.float(), reduce).expand_as(blocks)
+        assert ((back - blocks).abs()[~is_out] <= bound[~is_out]).all()
+    assert torch.equal(keys[..., n:, :], k[..., n:, :])  # the residual, exact
+
+
+def test_pre_rotary_keys_are_the_quantized_raw_keys_rotated_at_their_positions() -> None:
+    model = _model()
+    rotary = model.rotary
+    cache = build_cache("kivi", 1, 1, 2, 16, max_len=40, sinks=2, group=4, residual=4,
+                        pre_rotary=True, rotary=rotary)  # fmt: skip
+    assert cache.rotates_keys
+    k, v = _randn(1, 2, 40, 16), _randn(1, 2, 40, 16, seed=1)
+    for a in range(0, 40, 8):
+        keys, values = cache.update(0, k[..., a : a + 8, :], v[..., a : a + 8, :])
+        cache.advance(8)
+    raw, want_v, _ = _naive_kivi(k[..., 2:, :], v[..., 2:, :], 32, 2, 4, 4, 16)
+    raw = torch.cat((k[..., :2, :], raw, k[..., 34:, :]), -2)  # sinks, quantized, the chunk
+    cos, sin = rotary(torch.arange(40))
+    assert (keys - apply_rotary(raw, cos, sin)).abs().max() <= TOL
+    assert torch.equal(values[..., 2:34, :], want_v)
+
+
+def test_pre_rotary_with_a_covering_residual_equals_full() -> None:
+    model, tokens = _model(), _tokens(2, 40)
+    with torch.no_grad():
+        want = model(tokens)[0]
+        state, out = new_state(model, 2, 40, "kivi", residual=40, group=8, pre_rotary=True), []
+        for a in range(0, 40, 5):
+            logits, state = model(tokens[:, a : a + 5], state)
+            out.append(logits)
+    assert (torch.cat(out, 1) - want).abs().max().item() <= TOL
+
+
 # --- bytes ------------------------------------------------------------------------------------
 L, B, H, D = 2, 3, 2, 16
 
 
-def _formula(m: int, bits=2, group=32, residual=128, value_group=None, sinks=4, e=4) -> int:
+def _formula(
+    m: int,
+    bits=2,
+    group=32,
+    residual=128,
+    value_group=None,
+    sinks=4,
+    e=4,
+    scale_dtype="float32",
+    outliers=0.0,
+) -> int:
     """The bytes formula of memext.infer.kivi's docstring."""
     mv = D // (value_group or D)
     c = math.ceil(D * bits / 8)
     n = math.ceil(max(m - sinks - residual, 0) / group)
-    per = 2 * sinks * D * e + n * group * c + n * 2 * 4 * D
-    per += n * group * c + n * group * 2 * 4 * mv + 2 * min(residual, m - sinks) * D * e
+    f = {"float32": 4, "float16": 2}[scale_dtype]
+    k = math.ceil(outliers * group * D)
+    per = 2 * sinks * D * e + n * group * c + n * 2 * f * D
+    per += n * group * c + n * group * 2 * f * mv + 2 * min(residual, m - sinks) * D * e
+    per += 2 * n * k * (e + 2)
     return L * B * H * per
 
 
@@ -207,6 +332,9 @@ def _held_bytes(cache) -> int:
         {"group": 8, "residual": 8, "sinks": 3, "bits": 1},
         {"group": 4, "residual": 4, "sinks": 0},
         {"residual": 500},  # nothing quantized: the residual holds everything
+        {"group": 4, "residual": 7, "scale_dtype": "float16", "value_group": 8},
+        {"group": 4, "residual": 7, "outliers": 0.05},
+        {"group": 8, "residual": 8, "outliers": 0.02, "scale_dtype": "float16", "sinks": 1},
     ],
 )
 def test_nbytes_matches_the_formula_and_the_tensors(options: dict) -> None:
@@ -309,9 +437,10 @@ def test_hf_covering_residual_generates_what_transformers_generates(llama_dir: P
     adapter = open_model(llama_dir)
     lm = adapter.model.model
     prompt, n = adapter.prompt_ids("Remember the pass key."), 20
-    for chunk in (None, 3):
+    covering = CACHES["kivi"].covering(len(prompt) + n)
+    for chunk, pre in ((None, False), (3, False), (3, True)):
         got = list(adapter._generate_ids(prompt, n, temperature=0.0, cache="kivi", chunk=chunk,
-                                         cache_options=CACHES["kivi"].covering(len(prompt) + n)))  # fmt: skip
+                                         cache_options={**covering, "pre_rotary": pre}))  # fmt: skip
         with torch.no_grad():
             ref = lm.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)
         assert got == ref[0, len(prompt) :].tolist()
@@ -338,6 +467,33 @@ def test_hf_2_bit_cache_runs_holds_the_formula_and_stays_near_full(llama_dir: Pa
     assert cache.nbytes() == 2 * 2 * per  # layers · KV heads · per head
 
 
+def test_hf_pre_rotary_quantizes_the_raw_keys(llama_dir: Path) -> None:
+    """Through transformers, pre_rotary returns the raw keys' 2-bit reading rotated at their
+    positions: the reference un-rotates the keys transformers hands the cache, quantizes them by
+    hand and rotates them back."""
+    from memext.hf.cache import _inv_freq32, hf_rotations
+
+    lm = open_model(llama_dir).model.model
+    options = {"max_len": 24, "group": 4, "residual": 4, "value_group": 4, "sinks": 0}
+    cache = PolicyCache(lm.config, "kivi", pre_rotary=True, **options)
+    layer = cache.layers[0]
+    k, v = _randn(1, 2, 24, 8), _randn(1, 2, 24, 8, seed=1)
+    rot = hf_rotations(_inv_freq32(lm.config))
+    cos, sin = rot(0, 24)
+    rotated = apply_rotary(k, cos, sin)  # as transformers hands keys to a cache
+    for a in range(0, 24, 6):
+        keys, values = layer.update(rotated[..., a : a + 6, :], v[..., a : a + 6, :])
+    raw, want_v, n_q = _naive_kivi(apply_rotary(rotated, cos, -sin), v, 18, 2, 4, 4, 4)
+    raw = torch.cat((raw, apply_rotary(rotated, cos, -sin)[..., 18:, :]), -2)
+    assert n_q == 16
+    assert (keys - apply_rotary(raw, cos, sin)).abs().max() <= HF_TOL
+    assert torch.equal(values[..., :16, :], want_v[..., :16, :])
+    plain = PolicyCache(lm.config, "kivi", **options).layers[0]
+    for a in range(0, 24, 6):
+        plain_keys, _ = plain.update(rotated[..., a : a + 6, :], v[..., a : a + 6, :])
+    assert (plain_keys - keys)[..., :16, :].abs().max() > 100 * HF_TOL  # not the same reading
+
+
 # --- bad options --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "message"),
@@ -350,6 +506,14 @@ def test_hf_2_bit_cache_runs_holds_the_formula_and_stays_near_full(llama_dir: Pa
         ({"max_len": 64, "value_group": 0}, r"value_group must be a positive"),
         ({"max_len": 64, "value_group": 6}, r"value_group=6 must divide head_dim=16"),
         ({"max_len": 64, "windw": 6}, r"cache 'kivi' takes no option windw"),
+        ({"max_len": 64, "scale_dtype": "int8"}, r"scale_dtype must be one of float32, float16"),
+        (
+            {"max_len": 64, "outliers": 1},
+            r"outliers is the fraction .* in \[0, 1\), got outliers=1",
+        ),
+        ({"max_len": 64, "outliers": -0.1}, r"got outliers=-0.1"),
+        ({"max_len": 64, "pre_rotary": "yes"}, r"pre_rotary must be true or false"),
+        ({"max_len": 64, "pre_rotary": True}, r"kivi with pre_rotary rotates keys itself"),
     ],
 )
 def test_bad_options_are_refused(options: dict, message: str) -> None:
@@ -362,5 +526,8 @@ def test_the_command_line_takes_kivi_and_refuses_bad_bits(llama_dir: Path) -> No
     args = ["generate", str(llama_dir), "--prompt", "The pass key", "--max-new-tokens", "4",
             "--temperature", "0", "--device", "cpu", "--no-chat", "--cache", "kivi"]  # fmt: skip
     assert runner.invoke(app, [*args, "--cache-opt", "residual=31"]).exit_code == 0
+    options = ["pre_rotary=true", "outliers=0.05", "scale_dtype=float16", "residual=31"]
+    past_kivi = runner.invoke(app, [*args, *(x for o in options for x in ("--cache-opt", o))])
+    assert past_kivi.exit_code == 0, past_kivi.output
     bad = runner.invoke(app, [*args, "--cache-opt", "bits=3"])
     assert bad.exit_code == 2 and "kivi bits must be one of 1, 2, 4, 8" in bad.output, bad.output

@@ -128,10 +128,19 @@ EncoderOpt = Annotated[
 
 
 def cache_options(items: list[str] | None) -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    for key, value in assignments(items or []).items():
-        try:
-            options[key] = int(value)
-        except ValueError:
-            options[key] = value
-    return options
+    """``--cache-opt KEY=VALUE`` items as keyword options: integers, numbers and true/false
+    become what they say (``budget=800``, ``outliers=0.025``, ``pre_rotary=true``), the rest
+    stays text (``pool=max``)."""
+    return {key: _option_value(value) for key, value in assignments(items or []).items()}
+
+
+def _option_value(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    return {"true": True, "false": False}.get(text.lower(), text)

@@ -36,7 +36,8 @@ at cache positions. The mask is plain causal over the keys returned (no band), s
 ``model.generate`` over a long prompt reads what a chunked ``prefill`` reads.
 
 ``kivi`` is a layout with a store of its own (``memext.infer.kivi``) and runs in ``PolicyLayer``
-like ``quantized``. ``snapkv`` (``memext.infer.snapkv``) reads queries too, so it needs
+like ``quantized``; with ``pre_rotary`` the layer un-rotates keys as retrieval's does, the store
+quantizes them before rotary, and what it returns is rotated back at the true positions. ``snapkv`` (``memext.infer.snapkv``) reads queries too, so it needs
 ``attach`` as retrieval does; its keys stay at their true positions, so only the queries are
 rotated (at their positions, with transformers' angles) for the prompt's vote, and
 ``get_mask_sizes`` tells transformers, before the first decoded token, how many keys the cut
@@ -123,9 +124,12 @@ class PolicyLayer(CacheLayerMixin):
     is_compileable = False
     is_sliding = False
 
-    def __init__(self, layout: Layout, inv_freq: Tensor | None = None):
+    def __init__(
+        self, layout: Layout, inv_freq: Tensor | None = None, rotations: Rotations | None = None
+    ):
         super().__init__()
         self.layout, self.inv_freq = layout, inv_freq
+        self.cos_sin = rotations  # keys kept before rotary (kivi's pre_rotary)
         self.sinks, self.window, self.max_len = layout.sinks, layout.window, layout.max_len
         self.kv: KVLayer | None = None
         self.cumulative_length = 0
@@ -133,6 +137,8 @@ class PolicyLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
+        if self.cos_sin is not None:
+            self.cos_sin.device = self.device
         self.kv = make_kv_layer(batch, heads, dim, self.layout, self.dtype, self.device)
         self.is_initialized = True
 
@@ -153,6 +159,12 @@ class PolicyLayer(CacheLayerMixin):
             )
         n_sinks, _ = kept(start, self.sinks, self.window)
         evicted = start - self.held()
+        if self.cos_sin is not None:  # stored before rotary, returned at their true positions
+            cos, sin = self.cos_sin(start, start + t)
+            keys, values = self.kv.step(start, apply_rotary(key_states, cos, -sin), value_states)
+            cos, sin = self.cos_sin(start + t - keys.shape[-2], start + t)
+            self.cumulative_length += t
+            return apply_rotary(keys, cos, sin), values
         keys, values = self.kv.step(start, key_states, value_states)
         if n_sinks and evicted:
             # Sinks move up to sit right before the kept window (see the module doc).
@@ -368,7 +380,10 @@ class PolicyCache(Cache):
         layout = policy.layout()
         # Sinks are re-rotated only when tokens after them are evicted (a window).
         inv_freq = _inv_freq(config) if layout.sinks and layout.window is not None else None
-        super().__init__(layers=[PolicyLayer(layout, inv_freq) for _ in range(n)])
+        rotations = None
+        if getattr(policy, "pre_rotary", False):  # kivi keeps every token: true positions
+            rotations = hf_rotations(_inv_freq32(config, "kivi's pre_rotary re-rotates keys"))
+        super().__init__(layers=[PolicyLayer(layout, inv_freq, rotations) for _ in range(n)])
         self.policy, self.sinks, self.window = cache, layout.sinks, layout.window
 
     def band(self, start: int, t: int, device: Any = None) -> Tensor | None:

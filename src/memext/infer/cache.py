@@ -45,9 +45,11 @@ the same options. A new policy is a ``CachePolicy`` subclass with ``@register_ca
   ``rotary``; module ``memext.infer.retrieval``): InfLLM-style memory. Sinks, a local window, and
   evicted tokens stored in blocks with representative keys; each chunk brings back the ``topk``
   blocks its queries match best, at cache positions. Bytes and positions: that module's doc.
-- ``kivi`` (``max_len``, ``bits``, ``group``, ``residual``, ``value_group``, ``sinks``; module
-  ``memext.infer.kivi``): every token, old ones in 2-bit codes (keys per channel over groups of
-  tokens, values per token), the newest in a full-precision residual. Bytes: that module's doc.
+- ``kivi`` (``max_len``, ``bits``, ``group``, ``residual``, ``value_group``, ``sinks``,
+  ``scale_dtype``, ``outliers``, ``pre_rotary``, ``rotary``; module ``memext.infer.kivi``):
+  every token, old ones in 2-bit codes (keys per channel over groups of tokens, values per
+  token), the newest in a full-precision residual; optionally keys quantized before rotary,
+  fp16 scales and exact outliers (KVQuant). Bytes: that module's doc.
 - ``snapkv`` (``budget``, ``window``, ``kernel``, ``sinks``, ``pool``, ``max_len``; module
   ``memext.infer.snapkv``): the prompt in full; when it ends (the first one-token forward) its
   last queries vote which ``budget`` prompt tokens each KV head keeps. Bytes: that module's doc.
