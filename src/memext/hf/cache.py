@@ -37,11 +37,12 @@ at cache positions. The mask is plain causal over the keys returned (no band), s
 
 ``kivi`` is a layout with a store of its own (``memext.infer.kivi``) and runs in ``PolicyLayer``
 like ``quantized``; with ``pre_rotary`` the layer un-rotates keys as retrieval's does, the store
-quantizes them before rotary, and what it returns is rotated back at the true positions. ``snapkv`` (``memext.infer.snapkv``) reads queries too, so it needs
-``attach`` as retrieval does; its keys stay at their true positions, so only the queries are
-rotated (at their positions, with transformers' angles) for the prompt's vote, and
-``get_mask_sizes`` tells transformers, before the first decoded token, how many keys the cut
-prompt leaves.
+quantizes them before rotary, and what it returns is rotated back at the true positions (kivi
+keeps every token, so cache positions are the true ones). ``snapkv`` (``memext.infer.snapkv``)
+reads queries too, so it needs ``attach`` as retrieval does; its keys stay at their true
+positions, so only the queries are rotated (at their positions, with transformers' angles) for
+the prompt's vote, and ``get_mask_sizes`` tells transformers, before the first decoded token,
+how many keys the cut prompt leaves.
 """
 
 from __future__ import annotations
