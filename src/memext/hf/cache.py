@@ -119,6 +119,20 @@ def rotate_by(x: Tensor, delta: int, inv_freq: Tensor) -> Tensor:
     return (xf * cos + rotated_half * sin).to(x.dtype)
 
 
+def unrotate(keys: Tensor, cos_sin: Rotations, start: int) -> Tensor:
+    """Keys (B, H, T, D) transformers rotated at positions start.. back to before rotary (the
+    same fp32 angles, so the round trip is exact to rounding)."""
+    cos, sin = cos_sin(start, start + keys.shape[-2])
+    return apply_rotary(keys, cos, -sin)
+
+
+def rotate_ending_at(keys: Tensor, cos_sin: Rotations, end: int) -> Tensor:
+    """Keys (B, H, T, D) kept before rotary, rotated to sit at positions end - T .. end - 1: the
+    chunk at its true positions, everything returned before it contiguously right before."""
+    cos, sin = cos_sin(end - keys.shape[-2], end)
+    return apply_rotary(keys, cos, sin)
+
+
 class PolicyLayer(CacheLayerMixin):
     """One decoder layer's cache under a memext policy; storage is allocated on first use."""
 
@@ -161,11 +175,10 @@ class PolicyLayer(CacheLayerMixin):
         n_sinks, _ = kept(start, self.sinks, self.window)
         evicted = start - self.held()
         if self.cos_sin is not None:  # stored before rotary, returned at their true positions
-            cos, sin = self.cos_sin(start, start + t)
-            keys, values = self.kv.step(start, apply_rotary(key_states, cos, -sin), value_states)
-            cos, sin = self.cos_sin(start + t - keys.shape[-2], start + t)
+            raw = unrotate(key_states, self.cos_sin, start)
+            keys, values = self.kv.step(start, raw, value_states)
             self.cumulative_length += t
-            return apply_rotary(keys, cos, sin), values
+            return rotate_ending_at(keys, self.cos_sin, start + t), values
         keys, values = self.kv.step(start, key_states, value_states)
         if n_sinks and evicted:
             # Sinks move up to sit right before the kept window (see the module doc).
@@ -237,14 +250,10 @@ class RetrievalPolicyLayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        cos, sin = self.cos_sin(start, start + t)
-        raw = apply_rotary(key_states, cos, -sin)  # the keys before rotary
+        raw = unrotate(key_states, self.cos_sin, start)
         keys, values = self.kv.step(start, raw, value_states, queries.to(key_states.dtype))
-        # The chunk at its true positions, everything before it contiguously right before.
-        first = start + t - keys.shape[-2]
-        cos, sin = self.cos_sin(first, start + t)
         self.cumulative_length += t
-        return apply_rotary(keys, cos, sin), values
+        return rotate_ending_at(keys, self.cos_sin, start + t), values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         held = self.policy.held(self.cumulative_length)
